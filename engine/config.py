@@ -1,0 +1,62 @@
+"""Engine configuration: one frozen dataclass, validated on construction.
+
+Values found at run time (how many blocks fit) live on the objects that find them
+(`engine.engine.Engine.num_blocks`), never written back here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.block_hash import DEFAULT_HASH_SEED
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How one engine process runs a model.
+
+    The KV cache is sized by, in order of precedence: `num_blocks`, `kv_cache_bytes`, or
+    `kv_cache_fraction` of the memory free on the device when the engine starts.
+    Defaults are set for real models on GPUs (block size 16, 8K-token prefill chunks);
+    tests shrink them.
+    """
+
+    dtype: str = "float32"
+    device: str = "cpu"
+    block_size: int = 16
+    num_blocks: int | None = None
+    kv_cache_bytes: int | None = None
+    kv_cache_fraction: float = 0.5
+    max_num_seqs: int = 256  # requests decoded together in one step
+    max_num_batched_tokens: int = 8192  # token budget of one step (prefill chunking)
+    max_model_len: int | None = None  # default: the model's max_position_embeddings
+    enable_prefix_caching: bool = True
+    hash_seed: int = DEFAULT_HASH_SEED
+    num_threads: int | None = None  # torch intra-op threads on CPU (None: torch's default)
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype: must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size: must be a power of two, got {self.block_size}")
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise ValueError(f"num_blocks: must be >= 1, got {self.num_blocks}")
+        if self.kv_cache_bytes is not None and self.kv_cache_bytes < 1:
+            raise ValueError(f"kv_cache_bytes: must be >= 1, got {self.kv_cache_bytes}")
+        if not 0.0 < self.kv_cache_fraction <= 1.0:
+            raise ValueError(f"kv_cache_fraction: must be in (0, 1], got {self.kv_cache_fraction}")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs: must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(
+                f"max_num_batched_tokens: must be >= 1, got {self.max_num_batched_tokens}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len: must be >= 2, got {self.max_model_len}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]

@@ -1,0 +1,229 @@
+"""The aggregated engine: one process that prefills and decodes with continuous batching.
+
+    engine = Engine("path/to/hf-model", EngineConfig(dtype="bfloat16"))
+    engine.add_request("r1", token_ids, SamplingParams(max_tokens=32))
+    while engine.has_unfinished():
+        for out in engine.step(): ...
+
+The prefill and decode workers reuse its parts (model runner, scheduler, block manager).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from engine.block_manager import BlockManager
+from engine.config import EngineConfig
+from engine.kv_cache import CacheShape, allocate_kv_cache, blocks_for_budget
+from engine.model.llama import LlamaModel
+from engine.model_config import ModelConfig
+from engine.model_runner import ModelRunner
+from engine.request import FinishReason, Request
+from engine.sampler import sample
+from engine.sampling import SamplingParams
+from engine.scheduler import Scheduler
+from engine.weights import iter_weights
+
+log = logging.getLogger(__name__)
+
+CPU_CACHE_CAP_BYTES = 4 * 2**30  # a CPU cache is committed host memory shared with other
+# processes on the box: the fraction default is capped unless kv_cache_bytes says otherwise
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """What one step produced for one request."""
+
+    request_id: str
+    new_token_ids: list[int]
+    finished: bool
+    finish_reason: FinishReason | None
+    num_prompt_tokens: int
+    num_cached_tokens: int
+
+
+@dataclass
+class EngineStats:
+    """Counters the workers export as metrics."""
+
+    steps: int = 0
+    prefill_tokens_computed: int = 0  # prompt (and recomputed) tokens run through the model
+    decode_tokens_computed: int = 0
+    generated_tokens: int = 0
+    preemptions: int = 0
+
+
+class Engine:
+    """Loads a model, sizes the paged KV cache, and runs the step loop."""
+
+    def __init__(self, model_dir: str | Path, config: EngineConfig | None = None) -> None:
+        self.config = config or EngineConfig()
+        self.model_config = ModelConfig.from_dir(model_dir)
+        mc, cfg = self.model_config, self.config
+        if cfg.num_threads is not None:
+            torch.set_num_threads(cfg.num_threads)
+        self.device = torch.device(cfg.device)
+        self.max_model_len = min(cfg.max_model_len or mc.max_position_embeddings,
+                                 mc.max_position_embeddings)
+        model = LlamaModel(mc, cfg.torch_dtype, self.max_model_len)
+        model.load_weights(iter_weights(model_dir, cfg.torch_dtype))
+        model.to(self.device)
+        self.num_blocks = self._num_blocks()
+        self.cache_shape = CacheShape(mc.num_layers, self.num_blocks, cfg.block_size,
+                                      mc.num_kv_heads, mc.head_dim, cfg.torch_dtype)
+        kv_cache = allocate_kv_cache(self.cache_shape, self.device)
+        self.block_manager = BlockManager(self.num_blocks, cfg.block_size,
+                                          cfg.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs,
+                                   cfg.max_num_batched_tokens)
+        self.runner = ModelRunner(model, kv_cache, cfg.block_size, self.device)
+        self.stats = EngineStats()
+        self._requests: dict[str, Request] = {}
+        self._arrivals = 0
+
+    # ---- requests ------------------------------------------------------------------------
+
+    def validate(self, prompt_token_ids: list[int], sampling: SamplingParams) -> None:
+        """Raises ValueError naming the field if the request can never be served."""
+        vocab = self.model_config.vocab_size
+        if not prompt_token_ids:
+            raise ValueError("prompt_token_ids: must not be empty")
+        bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt_token_ids: ids {bad[:5]} outside the vocabulary [0, {vocab})")
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt_token_ids: {len(prompt_token_ids)} tokens leave no room to generate "
+                f"within the model's context of {self.max_model_len} tokens")
+        sampling.check_vocab(vocab)
+        most_tokens = min(len(prompt_token_ids) + sampling.max_tokens, self.max_model_len)
+        if self.block_manager.blocks_needed(most_tokens) > self.num_blocks:
+            raise ValueError(
+                f"max_tokens: prompt + max_tokens = {most_tokens} tokens need more KV blocks "
+                f"than the cache holds ({self.num_blocks} x {self.config.block_size} tokens)")
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int],
+                    sampling: SamplingParams | None = None, cache_salt: bytes = b"") -> Request:
+        """Queues a request after validating it (ValueError naming the field if invalid)."""
+        sampling = sampling or SamplingParams()
+        if not request_id:
+            raise ValueError("request_id: must not be empty")
+        if request_id in self._requests:
+            raise ValueError(f"request_id: {request_id!r} is already running")
+        self.validate(prompt_token_ids, sampling)
+        request = Request(request_id, list(prompt_token_ids), sampling, self._arrivals,
+                          cache_salt)
+        request.init_hashes(self.config.block_size, self.config.hash_seed)
+        self._arrivals += 1
+        self._requests[request_id] = request
+        self.scheduler.add(request)
+        return request
+
+    def abort(self, request_id: str) -> bool:
+        """Stops a request wherever it is and frees its blocks. False if unknown."""
+        request = self._requests.pop(request_id, None)
+        if request is None:
+            return False
+        self.scheduler.finish(request, FinishReason.ABORTED)
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.num_unfinished > 0
+
+    # ---- the step ------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Runs one scheduled batch through the model; returns each request's new tokens."""
+        batch = self.scheduler.schedule()
+        self.stats.preemptions += len(batch.preempted)
+        if batch.is_empty:
+            return []
+        forward, sampling_rows = self.runner.build_batch(batch.requests, batch.num_new_tokens,
+                                                         self.block_manager)
+        logits = self.runner.forward(forward)  # [S', V]
+        samplers = [batch.requests[i] for i in sampling_rows]
+        tokens = sample(logits, [r.sampling for r in samplers], [r.generator for r in samplers])
+        self.stats.steps += 1
+        new_tokens: dict[str, list[int]] = {}
+        for request, num_new in zip(batch.requests, batch.num_new_tokens, strict=True):
+            is_decode = num_new == 1 and request.num_output_tokens > 0 and \
+                request.num_computed_tokens == request.num_tokens - 1
+            if is_decode:
+                self.stats.decode_tokens_computed += 1
+            else:
+                self.stats.prefill_tokens_computed += num_new
+            request.num_computed_tokens += num_new
+        for request, token in zip(samplers, tokens, strict=True):
+            request.append_output(token)
+            self.stats.generated_tokens += 1
+            new_tokens[request.request_id] = [token]
+            reason = self._finish_reason(request, token)
+            if reason is not None:
+                self.scheduler.finish(request, reason)
+        outputs = []
+        for request in batch.requests:
+            if not request.is_finished:
+                self.block_manager.commit(request.request_id, request.token_ids,
+                                          request.block_hashes, request.num_computed_tokens)
+            if request.request_id in new_tokens:
+                outputs.append(self._output(request, new_tokens[request.request_id]))
+                if request.is_finished:
+                    del self._requests[request.request_id]
+        return outputs
+
+    def generate(self, prompts: list[list[int]],
+                 sampling: SamplingParams | None = None) -> list[list[int]]:
+        """Runs prompts to completion; returns each one's generated token ids."""
+        ids = [f"generate-{self._arrivals + i}" for i in range(len(prompts))]
+        for request_id, prompt in zip(ids, prompts, strict=True):
+            self.add_request(request_id, prompt, sampling)
+        results: dict[str, list[int]] = {i: [] for i in ids}
+        while self.has_unfinished():
+            for out in self.step():
+                results[out.request_id].extend(out.new_token_ids)
+        return [results[i] for i in ids]
+
+    # ---- helpers -------------------------------------------------------------------------
+
+    def _finish_reason(self, request: Request, token: int) -> FinishReason | None:
+        p = request.sampling
+        if token in p.stop_token_ids or (
+                not p.ignore_eos and token in self.model_config.eos_token_ids):
+            return FinishReason.STOP
+        if request.num_output_tokens >= p.max_tokens or request.num_tokens >= self.max_model_len:
+            return FinishReason.LENGTH
+        return None
+
+    def _output(self, request: Request, tokens: list[int]) -> RequestOutput:
+        return RequestOutput(request.request_id, tokens, request.is_finished,
+                             request.finish_reason, len(request.prompt_token_ids),
+                             request.num_cached_tokens)
+
+    def _num_blocks(self) -> int:
+        cfg, mc = self.config, self.model_config
+        if cfg.num_blocks is not None:
+            return cfg.num_blocks
+        if cfg.kv_cache_bytes is not None:
+            budget = cfg.kv_cache_bytes
+        elif self.device.type == "cuda":
+            free, _total = torch.cuda.mem_get_info(self.device)
+            budget = int(free * cfg.kv_cache_fraction)
+        else:
+            budget = min(int(_available_host_memory() * cfg.kv_cache_fraction),
+                         CPU_CACHE_CAP_BYTES)
+        blocks = blocks_for_budget(mc, cfg.block_size, cfg.torch_dtype, budget)
+        if blocks < 1:
+            raise ValueError(f"kv_cache_bytes: {budget} bytes hold no KV block of this model")
+        return blocks
+
+
+def _available_host_memory() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("cannot read MemAvailable from /proc/meminfo")

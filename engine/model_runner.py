@@ -1,0 +1,69 @@
+"""Builds a step's `ForwardBatch` from scheduled requests and runs the model on it."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from engine.block_manager import BlockManager
+from engine.forward_batch import ForwardBatch
+from engine.model.llama import LayerCallback, LlamaModel
+from engine.request import Request
+
+
+class ModelRunner:
+    """Owns the model and the KV cache tensor; turns requests into tensors and back."""
+
+    def __init__(self, model: LlamaModel, kv_cache: torch.Tensor, block_size: int,
+                 device: torch.device) -> None:
+        self.model = model
+        self.kv_cache = kv_cache  # [L, N, 2, block_size, Hkv, D]
+        self.block_size = block_size
+        self.device = device
+
+    def build_batch(self, requests: Sequence[Request], num_new_tokens: Sequence[int],
+                    block_manager: BlockManager) -> tuple[ForwardBatch, list[int]]:
+        """The step's tensors, and the indices of `requests` that sample a token."""
+        bs = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        query_start = [0]
+        seq_lens: list[int] = []
+        tables: list[list[int]] = []
+        logits_rows: list[int] = []
+        sampling_requests: list[int] = []
+        for i, (request, num_new) in enumerate(zip(requests, num_new_tokens, strict=True)):
+            start = request.num_computed_tokens
+            end = start + num_new
+            blocks = block_manager.block_ids(request.request_id)
+            input_ids.extend(request.token_ids[start:end])
+            positions.extend(range(start, end))
+            slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, end))
+            query_start.append(query_start[-1] + num_new)
+            seq_lens.append(end)
+            tables.append(blocks[:-(-end // bs)])
+            if end == request.num_tokens:  # the last known token: its logits give the next
+                logits_rows.append(query_start[-1] - 1)
+                sampling_requests.append(i)
+        width = max(len(t) for t in tables)
+        padded = [t + [0] * (width - len(t)) for t in tables]
+        dev = self.device
+        batch = ForwardBatch(
+            input_ids=torch.tensor(input_ids, dtype=torch.int64, device=dev),  # [T]
+            positions=torch.tensor(positions, dtype=torch.int64, device=dev),  # [T]
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),  # [T]
+            block_tables=torch.tensor(padded, dtype=torch.int32, device=dev),  # [S, width]
+            query_start_loc=torch.tensor(query_start, dtype=torch.int32, device=dev),  # [S+1]
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),  # [S]
+            max_query_len=max(num_new_tokens),
+            max_seq_len=max(seq_lens),
+            logits_indices=torch.tensor(logits_rows, dtype=torch.int64, device=dev),  # [S']
+        )
+        return batch, sampling_requests
+
+    def forward(self, batch: ForwardBatch,
+                on_layer_done: LayerCallback | None = None) -> torch.Tensor:
+        """Next-token logits [S', V] float32 on the CPU."""
+        return self.model(batch, self.kv_cache, on_layer_done).cpu()

@@ -1,0 +1,36 @@
+"""Shared fixtures: locally generated tiny models (random weights, HF layout), made once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from engine.tiny_model import make_tiny_model
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(models_dir: Path) -> Path:
+    """Llama with GQA (4 query heads, 2 KV heads), untied embeddings."""
+    return make_tiny_model(models_dir / "llama", arch="llama", seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(models_dir: Path) -> Path:
+    """Qwen2 (q/k/v biases) with GQA."""
+    return make_tiny_model(models_dir / "qwen2", arch="qwen2", seed=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama3_mha(models_dir: Path) -> Path:
+    """Llama with multi-head attention, tied embeddings and Llama-3 RoPE scaling, 2 shards."""
+    return make_tiny_model(models_dir / "llama3-mha", arch="llama", seed=3, num_kv_heads=4,
+                           tie_word_embeddings=True, rope_scaling=LLAMA3_ROPE, shards=2)

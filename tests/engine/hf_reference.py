@@ -1,0 +1,31 @@
+"""The referee: Hugging Face transformers on the same generated weights (tests only)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import GenerationConfig
+
+
+@lru_cache(maxsize=8)
+def hf_model(model_dir: Path, dtype: torch.dtype = torch.float32) -> transformers.PreTrainedModel:
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    return model.eval()
+
+
+def hf_greedy(model_dir: Path, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """transformers `generate`, greedy, never stopping early (no EOS)."""
+    config = GenerationConfig(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+                              do_sample=False, eos_token_id=None, pad_token_id=0)
+    with torch.inference_mode():
+        out = hf_model(model_dir).generate(torch.tensor([prompt]), generation_config=config)
+    return out[0, len(prompt):].tolist()
+
+
+def hf_logits(model_dir: Path, prompt: list[int], dtype: torch.dtype) -> torch.Tensor:
+    """Logits for every position of the prompt, [len, V] float32."""
+    with torch.inference_mode():
+        return hf_model(model_dir, dtype)(torch.tensor([prompt])).logits[0].float()

@@ -1,0 +1,69 @@
+"""Our Llama/Qwen2 forward pass against transformers on the same generated weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.forward_batch import ForwardBatch
+from engine.kv_cache import CacheShape, allocate_kv_cache
+from engine.model.llama import LlamaModel
+from engine.model_config import ModelConfig
+from engine.weights import iter_weights
+from tests.engine.hf_reference import hf_logits
+
+BLOCK = 4
+
+
+def our_logits(model_dir: Path, prompt: list[int], dtype: torch.dtype) -> torch.Tensor:
+    """Logits for every prompt position, prefilling into scattered cache blocks."""
+    config = ModelConfig.from_dir(model_dir)
+    model = LlamaModel(config, dtype, max_positions=config.max_position_embeddings)
+    model.load_weights(iter_weights(model_dir, dtype))
+    n = len(prompt)
+    num_blocks = -(-n // BLOCK)
+    blocks = list(range(2 * num_blocks - 1, -1, -2))  # reversed, with holes
+    cache = allocate_kv_cache(CacheShape(config.num_layers, 2 * num_blocks, BLOCK,
+                                         config.num_kv_heads, config.head_dim, dtype))
+    slots = [blocks[p // BLOCK] * BLOCK + p % BLOCK for p in range(n)]
+    batch = ForwardBatch(
+        input_ids=torch.tensor(prompt), positions=torch.arange(n),
+        slot_mapping=torch.tensor(slots), block_tables=torch.tensor([blocks], dtype=torch.int32),
+        query_start_loc=torch.tensor([0, n], dtype=torch.int32),
+        seq_lens=torch.tensor([n], dtype=torch.int32), max_query_len=n, max_seq_len=n,
+        logits_indices=torch.arange(n))
+    return model(batch, cache)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_qwen2", "tiny_llama3_mha"])
+def test_logits_match_transformers_float32(fixture: str, request: pytest.FixtureRequest) -> None:
+    model_dir = request.getfixturevalue(fixture)
+    prompt = torch.randint(3, 500, (37,), generator=torch.Generator().manual_seed(0)).tolist()
+    ours = our_logits(model_dir, prompt, torch.float32)
+    ref = hf_logits(model_dir, prompt, torch.float32)
+    torch.testing.assert_close(ours, ref, atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_qwen2"])
+def test_logits_match_transformers_bfloat16(fixture: str, request: pytest.FixtureRequest) -> None:
+    model_dir = request.getfixturevalue(fixture)
+    prompt = torch.randint(3, 500, (29,), generator=torch.Generator().manual_seed(1)).tolist()
+    ours = our_logits(model_dir, prompt, torch.bfloat16)
+    ref = hf_logits(model_dir, prompt, torch.float32)
+    scale = ref.abs().max().item()
+    # bf16 keeps 8 bits of mantissa: compare against fp32 within a few percent of the range
+    assert (ours - ref).abs().max().item() < 0.05 * scale
+    assert (ours.argmax(-1) == ref.argmax(-1)).float().mean().item() > 0.9
+
+
+def test_unknown_and_missing_weights_are_named(tiny_llama: Path) -> None:
+    config = ModelConfig.from_dir(tiny_llama)
+    model = LlamaModel(config, torch.float32, max_positions=64)
+    weights = dict(iter_weights(tiny_llama))
+    with pytest.raises(ValueError, match="unexpected tensor 'model.extra.weight'"):
+        model.load_weights([*weights.items(), ("model.extra.weight", torch.zeros(1))])
+    del weights["model.norm.weight"]
+    with pytest.raises(ValueError, match=r"missing tensors \['model.norm.weight'\]"):
+        model.load_weights(weights.items())
