@@ -10,25 +10,30 @@ The prefill and decode workers reuse its parts (model runner, scheduler, block m
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from engine.block_manager import BlockManager
+from engine.block_manager import Allocation, BlockManager
 from engine.config import EngineConfig
 from engine.kv_cache import CacheShape, allocate_kv_cache, blocks_for_budget
 from engine.model.llama import LlamaModel
 from engine.model_config import ModelConfig
 from engine.model_runner import ModelRunner
-from engine.request import FinishReason, Request
+from engine.request import FinishReason, Request, RequestStatus
 from engine.sampler import sample
 from engine.sampling import SamplingParams
-from engine.scheduler import Scheduler
+from engine.scheduler import ScheduledBatch, Scheduler
 from engine.weights import iter_weights
 
 log = logging.getLogger(__name__)
+
+StepLayerCallback = Callable[[int, ScheduledBatch], None]
+"""Called with (layer index, the step's batch) once that layer's K/V of the step is cached."""
 
 CPU_CACHE_CAP_BYTES = 4 * 2**30  # a CPU cache is committed host memory shared with other
 # processes on the box: the fraction default is capped unless kv_cache_bytes says otherwise
@@ -82,7 +87,8 @@ class Engine:
                                    cfg.max_num_batched_tokens)
         self.runner = ModelRunner(model, kv_cache, cfg.block_size, self.device)
         self.stats = EngineStats()
-        self._requests: dict[str, Request] = {}
+        self._requests: dict[str, Request] = {}  # every request the engine knows
+        self._reserved: dict[str, Request] = {}  # decode role: awaiting their KV
         self._arrivals = 0
 
     # ---- requests ------------------------------------------------------------------------
@@ -109,7 +115,14 @@ class Engine:
     def add_request(self, request_id: str, prompt_token_ids: list[int],
                     sampling: SamplingParams | None = None, cache_salt: bytes = b"") -> Request:
         """Queues a request after validating it (ValueError naming the field if invalid)."""
-        sampling = sampling or SamplingParams()
+        request = self._new_request(request_id, prompt_token_ids, sampling or SamplingParams(),
+                                    cache_salt)
+        self._requests[request_id] = request
+        self.scheduler.add(request)
+        return request
+
+    def _new_request(self, request_id: str, prompt_token_ids: list[int],
+                     sampling: SamplingParams, cache_salt: bytes) -> Request:
         if not request_id:
             raise ValueError("request_id: must not be empty")
         if request_id in self._requests:
@@ -119,36 +132,34 @@ class Engine:
                           cache_salt)
         request.init_hashes(self.config.block_size, self.config.hash_seed)
         self._arrivals += 1
-        self._requests[request_id] = request
-        self.scheduler.add(request)
         return request
 
     def abort(self, request_id: str) -> bool:
         """Stops a request wherever it is and frees its blocks. False if unknown."""
-        request = self._requests.pop(request_id, None)
-        if request is None:
-            return False
-        self.scheduler.finish(request, FinishReason.ABORTED)
-        return True
+        return self.release(request_id)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.num_unfinished > 0
 
     # ---- the step ------------------------------------------------------------------------
 
-    def step(self) -> list[RequestOutput]:
-        """Runs one scheduled batch through the model; returns each request's new tokens."""
+    def step(self, on_layer_done: StepLayerCallback | None = None) -> list[RequestOutput]:
+        """Runs one scheduled batch through the model; returns each request's new tokens.
+
+        `on_layer_done(layer, batch)` is called as soon as each layer's K/V of this step is in
+        the cache (the prefill worker pushes that layer's blocks to the decode worker then).
+        """
         batch = self.scheduler.schedule()
         self.stats.preemptions += len(batch.preempted)
         if batch.is_empty:
             return []
         forward, sampling_rows = self.runner.build_batch(batch.requests, batch.num_new_tokens,
                                                          self.block_manager)
-        logits = self.runner.forward(forward)  # [S', V]
+        hook = None if on_layer_done is None else (lambda layer: on_layer_done(layer, batch))
+        logits = self.runner.forward(forward, hook)  # [S', V]
         samplers = [batch.requests[i] for i in sampling_rows]
         tokens = sample(logits, [r.sampling for r in samplers], [r.generator for r in samplers])
         self.stats.steps += 1
-        new_tokens: dict[str, list[int]] = {}
         for request, num_new in zip(batch.requests, batch.num_new_tokens, strict=True):
             is_decode = num_new == 1 and request.num_output_tokens > 0 and \
                 request.num_computed_tokens == request.num_tokens - 1
@@ -157,23 +168,85 @@ class Engine:
             else:
                 self.stats.prefill_tokens_computed += num_new
             request.num_computed_tokens += num_new
+            self.block_manager.commit(request.request_id, request.token_ids,
+                                      request.block_hashes, request.num_computed_tokens)
+        outputs = []
         for request, token in zip(samplers, tokens, strict=True):
             request.append_output(token)
             self.stats.generated_tokens += 1
-            new_tokens[request.request_id] = [token]
             reason = self._finish_reason(request, token)
             if reason is not None:
-                self.scheduler.finish(request, reason)
-        outputs = []
-        for request in batch.requests:
-            if not request.is_finished:
-                self.block_manager.commit(request.request_id, request.token_ids,
-                                          request.block_hashes, request.num_computed_tokens)
-            if request.request_id in new_tokens:
-                outputs.append(self._output(request, new_tokens[request.request_id]))
-                if request.is_finished:
-                    del self._requests[request.request_id]
+                self._finish(request, reason)
+            outputs.append(self._output(request, [token]))
         return outputs
+
+    # ---- disaggregated roles -------------------------------------------------------------
+
+    def reserve(self, request_id: str, prompt_token_ids: list[int],
+                sampling: SamplingParams | None = None, cache_salt: bytes = b"",
+                ) -> Allocation | None:
+        """Decode role: allocates blocks for a prompt whose KV another worker will write.
+
+        Blocks this engine already holds by prefix hash come back as cached (their tokens
+        need not be sent). Returns None when the blocks are not free now. The request waits
+        outside the scheduler until `admit_prefilled` (KV complete) or `release`.
+        """
+        sampling = sampling or SamplingParams()
+        request = self._new_request(request_id, prompt_token_ids, sampling, cache_salt)
+        allocation = self.block_manager.allocate(request_id, request.token_ids,
+                                                 request.block_hashes)
+        if allocation is None:
+            return None
+        request.num_cached_tokens = allocation.num_cached_tokens
+        self._requests[request_id] = request
+        self._reserved[request_id] = request
+        return allocation
+
+    def admit_prefilled(self, request_id: str, first_token: int) -> RequestOutput:
+        """Decode role: the prompt's KV has landed; decode from the first sampled token on."""
+        request = self._reserved.pop(request_id, None)
+        if request is None:
+            raise KeyError(f"request_id: no reservation {request_id!r}")
+        prompt_len = len(request.prompt_token_ids)
+        request.num_computed_tokens = prompt_len
+        self.block_manager.commit(request_id, request.token_ids, request.block_hashes,
+                                  prompt_len)
+        request.append_output(first_token)
+        reason = self._finish_reason(request, first_token)
+        if reason is not None:
+            self._finish(request, reason)
+        else:
+            self.scheduler.admit_running(request)
+        return self._output(request, [first_token])
+
+    def add_prefill_request(self, request_id: str, prompt_token_ids: list[int],
+                            sampling: SamplingParams | None = None,
+                            cache_salt: bytes = b"") -> Request:
+        """Prefill role: computes the prompt and samples one token, then holds the blocks
+        (their KV is being sent) until `release`."""
+        sampling = sampling or SamplingParams()
+        request = self.add_request(request_id, prompt_token_ids,
+                                   dataclasses.replace(sampling, max_tokens=1), cache_salt)
+        request.hold_blocks = True
+        return request
+
+    def release(self, request_id: str) -> bool:
+        """Frees whatever a request holds (a reservation, held blocks, or a running or
+        waiting request). False if the engine does not know it."""
+        request = self._requests.pop(request_id, None)
+        if request is None:
+            return False
+        if self._reserved.pop(request_id, None) is not None or request.is_finished:
+            self.block_manager.free(request_id)  # a reservation, or blocks held after prefill
+            request.status = RequestStatus.FINISHED
+            request.finish_reason = request.finish_reason or FinishReason.ABORTED
+        else:
+            self.scheduler.finish(request, FinishReason.ABORTED)
+        return True
+
+    def num_requests(self) -> int:
+        """Requests the engine knows: queued, running, reserved or holding blocks."""
+        return len(self._requests)
 
     def generate(self, prompts: list[list[int]],
                  sampling: SamplingParams | None = None) -> list[list[int]]:
@@ -197,6 +270,12 @@ class Engine:
         if request.num_output_tokens >= p.max_tokens or request.num_tokens >= self.max_model_len:
             return FinishReason.LENGTH
         return None
+
+    def _finish(self, request: Request, reason: FinishReason) -> None:
+        """Ends a request; its blocks are freed now, or held (prefill role) until release."""
+        self.scheduler.finish(request, reason, free=not request.hold_blocks)
+        if not request.hold_blocks:
+            del self._requests[request.request_id]
 
     def _output(self, request: Request, tokens: list[int]) -> RequestOutput:
         return RequestOutput(request.request_id, tokens, request.is_finished,

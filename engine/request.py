@@ -44,6 +44,7 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
+    hold_blocks: bool = False  # prefill role: keep the blocks after finishing until released
     generator: torch.Generator | None = None
     block_hashes: list[BlockHash] = field(default_factory=list)
     _hash_seed: int = 0

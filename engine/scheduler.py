@@ -84,8 +84,14 @@ class Scheduler:
             budget -= num_new
         return batch
 
-    def finish(self, request: Request, reason: FinishReason) -> None:
-        """Ends a request (running or waiting) and frees its blocks."""
+    def admit_running(self, request: Request) -> None:
+        """Adds a request whose KV is already in its blocks (decode role) to the running set."""
+        request.status = RequestStatus.RUNNING
+        self.running.append(request)
+        self.running.sort(key=lambda r: r.arrival)
+
+    def finish(self, request: Request, reason: FinishReason, free: bool = True) -> None:
+        """Ends a request (running or waiting) and frees its blocks unless told not to."""
         if request.is_finished:
             return
         if request in self.running:
@@ -94,7 +100,8 @@ class Scheduler:
             self.waiting.remove(request)
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
-        self.block_manager.free(request.request_id)
+        if free:
+            self.block_manager.free(request.request_id)
 
     def _make_room(self, request: Request, num_tokens: int, batch: ScheduledBatch) -> bool:
         """Grows the request's blocks to `num_tokens`, preempting the newest requests if needed.

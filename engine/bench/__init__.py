@@ -1,0 +1,1 @@
+"""Engine benchmark: Tandem's aggregated engine vs transformers (and vLLM's CPU build)."""
