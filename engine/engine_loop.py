@@ -1,0 +1,127 @@
+"""Runs an `Engine` on its own thread so an asyncio service never waits on a model step.
+
+The engine is not thread-safe: everything that touches it — adding, reserving, releasing,
+reading stats — goes through `call`, which runs the function on the engine thread between
+two steps and hands the result back to the event loop. Each step's outputs are delivered to
+per-request asyncio queues (`subscribe`). If a step raises, the engine is considered dead:
+every subscriber gets the error, `fatal` is set, and the service should exit so its
+supervisor (Kubernetes, `tandem up`) restarts it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+from engine.engine import Engine, RequestOutput, StepLayerCallback
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+IDLE_WAIT_S = 0.05  # how long an idle engine thread sleeps before re-checking periodic hooks
+
+
+class EngineDead(RuntimeError):
+    """The engine thread failed; no further requests can be served by this process."""
+
+
+class EngineLoop:
+    """An engine driven by a background thread, used from asyncio."""
+
+    def __init__(self, engine: Engine, on_layer_done: StepLayerCallback | None = None,
+                 on_idle: Callable[[Engine], None] | None = None) -> None:
+        self.engine = engine
+        self.on_layer_done = on_layer_done
+        self.on_idle = on_idle  # runs on the engine thread at least every IDLE_WAIT_S
+        self.fatal: BaseException | None = None
+        self._commands: queue.Queue[tuple[Callable[[Engine], Any], Future[Any]]] = queue.Queue()
+        self._subscribers: dict[str, tuple[asyncio.AbstractEventLoop,
+                                           asyncio.Queue[RequestOutput | BaseException]]] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._commands.put((lambda _e: None, Future()))  # wake the thread
+        self._thread.join(timeout)
+
+    async def call(self, fn: Callable[[Engine], T]) -> T:
+        """Runs `fn(engine)` on the engine thread and returns its result (or raises its error)."""
+        if self.fatal is not None:
+            raise EngineDead(f"engine failed: {self.fatal!r}")
+        future: Future[T] = Future()
+        self._commands.put((fn, future))
+        return await asyncio.wrap_future(future)
+
+    def subscribe(self, request_id: str) -> asyncio.Queue[RequestOutput | BaseException]:
+        """A queue that receives every output of `request_id` (call before adding it)."""
+        q: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        with self._lock:
+            self._subscribers[request_id] = (asyncio.get_running_loop(), q)
+        return q
+
+    def unsubscribe(self, request_id: str) -> None:
+        with self._lock:
+            self._subscribers.pop(request_id, None)
+
+    # ---- engine thread -------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self._run_commands(block=not self.engine.has_unfinished())
+                if self.on_idle is not None:
+                    self.on_idle(self.engine)
+                if self.engine.has_unfinished():
+                    self._deliver(self.engine.step(self.on_layer_done))
+        except BaseException as error:  # the engine is in an unknown state: stop serving
+            log.exception("engine step failed; this worker can no longer serve")
+            self.fatal = error
+            self._fail_all(error)
+
+    def _run_commands(self, block: bool) -> None:
+        try:
+            fn, future = self._commands.get(timeout=IDLE_WAIT_S) if block else \
+                self._commands.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(self.engine))
+                except Exception as error:  # the caller's error (bad input...), not ours
+                    future.set_exception(error)
+            try:
+                fn, future = self._commands.get_nowait()
+            except queue.Empty:
+                return
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        with self._lock:
+            targets = [(self._subscribers.get(o.request_id), o) for o in outputs]
+        for target, output in targets:
+            if target is not None:
+                loop, q = target
+                loop.call_soon_threadsafe(q.put_nowait, output)
+
+    def _fail_all(self, error: BaseException) -> None:
+        with self._lock:
+            targets = list(self._subscribers.values())
+        for loop, q in targets:
+            loop.call_soon_threadsafe(q.put_nowait, EngineDead(f"engine failed: {error!r}"))
+        while True:
+            try:
+                _fn, future = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if future.set_running_or_notify_cancel():
+                future.set_exception(EngineDead(f"engine failed: {error!r}"))
