@@ -89,6 +89,7 @@ class Engine:
         self.stats = EngineStats()
         self._requests: dict[str, Request] = {}  # every request the engine knows
         self._reserved: dict[str, Request] = {}  # decode role: awaiting their KV
+        self._quarantined: set[str] = set()  # released, blocks not yet reusable
         self._arrivals = 0
 
     # ---- requests ------------------------------------------------------------------------
@@ -243,6 +244,24 @@ class Engine:
         else:
             self.scheduler.finish(request, FinishReason.ABORTED)
         return True
+
+    def quarantine(self, request_id: str) -> bool:
+        """Like `release`, but the blocks stay allocated until `release_quarantined`: a
+        remote write may still be landing in them."""
+        request = self._requests.pop(request_id, None)
+        reserved = self._reserved.pop(request_id, None)
+        if request is None:
+            return False
+        if reserved is None and not request.is_finished:
+            self.scheduler.finish(request, FinishReason.ABORTED, free=False)
+        request.status = RequestStatus.FINISHED
+        self._quarantined.add(request_id)
+        return True
+
+    def release_quarantined(self, request_id: str) -> None:
+        if request_id in self._quarantined:
+            self._quarantined.discard(request_id)
+            self.block_manager.free(request_id)
 
     def num_requests(self) -> int:
         """Requests the engine knows: queued, running, reserved or holding blocks."""

@@ -18,7 +18,8 @@ def main() -> None:
     from vllm.inputs import TokensPrompt
 
     model_dir, dtype, path, repeats = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-    works = json.load(open(path))
+    with open(path) as f:
+        works = json.load(f)
     llm = LLM(model=model_dir, dtype=dtype, enable_prefix_caching=False, seed=0,
               max_model_len=2048)
     rates = []

@@ -83,6 +83,8 @@ class LlamaModel(nn.Module):
         self.lm_head = (self.embed if config.tie_word_embeddings else nn.Parameter(
             torch.empty(config.vocab_size, config.hidden_size, dtype=dtype), requires_grad=False))
         cos, sin = cos_sin_cache(config, max_positions)
+        self.rope_cos: torch.Tensor
+        self.rope_sin: torch.Tensor
         self.register_buffer("rope_cos", cos, persistent=False)  # [P, D] float32
         self.register_buffer("rope_sin", sin, persistent=False)  # [P, D] float32
 
@@ -130,7 +132,8 @@ class LlamaModel(nn.Module):
         c = self.config
         q_size, kv_size, inter = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, \
             c.intermediate_size
-        targets = {"model.embed_tokens.weight": self.embed, "model.norm.weight": self.norm}
+        targets: dict[str, torch.Tensor] = {"model.embed_tokens.weight": self.embed,
+                                            "model.norm.weight": self.norm}
         if not c.tie_word_embeddings:
             targets["lm_head.weight"] = self.lm_head
         for i, layer in enumerate(self.layers):

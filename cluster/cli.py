@@ -1,0 +1,71 @@
+"""The `tandem` command line: one function per subcommand, registered in `SUBCOMMANDS`.
+
+To add a subcommand, write `_add_<name>(parser)` to declare its arguments and `_<name>(args)`
+to run it (returning an exit status), then register both in `SUBCOMMANDS`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+
+class Subcommand(NamedTuple):
+    """One `tandem <name>`: its help line, how it declares arguments, and what it runs."""
+
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+def _add_make_tiny_model(parser: argparse.ArgumentParser) -> None:
+    from engine.tiny_model import ARCHITECTURES, PRESETS
+
+    parser.add_argument("dir", help="output directory (created if missing)")
+    parser.add_argument("--arch", choices=sorted(ARCHITECTURES), default="llama")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="model shape")
+    parser.add_argument("--shards", type=int, default=1,
+                        help="number of safetensors files (>1 also writes an index)")
+
+
+def _make_tiny_model(args: argparse.Namespace) -> int:
+    from engine.tiny_model import make_tiny_model
+
+    out = make_tiny_model(args.dir, arch=args.arch, seed=args.seed, preset=args.preset,
+                          shards=args.shards)
+    print(f"wrote {args.preset} {args.arch} model (seed {args.seed}) to {out}")
+    return 0
+
+
+SUBCOMMANDS: dict[str, Subcommand] = {
+    "make-tiny-model": Subcommand(
+        "write a small random-weight HF checkpoint with a tokenizer, for tests and demos",
+        _add_make_tiny_model, _make_tiny_model),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser with every registered subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="tandem", description="Tandem: disaggregated prefill/decode LLM serving.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, command in SUBCOMMANDS.items():
+        command.add_arguments(sub.add_parser(name, help=command.help, description=command.help))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `tandem` console script; returns the process exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        return SUBCOMMANDS[args.command].run(args)
+    except (ValueError, FileNotFoundError) as e:  # user errors: one line, no traceback
+        print(f"tandem {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

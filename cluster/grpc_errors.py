@@ -1,0 +1,141 @@
+"""The one server interceptor that turns exceptions into gRPC status codes.
+
+Servicers stay thin and raise domain errors (`cluster.errors`); this interceptor wraps every
+method handler's behaviour (unary and streaming, async-generator and `context.write` styles)
+and aborts the call with the matching status:
+
+| exception                              | status             |
+| -------------------------------------- | ------------------ |
+| InvalidRequest, ValueError             | INVALID_ARGUMENT   |
+| NoCapacity                             | RESOURCE_EXHAUSTED |
+| NoWorker, IndexUnavailable             | UNAVAILABLE        |
+| DeadlineExceeded, TimeoutError         | DEADLINE_EXCEEDED  |
+| Cancelled                              | CANCELLED          |
+| UnknownRequest                         | NOT_FOUND          |
+| HandshakeMismatch                      | FAILED_PRECONDITION|
+| TransferFailed                         | ABORTED            |
+| anything else                          | INTERNAL (logged with its traceback) |
+
+A plain ValueError is the engine's input validation, whose message starts with the field name
+("max_tokens: must be >= 1"), so it is a user mistake, never INTERNAL. Why an interceptor that
+rebuilds the handler rather than one that wraps `continuation`: a grpc.aio interceptor only sees
+the handler object, not the running call, so the exception of a streaming handler surfaces while
+its generator is iterated; wrapping the behaviour itself catches it there. A client that goes
+away cancels the handler task: `asyncio.CancelledError` passes through untouched.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from grpc import aio
+
+from cluster.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    HandshakeMismatch,
+    IndexUnavailable,
+    InvalidRequest,
+    NoCapacity,
+    NoWorker,
+    TransferFailed,
+    UnknownRequest,
+)
+
+logger = logging.getLogger(__name__)
+
+# Checked in order: the first matching class wins (subclasses before their bases).
+_STATUS_OF: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
+    (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
+    (NoCapacity, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (NoWorker, grpc.StatusCode.UNAVAILABLE),
+    (IndexUnavailable, grpc.StatusCode.UNAVAILABLE),
+    (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (Cancelled, grpc.StatusCode.CANCELLED),
+    (UnknownRequest, grpc.StatusCode.NOT_FOUND),
+    (HandshakeMismatch, grpc.StatusCode.FAILED_PRECONDITION),
+    (TransferFailed, grpc.StatusCode.ABORTED),
+    (TimeoutError, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
+)
+
+
+def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status code and details a client sees for `exc`."""
+    for cls, code in _STATUS_OF:
+        if isinstance(exc, cls):
+            return code, str(exc) or type(exc).__name__
+    return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
+
+
+async def _abort(context: aio.ServicerContext, method: str, exc: Exception) -> None:
+    code, details = status_for(exc)
+    if code is grpc.StatusCode.INTERNAL:
+        logger.error("%s failed unexpectedly", method, exc_info=exc)
+    else:
+        logger.info("%s -> %s: %s", method, code.name, details)
+    await context.abort(code, details)
+
+
+def _wrap_unary(behavior: Callable[..., Awaitable[Any]], method: str) -> Callable[..., Any]:
+    async def wrapper(request: Any, context: aio.ServicerContext) -> Any:
+        try:
+            return await behavior(request, context)
+        except aio.AbortError:
+            raise  # the servicer aborted on its own: keep its status
+        except Exception as exc:
+            await _abort(context, method, exc)
+
+    return wrapper
+
+
+def _wrap_stream(behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
+    if inspect.isasyncgenfunction(behavior):
+        async def gen_wrapper(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
+            try:
+                async for response in behavior(request, context):
+                    yield response
+            except aio.AbortError:
+                raise
+            except Exception as exc:
+                await _abort(context, method, exc)
+
+        return gen_wrapper
+    return _wrap_unary(behavior, method)  # a coroutine that sends with context.write()
+
+
+class ErrorMappingInterceptor(aio.ServerInterceptor):
+    """Maps exceptions raised by any servicer method to gRPC status codes (see module doc)."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        behavior = (handler.unary_unary or handler.unary_stream or handler.stream_unary
+                    or handler.stream_stream)
+        if not (inspect.iscoroutinefunction(behavior) or inspect.isasyncgenfunction(behavior)):
+            return handler  # a sync handler (run in a thread by grpc): left as it is
+        method: str = handler_call_details.method  # type: ignore[attr-defined]
+        codec = {"request_deserializer": handler.request_deserializer,
+                 "response_serializer": handler.response_serializer}
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                _wrap_unary(handler.unary_unary, method), **codec)
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                _wrap_stream(handler.unary_stream, method), **codec)
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(
+                _wrap_unary(handler.stream_unary, method), **codec)
+        if handler.stream_stream:
+            return grpc.stream_stream_rpc_method_handler(
+                _wrap_stream(handler.stream_stream, method), **codec)
+        return handler

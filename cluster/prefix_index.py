@@ -1,0 +1,320 @@
+"""The Redis prefix index: workers publish which block hashes they hold, the router looks up
+which worker holds the longest prefix of a prompt.
+
+Writer (one per worker). The engine reports `stored(hashes)` / `evicted(hashes)` synchronously
+(no I/O); `flush()` (or the `run()` loop, every few ms) publishes everything pending as one
+MULTI/EXEC pipeline: per block hash the set of its holders (`blk:{hash}`, what cold lookups
+read), the worker's own set of hashes (`wblk:{worker}`, for resync and cleanup), and one entry
+per batch of at most `max_batch` events on the worker's capped stream (`events:{worker}`) with a
+per-worker sequence number, so readers that tail the streams see the events in order and can
+spot a gap. The writer keeps its whole state in memory, so it can always re-publish it:
+
+- at start (this also wipes what a crashed predecessor with the same id left behind),
+- after a failed publish (we cannot know what reached Redis),
+- when the epoch key (`{ns}:epoch`, read in every batch and checked by `run()` every second)
+  is missing or changed: Redis restarted empty or was flushed. The first writer to notice
+  creates a new epoch; every writer whose epoch differs re-publishes.
+
+A re-publish puts a `reset` entry on the stream: tailing readers reload that worker's set.
+
+Reader (the router). `lookup(hashes)` returns, per worker, how many *leading* blocks of the
+prompt it holds. Hashes are chained, so a match is always a contiguous prefix: the lookup
+pipelines `SMEMBERS blk:{hash}` in growing chunks (16, 32, ... 256 hashes per round trip) and
+stops after the first chunk where no worker is left holding every block so far. A miss on the
+first block costs one round trip; a 4,000-block hit costs ~5.
+
+Every Redis operation is bounded (`cluster.redis_client.bounded`): Redis down means
+`IndexUnavailable` within the configured timeout, which the router turns into degraded mode.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Collection, Iterable, Sequence
+
+from redis.asyncio import Redis
+
+from cluster.errors import IndexUnavailable
+from cluster.prefix_keys import PrefixKeys
+from cluster.redis_client import RedisConfig, bounded
+from engine.block_hash import BlockHash, hash_to_hex
+
+logger = logging.getLogger(__name__)
+
+_STREAM_TTL_AFTER_REMOVE_MS = 60_000  # readers have a minute to see a removed worker's reset
+
+
+def _as_bytes(value: bytes | str | None) -> bytes | None:
+    """Our clients never decode responses; this only narrows redis-py's declared types."""
+    return value.encode() if isinstance(value, str) else value
+
+
+def _as_str(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class PrefixIndexWriter:
+    """Publishes one worker's block events, in order and in batches (see the module doc)."""
+
+    def __init__(self, redis: Redis, config: RedisConfig, worker_id: str, *,
+                 max_batch: int = 512, stream_maxlen: int = 10_000) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch: must be >= 1, got {max_batch}")
+        self.worker_id = worker_id
+        self._redis = redis
+        self._config = config
+        self._keys = PrefixKeys(config.namespace)
+        self._max_batch = max_batch
+        self._stream_maxlen = stream_maxlen
+        self._held: set[str] = set()  # hash hexes this worker holds: the truth to re-publish
+        self._pending: list[tuple[bool, str]] = []  # (stored?, hash hex), in event order
+        self._seq = 0
+        self._epoch: bytes | None = None
+        self._dirty = True  # Redis may not hold our state: re-publish before the next batch
+        self._lock = asyncio.Lock()
+        self.republishes = 0  # for a metric: each one means Redis lost or may have lost state
+
+    # -- event intake (called by the engine; never blocks) -------------------------------
+
+    def stored(self, hashes: Iterable[BlockHash]) -> None:
+        """Blocks became complete in this worker's prefix cache."""
+        self._record(True, hashes)
+
+    def evicted(self, hashes: Iterable[BlockHash]) -> None:
+        """Blocks left this worker's prefix cache."""
+        self._record(False, hashes)
+
+    def _record(self, stored: bool, hashes: Iterable[BlockHash]) -> None:
+        # While dirty and idle, the next re-publish snapshots `_held` anyway: keeping the events
+        # would only grow the queue during an outage. Under the lock, a publish is in flight
+        # and has already taken its snapshot, so the events must be kept.
+        keep = not self._dirty or self._lock.locked()
+        for block_hash in hashes:
+            hex_hash = hash_to_hex(block_hash)
+            if stored:
+                self._held.add(hex_hash)
+            else:
+                self._held.discard(hex_hash)
+            if keep:
+                self._pending.append((stored, hex_hash))
+
+    @property
+    def held(self) -> frozenset[BlockHash]:
+        return frozenset(BlockHash(int(h, 16)) for h in self._held)
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    @property
+    def seq(self) -> int:
+        """Sequence number of the last batch put on the stream."""
+        return self._seq
+
+    # -- publishing -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Publishes the full state (empty at start), replacing any stale one for this id."""
+        async with self._lock:
+            await self._republish()
+
+    async def flush(self) -> int:
+        """Publishes the pending events; returns how many. Raises IndexUnavailable."""
+        async with self._lock:
+            if self._dirty:
+                count = len(self._pending)
+                await self._republish()
+                return count
+            ops, self._pending = self._pending, []
+            if not ops:
+                return 0
+            try:
+                epoch = await self._publish(ops)
+            except IndexUnavailable:
+                self._dirty = True
+                raise
+            if epoch != self._epoch:
+                logger.warning("prefix index: epoch changed (%r -> %r): Redis lost its state; "
+                               "re-publishing %d blocks of %s", self._epoch, epoch,
+                               len(self._held), self.worker_id)
+                await self._republish()
+            return len(ops)
+
+    async def check_epoch(self) -> bool:
+        """Re-publishes if Redis lost its state (or an earlier publish failed). Returns whether
+        it re-published. Raises IndexUnavailable."""
+        async with self._lock:
+            if not self._dirty:
+                async with bounded("get epoch", self._config.op_timeout_s):
+                    epoch = _as_bytes(await self._redis.get(self._keys.epoch))
+                if epoch == self._epoch:
+                    return False
+                logger.warning("prefix index: epoch %r gone (now %r); re-publishing %s",
+                               self._epoch, epoch, self.worker_id)
+            await self._republish()
+            return True
+
+    async def remove(self) -> None:
+        """Takes this worker out of the index (clean shutdown). Raises IndexUnavailable."""
+        async with self._lock:
+            self._held.clear()
+            self._pending.clear()
+            await self._republish()
+            async with bounded("expire stream", self._config.op_timeout_s):
+                await self._redis.pexpire(self._keys.events(self.worker_id),
+                                          _STREAM_TTL_AFTER_REMOVE_MS)
+
+    async def run(self, flush_interval_s: float = 0.02,
+                  epoch_check_interval_s: float = 1.0) -> None:
+        """Publishes forever (cancel the task to stop); Redis failures are logged, not raised."""
+        last_check = time.monotonic()
+        failing = False
+        while True:
+            try:
+                if self._dirty or time.monotonic() - last_check >= epoch_check_interval_s:
+                    last_check = time.monotonic()
+                    await self.check_epoch()
+                await self.flush()
+                if failing:
+                    logger.warning("prefix index: Redis reachable again for %s", self.worker_id)
+                failing = False
+            except IndexUnavailable as exc:
+                if not failing:
+                    logger.warning("prefix index: cannot publish for %s: %s", self.worker_id, exc)
+                failing = True
+            await asyncio.sleep(flush_interval_s)
+
+    async def _publish(self, ops: Sequence[tuple[bool, str]]) -> bytes | None:
+        """One transaction: the epoch read, the set updates and one stream entry per batch."""
+        keys, worker = self._keys, self.worker_id
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.get(keys.epoch)
+        for start in range(0, len(ops), self._max_batch):
+            batch = ops[start:start + self._max_batch]
+            net = {hex_hash: stored for stored, hex_hash in batch}  # the last event per hash wins
+            added = [h for h, stored in net.items() if stored]
+            removed = [h for h, stored in net.items() if not stored]
+            for hex_hash in added:
+                pipe.sadd(keys.block(hex_hash), worker)
+            for hex_hash in removed:
+                pipe.srem(keys.block(hex_hash), worker)
+            if added:
+                pipe.sadd(keys.worker_blocks(worker), *added)
+            if removed:
+                pipe.srem(keys.worker_blocks(worker), *removed)
+            self._seq += 1
+            encoded = ",".join(("+" if stored else "-") + h for stored, h in batch)
+            pipe.xadd(keys.events(worker), {"seq": self._seq, "epoch": self._epoch or b"",
+                                            "ops": encoded},
+                      maxlen=self._stream_maxlen, approximate=True)
+        async with bounded("publish", self._config.op_timeout_s):
+            results = await pipe.execute()
+        return _as_bytes(results[0])
+
+    async def _ensure_epoch(self) -> bytes:
+        async with bounded("epoch", self._config.op_timeout_s):
+            epoch = _as_bytes(await self._redis.get(self._keys.epoch))
+            if epoch is None:
+                await self._redis.set(self._keys.epoch, uuid.uuid4().hex, nx=True)
+                epoch = _as_bytes(await self._redis.get(self._keys.epoch))
+        if epoch is None:
+            raise IndexUnavailable("redis epoch: vanished right after being set")
+        return epoch
+
+    async def _republish(self) -> None:
+        """Replaces this worker's whole published state with `_held` (caller holds the lock)."""
+        self._dirty = True
+        keys, worker = self._keys, self.worker_id
+        try:
+            epoch = await self._ensure_epoch()
+            async with bounded("read own blocks", self._config.op_timeout_s):
+                old = {_as_str(h) for h in await self._redis.smembers(keys.worker_blocks(worker))}
+            held, self._pending = set(self._held), []  # snapshot: later events stay pending
+            pipe = self._redis.pipeline(transaction=True)
+            for hex_hash in old - held:
+                pipe.srem(keys.block(hex_hash), worker)
+            pipe.delete(keys.worker_blocks(worker))
+            ordered = sorted(held)
+            for start in range(0, len(ordered), 4096):
+                pipe.sadd(keys.worker_blocks(worker), *ordered[start:start + 4096])
+            for hex_hash in held - old:
+                pipe.sadd(keys.block(hex_hash), worker)
+            self._seq += 1
+            pipe.xadd(keys.events(worker), {"seq": self._seq, "epoch": epoch, "reset": 1},
+                      maxlen=self._stream_maxlen, approximate=True)
+            pipe.persist(keys.events(worker))
+            # A big state takes longer to send: 1 s more per ~50k blocks.
+            timeout = self._config.op_timeout_s + len(held) / 50_000
+            async with bounded("republish", timeout):
+                await pipe.execute()
+        except IndexUnavailable:
+            logger.warning("prefix index: re-publish of %s failed; will retry", worker)
+            raise
+        self._epoch = epoch
+        self._dirty = False
+        self.republishes += 1
+        logger.info("prefix index: published full state of %s (%d blocks, epoch %s)",
+                    worker, len(held), epoch.decode())
+
+
+class PrefixIndexReader:
+    """Longest-prefix lookups for the router (see the module doc)."""
+
+    def __init__(self, redis: Redis, config: RedisConfig, *, first_chunk: int = 16,
+                 max_chunk: int = 256) -> None:
+        if not 1 <= first_chunk <= max_chunk:
+            raise ValueError(f"first_chunk: must be in [1, max_chunk], got {first_chunk}")
+        self._redis = redis
+        self._config = config
+        self._keys = PrefixKeys(config.namespace)
+        self._first_chunk = first_chunk
+        self._max_chunk = max_chunk
+        self.round_trips = 0  # total, for a metric and for tests
+
+    async def lookup(self, hashes: Sequence[BlockHash],
+                     workers: Collection[str] | None = None) -> dict[str, int]:
+        """Per worker, the number of leading blocks of `hashes` it holds (only workers with at
+        least one); `workers` restricts the answer to those (e.g. the live ones).
+        Raises IndexUnavailable."""
+        alive: set[str] | None = None if workers is None else set(workers)
+        if not hashes or alive == set():
+            return {}
+        matched: dict[str, int] = {}
+        start, chunk = 0, self._first_chunk
+        while start < len(hashes):
+            part = hashes[start:start + chunk]
+            pipe = self._redis.pipeline(transaction=False)
+            for block_hash in part:
+                pipe.smembers(self._keys.block(hash_to_hex(block_hash)))
+            async with bounded("lookup", self._config.op_timeout_s):
+                holders_per_block = await pipe.execute()
+            self.round_trips += 1
+            for offset, holders in enumerate(holders_per_block):
+                still = {_as_str(w) for w in holders}
+                if alive is not None:
+                    still &= alive
+                    for gone in alive - still:  # held blocks [0, start + offset): recorded
+                        if start + offset:
+                            matched[gone] = start + offset
+                alive = still
+                if not alive:
+                    return matched
+            start += len(part)
+            chunk = min(chunk * 2, self._max_chunk)
+        for worker in alive or ():
+            matched[worker] = len(hashes)
+        return matched
+
+    async def epoch(self) -> bytes | None:
+        """The index's current epoch (None: Redis holds no index). Raises IndexUnavailable."""
+        async with bounded("get epoch", self._config.op_timeout_s):
+            return _as_bytes(await self._redis.get(self._keys.epoch))
+
+    async def worker_blocks(self, worker_id: str) -> set[BlockHash]:
+        """Every block one worker has published. Raises IndexUnavailable."""
+        async with bounded("read worker blocks", self._config.op_timeout_s):
+            members = await self._redis.smembers(self._keys.worker_blocks(worker_id))
+        return {BlockHash(int(_as_str(h), 16)) for h in members}

@@ -1,0 +1,134 @@
+"""An in-memory copy of the prefix index for the router, fed by tailing the workers' streams.
+
+The design to measure against the plain pipelined lookup (`PrefixIndexReader`): `sync()` (one
+XREAD round trip for all followed workers, run by the router every few ms) applies each
+worker's batches in order; `lookup()` then answers from memory, with no Redis round trip on the
+request path. A worker is reloaded from its `wblk:{worker}` set when it is new to this tail,
+when its stream shows a gap in the sequence numbers (the capped stream was trimmed past us, or
+a batch was lost) or a `reset` entry (the writer re-published), and every worker is reloaded
+when the epoch changes (Redis restarted empty). Reload reads the stream's last id first and the
+set second; the entries between are replayed on top, which is harmless because the stream entry
+and the set change of one batch are written in one transaction and replaying set adds and
+removes in order converges to the same state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from typing import Any, cast
+
+from redis.asyncio import Redis
+
+from cluster.prefix_keys import PrefixKeys
+from cluster.redis_client import RedisConfig, bounded
+from engine.block_hash import BlockHash, hash_from_hex
+
+_Entry = tuple[bytes, dict[bytes, bytes]]  # a stream entry: (id, fields)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class PrefixIndexTail:
+    """Follows a set of workers; `lookup` answers like `PrefixIndexReader.lookup`, in memory."""
+
+    def __init__(self, redis: Redis, config: RedisConfig, *, read_count: int = 1000) -> None:
+        self._redis = redis
+        self._config = config
+        self._keys = PrefixKeys(config.namespace)
+        self._read_count = read_count
+        self._holders: dict[BlockHash, set[str]] = {}
+        self._blocks: dict[str, set[BlockHash]] = {}
+        self._last_id: dict[str, bytes] = {}
+        self._last_seq: dict[str, int] = {}
+        self._epoch: bytes | None = None
+        self.reloads = 0  # for a metric: each is a gap, a reset, a new worker or a new epoch
+
+    async def sync(self, workers: Collection[str]) -> None:
+        """Catches up with the streams of `workers` (others are dropped).
+        Raises IndexUnavailable; the copy is then stale and the router should degrade."""
+        timeout = self._config.op_timeout_s
+        async with bounded("tail epoch", timeout):
+            epoch = await self._redis.get(self._keys.epoch)
+        if epoch != self._epoch:
+            for worker in list(self._blocks):
+                self._drop(worker)
+            self._epoch = epoch if isinstance(epoch, bytes) else None
+        for worker in set(self._blocks) - set(workers):
+            self._drop(worker)
+        for worker in set(workers) - set(self._blocks):
+            await self._reload(worker)
+        if not self._blocks:
+            return
+        streams: dict[Any, Any] = {self._keys.events(w): self._last_id[w] for w in self._blocks}
+        async with bounded("tail read", timeout):
+            replies: list[tuple[bytes, list[_Entry]]] = cast(
+                Any, await self._redis.xread(streams, count=self._read_count))
+        prefix = len(self._keys.events(""))
+        for stream, entries in replies:
+            worker = _text(stream)[prefix:]
+            for entry_id, fields in entries:
+                seq = int(fields[b"seq"])
+                if b"reset" in fields or seq != self._last_seq[worker] + 1:
+                    await self._reload(worker)
+                    break
+                self._apply(worker, fields[b"ops"].decode())
+                self._last_id[worker], self._last_seq[worker] = entry_id, seq
+
+    def lookup(self, hashes: Sequence[BlockHash],
+               workers: Collection[str] | None = None) -> dict[str, int]:
+        """Per worker, the number of leading blocks of `hashes` it holds (as of the last sync)."""
+        alive: set[str] | None = None if workers is None else set(workers)
+        matched: dict[str, int] = {}
+        for position, block_hash in enumerate(hashes):
+            still = set(self._holders.get(block_hash, ()))
+            if alive is not None:
+                still &= alive
+                for gone in alive - still:
+                    if position:
+                        matched[gone] = position
+            alive = still
+            if not alive:
+                return matched
+        for worker in alive or ():
+            matched[worker] = len(hashes)
+        return matched
+
+    def _apply(self, worker: str, ops: str) -> None:
+        held = self._blocks[worker]
+        for op in ops.split(",") if ops else ():
+            block_hash = hash_from_hex(op[1:])
+            if op[0] == "+":
+                held.add(block_hash)
+                self._holders.setdefault(block_hash, set()).add(worker)
+            else:
+                held.discard(block_hash)
+                self._forget(block_hash, worker)
+
+    def _forget(self, block_hash: BlockHash, worker: str) -> None:
+        holders = self._holders.get(block_hash)
+        if holders is not None:
+            holders.discard(worker)
+            if not holders:
+                del self._holders[block_hash]
+
+    def _drop(self, worker: str) -> None:
+        for block_hash in self._blocks.pop(worker, ()):
+            self._forget(block_hash, worker)
+        self._last_id.pop(worker, None)
+        self._last_seq.pop(worker, None)
+
+    async def _reload(self, worker: str) -> None:
+        timeout = self._config.op_timeout_s
+        async with bounded("tail reload", timeout):
+            last: list[_Entry] = cast(
+                Any, await self._redis.xrevrange(self._keys.events(worker), count=1))
+            members = await self._redis.smembers(self._keys.worker_blocks(worker))
+        self._drop(worker)
+        self._blocks[worker] = {hash_from_hex(_text(h)) for h in members}
+        for block_hash in self._blocks[worker]:
+            self._holders.setdefault(block_hash, set()).add(worker)
+        self._last_id[worker] = last[0][0] if last else b"0-0"
+        self._last_seq[worker] = int(last[0][1][b"seq"]) if last else 0
+        self.reloads += 1

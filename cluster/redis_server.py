@@ -1,0 +1,122 @@
+"""A private `redis-server` process on a free loopback port.
+
+Used by the one-command local cluster and by the tests (unit and end-to-end): no persistence
+(`--save ''`, no AOF), its own temporary directory, started and stopped synchronously. It can be
+killed and restarted on the same port to simulate a Redis outage and a restart that lost state.
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+
+_START_TIMEOUT_S = 10.0
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def _ping(host: str, port: int, timeout_s: float = 0.2) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+class LocalRedisServer:
+    """`with LocalRedisServer() as redis: redis.url` — a fresh, empty Redis for the block."""
+
+    def __init__(self, port: int | None = None, host: str = "127.0.0.1",
+                 binary: str = "redis-server") -> None:
+        self.host = host
+        self.port = port or free_port(host)
+        self.binary = shutil.which(binary) or binary
+        self._dir = Path(tempfile.mkdtemp(prefix="tandem-redis-"))
+        self._log = self._dir / "redis.log"
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://{self.host}:{self.port}/0"
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def start(self) -> None:
+        """Starts the server (empty) and waits until it answers PING."""
+        if self.running:
+            return
+        self._proc = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", self.host, "--save", "",
+             "--appendonly", "no", "--dir", str(self._dir), "--loglevel", "warning",
+             "--logfile", str(self._log)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + _START_TIMEOUT_S
+        while not _ping(self.host, self.port):
+            if self._proc.poll() is not None:
+                err = self._log.read_text() if self._log.exists() else ""
+                raise RuntimeError(f"redis-server exited with {self._proc.returncode}: {err}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise TimeoutError(f"redis-server on port {self.port} did not answer PING")
+            time.sleep(0.02)
+
+    def kill(self) -> None:
+        """Kills the server at once (SIGKILL): an outage; its data is lost."""
+        if self._proc is not None:
+            self._proc.kill()
+            self._proc.wait()
+            self._proc = None
+
+    def stop(self) -> None:
+        """Stops the server (SIGTERM, then SIGKILL after 5 s)."""
+        if self._proc is not None:
+            self._proc.send_signal(signal.SIGCONT)  # a paused server cannot handle SIGTERM
+            self._proc.terminate()
+            try:
+                self._proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+            self._proc = None
+
+    def pause(self) -> None:
+        """Freezes the server (SIGSTOP): connections stay open but nothing answers."""
+        if self._proc is not None:
+            self._proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """Undoes `pause()`."""
+        if self._proc is not None:
+            self._proc.send_signal(signal.SIGCONT)
+
+    def restart(self) -> None:
+        """Kills and starts a fresh, empty server on the same port."""
+        self.kill()
+        self.start()
+
+    def close(self) -> None:
+        """Stops the server and removes its directory."""
+        self.stop()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    def __enter__(self) -> LocalRedisServer:
+        self.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()

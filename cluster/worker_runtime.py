@@ -1,0 +1,163 @@
+"""What a prefill or decode worker process is made of, besides its gRPC servicer.
+
+The engine on its own thread (`EngineLoop`), the KV transfer agent registered on the engine's
+cache, the gRPC server (health, reflection, error mapping), and — when a Redis URL is given —
+the registry heartbeat and the prefix-index writer fed by the block manager's events. The
+engine thread polls the transfer agent and drains block events between steps and hands them
+to the event loop; nothing here blocks the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from cluster.grpc_server import GrpcServer, ServiceBinding, start_server
+from cluster.prefix_index import PrefixIndexWriter
+from cluster.redis_client import RedisConfig, connect
+from cluster.registry import Heartbeat, LoadReport, WorkerRecord, WorkerRegistry
+from cluster.worker_config import WorkerConfig
+from engine.block_manager import BlockEvent
+from engine.engine import Engine, StepLayerCallback
+from engine.engine_loop import EngineLoop
+from kv_transfer.base import KVTransferAgent, TransferConfig, TransferEvent
+from kv_transfer.registry import create_agent
+from kv_transfer.spec import KVLayoutSpec
+
+log = logging.getLogger(__name__)
+
+READY_PREFIX = "TANDEM_READY"  # printed on stdout once serving: "TANDEM_READY role id address"
+
+
+class WorkerRuntime:
+    """Builds and runs one worker process's parts; the role adds its servicer."""
+
+    def __init__(self, config: WorkerConfig) -> None:
+        self.config = config
+        self.worker_id = config.id
+        self.engine = Engine(config.model, config.engine)
+        spec = KVLayoutSpec.from_cache_shape(self.engine.cache_shape,
+                                             self.engine.model_config.name)
+        self.agent: KVTransferAgent = create_agent(spec, TransferConfig(
+            token=config.transfer_token, backend=config.transfer_backend, host=config.host))
+        self.agent.register_cache(self.engine.runner.kv_cache)
+        self.loop: EngineLoop | None = None
+        self.server: GrpcServer | None = None
+        self.writer: PrefixIndexWriter | None = None
+        self.started_ms = int(time.time() * 1000)
+        self.address = ""  # host:port peers dial, known once serving
+        self._aio: asyncio.AbstractEventLoop | None = None
+        self._transfer_listeners: list[Callable[[list[TransferEvent]], None]] = []
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._stopping = asyncio.Event()
+
+    # ---- wiring --------------------------------------------------------------------------
+
+    def on_transfer_events(self, listener: Callable[[list[TransferEvent]], None]) -> None:
+        """`listener` runs on the event loop with every batch of transfer events."""
+        self._transfer_listeners.append(listener)
+
+    def start_engine(self, on_layer_done: StepLayerCallback | None = None) -> EngineLoop:
+        self._aio = asyncio.get_running_loop()
+        self.loop = EngineLoop(self.engine, on_layer_done=on_layer_done, on_idle=self._on_idle)
+        self.loop.start()
+        return self.loop
+
+    def _on_idle(self, engine: Engine) -> None:
+        """Engine thread, between steps: drive the transfer agent, hand off block events."""
+        assert self._aio is not None
+        events = self.agent.poll()
+        if events:
+            self._aio.call_soon_threadsafe(self._dispatch_transfer, events)
+        block_events = engine.block_manager.drain_events()
+        if block_events and self.writer is not None:
+            self._aio.call_soon_threadsafe(self._publish_blocks, block_events)
+
+    def _dispatch_transfer(self, events: list[TransferEvent]) -> None:
+        for listener in self._transfer_listeners:
+            listener(events)
+
+    def _publish_blocks(self, events: list[BlockEvent]) -> None:
+        assert self.writer is not None
+        for event in events:
+            if event.kind == "stored":
+                self.writer.stored([event.block_hash])
+            else:
+                self.writer.evicted([event.block_hash])
+
+    def load(self) -> LoadReport:
+        """Approximate, lock-free read of the engine's load (ints read from another thread)."""
+        engine = self.engine
+        return LoadReport(
+            running=len(engine.scheduler.running),
+            waiting=len(engine.scheduler.waiting),
+            kv_blocks_used=engine.block_manager.num_used_blocks,
+            kv_blocks_total=engine.num_blocks,
+            max_running=engine.config.max_num_seqs)
+
+    # ---- running -------------------------------------------------------------------------
+
+    async def serve(self, services: Sequence[ServiceBinding]) -> None:
+        """Starts gRPC and Redis plumbing, prints the ready line, runs until SIGTERM/SIGINT."""
+        cfg = self.config
+        self.server = await start_server(services, cfg.listen)
+        self.address = address = f"{cfg.host}:{self.server.port}"
+        heartbeat: Heartbeat | None = None
+        if cfg.redis_url:
+            redis_cfg = RedisConfig(url=cfg.redis_url, namespace=cfg.namespace)
+            redis = connect(redis_cfg)
+            self.writer = PrefixIndexWriter(redis, redis_cfg, self.worker_id)
+            registry = WorkerRegistry(redis, redis_cfg, ttl_s=cfg.heartbeat_ttl_s)
+            heartbeat = Heartbeat(registry, lambda: WorkerRecord(
+                worker_id=self.worker_id, role=cfg.role, address=address,
+                transfer_metadata=self.agent.metadata().encode(), load=self.load(),
+                started_unix_ms=self.started_ms))
+            self._tasks.append(asyncio.create_task(self._run_writer()))
+            await heartbeat.start()
+        aio = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            aio.add_signal_handler(sig, self._stopping.set)
+        print(f"{READY_PREFIX} {cfg.role.value} {self.worker_id} {address}", flush=True)
+        log.info("%s %s serving on %s", cfg.role.value, self.worker_id, address)
+        watchdog = asyncio.create_task(self._watch_engine())
+        await self._stopping.wait()
+        watchdog.cancel()
+        log.info("shutting down: no new work, %.0f s grace", cfg.shutdown_grace_s)
+        if heartbeat is not None:
+            await heartbeat.stop(deregister=True)
+        await self.server.stop(cfg.shutdown_grace_s)
+        await self.close()
+
+    async def _watch_engine(self) -> None:
+        """A dead engine ends the process, so its supervisor restarts it."""
+        while self.loop is None or self.loop.fatal is None:
+            await asyncio.sleep(0.5)
+        log.error("engine failed: stopping this worker")
+        self._stopping.set()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        if self.writer is not None:
+            try:
+                await asyncio.wait_for(self.writer.remove(), timeout=1.0)
+            except Exception:  # Redis gone: its keys expire or are wiped at our next start
+                log.warning("could not remove this worker's prefix-index entries")
+        if self.loop is not None:
+            self.loop.stop()
+        self.agent.close()
+
+    async def _run_writer(self) -> None:
+        assert self.writer is not None
+        try:
+            await self.writer.start()
+        except Exception as error:  # Redis down at start: run() keeps retrying and re-publishes
+            log.warning("prefix index unavailable at start (%s); will re-publish", error)
+        await self.writer.run()

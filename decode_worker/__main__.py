@@ -1,0 +1,49 @@
+"""`python -m decode_worker --model DIR ...` (also `tandem decode ...`): one decode worker."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from cluster.grpc_server import ServiceBinding
+from cluster.logging_setup import setup_logging
+from cluster.roles import Role
+from cluster.worker_config import add_worker_args, worker_config_from_args
+from cluster.worker_runtime import WorkerRuntime
+from decode_worker.service import DecodeServicer
+from decode_worker.worker import DecodeWorker
+from tandem_proto.tandem.v1 import decode_pb2_grpc
+
+log = logging.getLogger("decode_worker")
+
+
+async def serve(args: argparse.Namespace) -> None:
+    config = worker_config_from_args(Role.DECODE, args)
+    runtime = WorkerRuntime(config)
+    loop = runtime.start_engine()
+    worker = DecodeWorker(loop, runtime.agent, runtime.worker_id, config.lease_ms / 1000)
+    runtime.on_transfer_events(worker.on_transfer_events)
+    worker.start()
+    servicer = DecodeServicer(worker, runtime)
+    try:
+        await runtime.serve([ServiceBinding("tandem.v1.Decode",
+                                            decode_pb2_grpc.add_DecodeServicer_to_server,
+                                            servicer)])
+    finally:
+        await worker.stop()
+    if loop.fatal is not None:
+        sys.exit(f"decode worker {runtime.worker_id}: engine failed: {loop.fatal!r}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="tandem decode", description=__doc__)
+    add_worker_args(parser)
+    args = parser.parse_args(argv)
+    setup_logging()
+    asyncio.run(serve(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,248 @@
+"""Decode-side request handling: reservations under leases, KV arrival, the token stream.
+
+A request's life here:
+
+1. `reserve`: blocks for the prompt are allocated (blocks already held by prefix hash are
+   reported as cached and need not be sent); the transfer agent starts the request's deadline.
+   The reservation holds a lease: if its KV is not complete and its `decode` call has not
+   started within `lease_s`, the blocks are released (counted in `stats.lease_expiries`).
+2. The prefill worker writes the KV into the reserved blocks; the agent reports
+   REQUEST_COMPLETE (or REQUEST_FAILED).
+3. `decode(first_token)`: waits for the KV, admits the request to the running batch and
+   streams every later token. If the transfer failed, it prefills locally instead
+   (prompt + first token, recomputed here; counted in `stats.local_prefills` and logged).
+4. Whatever ends the stream (finish, cancel, error) releases the blocks in `finally`.
+
+Blocks of a request released before its KV completed are kept out of use for
+`quarantine_s`, so a write still in flight from the prefill side cannot land in blocks that
+already belong to another request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from cluster.errors import NoCapacity, UnknownRequest
+from engine.engine import Engine, RequestOutput
+from engine.engine_loop import EngineLoop
+from engine.request import FinishReason
+from engine.sampling import SamplingParams
+from kv_transfer.base import EventKind, KVTransferAgent, TransferEvent
+
+log = logging.getLogger(__name__)
+
+LEASE_CHECK_INTERVAL_S = 0.1
+
+
+class TransferFailed(Exception):
+    """The request's KV did not arrive; `reason` says why."""
+
+
+@dataclass
+class DecodeStats:
+    """Counters for metrics and status."""
+
+    reservations: int = 0
+    lease_expiries: int = 0
+    local_prefills: int = 0
+    transfers_completed: int = 0
+    transfers_failed: int = 0
+    cached_prompt_tokens: int = 0  # prompt tokens found in this worker's prefix cache
+
+
+@dataclass
+class Reservation:
+    request_id: str
+    prompt: list[int]
+    sampling: SamplingParams
+    block_ids: list[int]
+    num_cached_tokens: int
+    lease_deadline: float  # time.monotonic()
+    kv_ready: asyncio.Future[None] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future())
+    decoding: bool = False
+    local_prefill: bool = False  # the transfer failed and the prompt was recomputed here
+
+    @property
+    def writes_settled(self) -> bool:
+        """No write can still land in the blocks: the KV completed, or we recomputed."""
+        done = self.kv_ready.done() and not self.kv_ready.cancelled() and \
+            self.kv_ready.exception() is None
+        return done or self.local_prefill
+
+
+class DecodeWorker:
+    """The decode role over an `EngineLoop` and a transfer agent."""
+
+    def __init__(self, loop: EngineLoop, agent: KVTransferAgent, worker_id: str,
+                 lease_s: float, quarantine_s: float = 5.0) -> None:
+        self.loop = loop
+        self.agent = agent
+        self.worker_id = worker_id
+        self.lease_s = lease_s
+        self.quarantine_s = quarantine_s
+        self.stats = DecodeStats()
+        self.reservations: dict[str, Reservation] = {}
+        self._lease_task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._lease_task = asyncio.create_task(self._expire_leases())
+
+    async def stop(self) -> None:
+        if self._lease_task is not None:
+            self._lease_task.cancel()
+
+    # ---- reserve -------------------------------------------------------------------------
+
+    async def reserve(self, request_id: str, prompt: list[int], sampling: SamplingParams,
+                      lease_s: float | None = None) -> Reservation:
+        """Allocates blocks for `prompt`; NoCapacity if they are not free now."""
+        if request_id in self.reservations:
+            raise ValueError(f"request_id: {request_id!r} is already reserved here")
+        lease = lease_s or self.lease_s
+
+        def reserve_on_engine(engine: Engine) -> tuple[list[int], int] | None:
+            allocation = engine.reserve(request_id, prompt, sampling)
+            if allocation is None:
+                return None
+            self.agent.expect(request_id, lease)
+            return allocation.block_ids, allocation.num_cached_tokens
+
+        result = await self.loop.call(reserve_on_engine)
+        if result is None:
+            raise NoCapacity(f"decode worker {self.worker_id} has no free KV blocks for a "
+                             f"{len(prompt)}-token prompt")
+        block_ids, cached = result
+        reservation = Reservation(request_id, prompt, sampling, block_ids, cached,
+                                  time.monotonic() + lease)
+        self.reservations[request_id] = reservation
+        self.stats.reservations += 1
+        self.stats.cached_prompt_tokens += cached
+        return reservation
+
+    # ---- transfer events -----------------------------------------------------------------
+
+    def on_transfer_events(self, events: list[TransferEvent]) -> None:
+        """Event loop: the agent saw requests complete or fail."""
+        for event in events:
+            reservation = self.reservations.get(event.request_id)
+            if reservation is None or reservation.kv_ready.done():
+                continue
+            if event.kind is EventKind.REQUEST_COMPLETE:
+                self.stats.transfers_completed += 1
+                reservation.kv_ready.set_result(None)
+            elif event.kind is EventKind.REQUEST_FAILED:
+                self.stats.transfers_failed += 1
+                reservation.kv_ready.set_exception(TransferFailed(
+                    f"{event.reason}: {event.message}"))
+                reservation.kv_ready.exception()  # retrieved: no "never retrieved" warning
+
+    # ---- decode --------------------------------------------------------------------------
+
+    async def decode(self, request_id: str, first_token: int) -> AsyncIterator[RequestOutput]:
+        """Streams the tokens after `first_token`; the last output has `finished` set."""
+        reservation = self.reservations.get(request_id)
+        if reservation is None or reservation.decoding:
+            raise UnknownRequest(f"decode worker {self.worker_id} holds no reservation "
+                                 f"{request_id!r} (expired, released or never made)")
+        reservation.decoding = True
+        finished = False
+        try:
+            queue = self.loop.subscribe(request_id)
+            first = await self._start(reservation, first_token)
+            if first.finished:
+                finished = True
+                yield dataclasses.replace(first, new_token_ids=[])
+                return
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            self.loop.unsubscribe(request_id)
+            self.reservations.pop(request_id, None)
+            if not finished:
+                await self._release_on_engine(request_id,
+                                              kv_complete=reservation.writes_settled)
+
+    async def _start(self, reservation: Reservation, first_token: int) -> RequestOutput:
+        """Admits the request with its transferred KV, or prefills it here if that failed."""
+        rid = reservation.request_id
+        remaining = max(reservation.lease_deadline - time.monotonic(), 0.0)
+        try:
+            await asyncio.wait_for(asyncio.shield(reservation.kv_ready), timeout=remaining)
+            return await self.loop.call(lambda e: e.admit_prefilled(rid, first_token))
+        except (TransferFailed, TimeoutError) as error:
+            why = "KV did not arrive before the lease ended" if isinstance(
+                error, TimeoutError) else str(error)
+            log.warning("request %s: KV transfer failed (%s); prefilling locally on %s",
+                        rid, why, self.worker_id)
+            self.stats.local_prefills += 1
+            return await self._prefill_locally(reservation, first_token)
+
+    async def _prefill_locally(self, reservation: Reservation, first_token: int,
+                               ) -> RequestOutput:
+        rid, sampling = reservation.request_id, reservation.sampling
+        await self._release_on_engine(rid, kv_complete=False)
+        reservation.local_prefill = True
+        ends = first_token in sampling.stop_token_ids or (
+            not sampling.ignore_eos and first_token in self.loop.engine.model_config.eos_token_ids)
+        if ends or sampling.max_tokens == 1:
+            reason = FinishReason.STOP if ends else FinishReason.LENGTH
+            return RequestOutput(rid, [first_token], True, reason, len(reservation.prompt), 0)
+        rest = dataclasses.replace(sampling, max_tokens=sampling.max_tokens - 1)
+        await self.loop.call(lambda e: e.add_request(rid, [*reservation.prompt, first_token],
+                                                     rest))
+        return RequestOutput(rid, [first_token], False, None, len(reservation.prompt), 0)
+
+    # ---- release -------------------------------------------------------------------------
+
+    async def release(self, request_id: str) -> bool:
+        """Drops a reservation or stops a running request. False if unknown here."""
+        reservation = self.reservations.pop(request_id, None)
+        if reservation is not None and reservation.decoding:
+            self.reservations[request_id] = reservation  # the stream's finally releases it
+            return await self.loop.call(lambda e: e.release(request_id))
+        if reservation is None:
+            return await self.loop.call(lambda e: e.release(request_id))
+        await self._release_on_engine(request_id, kv_complete=reservation.writes_settled)
+        return True
+
+    async def _release_on_engine(self, request_id: str, kv_complete: bool) -> None:
+        """Frees the request's blocks now, or after the quarantine if KV may still land."""
+        def release(engine: Engine) -> None:
+            self.agent.release(request_id)
+            if kv_complete or self.quarantine_s <= 0:
+                engine.release(request_id)
+            else:
+                engine.quarantine(request_id)
+
+        await self.loop.call(release)
+        if not kv_complete and self.quarantine_s > 0:
+            asyncio.get_running_loop().call_later(
+                self.quarantine_s, lambda: asyncio.ensure_future(
+                    self.loop.call(lambda e: e.release_quarantined(request_id))))
+
+    async def _expire_leases(self) -> None:
+        while True:
+            await asyncio.sleep(LEASE_CHECK_INTERVAL_S)
+            now = time.monotonic()
+            expired = [r for r in self.reservations.values()
+                       if not r.decoding and now >= r.lease_deadline]
+            for reservation in expired:
+                log.warning("request %s: reservation lease expired on %s; releasing its blocks",
+                            reservation.request_id, self.worker_id)
+                self.stats.lease_expiries += 1
+                try:
+                    await self.release(reservation.request_id)
+                except Exception:
+                    log.exception("releasing expired reservation %s", reservation.request_id)

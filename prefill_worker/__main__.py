@@ -1,0 +1,48 @@
+"""`python -m prefill_worker --model DIR ...` (also `tandem prefill ...`): one prefill worker."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+from cluster.grpc_server import ServiceBinding
+from cluster.logging_setup import setup_logging
+from cluster.roles import Role
+from cluster.worker_config import add_worker_args, worker_config_from_args
+from cluster.worker_runtime import WorkerRuntime
+from prefill_worker.service import PrefillServicer
+from prefill_worker.worker import PrefillWorker
+from tandem_proto.tandem.v1 import prefill_pb2_grpc
+
+
+async def serve(args: argparse.Namespace) -> None:
+    config = worker_config_from_args(Role.PREFILL, args)
+    runtime = WorkerRuntime(config)
+    worker: PrefillWorker | None = None
+
+    def on_layer_done(layer: int, batch: object) -> None:
+        assert worker is not None
+        worker.on_layer_done(layer, batch)  # type: ignore[arg-type]
+
+    loop = runtime.start_engine(on_layer_done)
+    worker = PrefillWorker(loop, runtime.agent, runtime.worker_id)
+    runtime.on_transfer_events(worker.on_transfer_events)
+    servicer = PrefillServicer(worker, runtime)
+    await runtime.serve([ServiceBinding("tandem.v1.Prefill",
+                                        prefill_pb2_grpc.add_PrefillServicer_to_server,
+                                        servicer)])
+    if loop.fatal is not None:
+        sys.exit(f"prefill worker {runtime.worker_id}: engine failed: {loop.fatal!r}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="tandem prefill", description=__doc__)
+    add_worker_args(parser)
+    args = parser.parse_args(argv)
+    setup_logging()
+    asyncio.run(serve(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,212 @@
+"""Prefill-side request handling: compute the prompt, push its KV layer by layer.
+
+`prefill` registers a push plan (the decode worker's agent, its reserved block ids, how many
+leading blocks it already holds) and queues the prompt in the engine, where it is batched
+and chunked with other prompts. As each layer of a step finishes, `on_layer_done` (engine
+thread) posts one write of that layer's blocks touched by the step — blocks the decode worker
+lacks, including ones this worker had cached and did not recompute. The write of the last
+layer of the last chunk is marked `last`, so the decode side knows when the request is
+complete. `prefill` returns the first sampled token once every write has landed, then frees
+the blocks (they stay in this worker's prefix cache).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from dataclasses import dataclass, field
+
+from cluster.errors import HandshakeMismatch, InvalidRequest, TransferFailed
+from engine.engine import Engine
+from engine.engine_loop import EngineLoop
+from engine.request import Request
+from engine.sampling import SamplingParams
+from engine.scheduler import ScheduledBatch
+from kv_transfer.base import (
+    EventKind,
+    HandshakeError,
+    KVTransferAgent,
+    TransferError,
+    TransferEvent,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PrefillResult:
+    first_token: int
+    num_computed_tokens: int  # prompt tokens this worker ran through the model
+    num_cached_tokens: int  # prompt tokens taken from this worker's prefix cache
+    num_blocks_sent: int
+
+
+@dataclass
+class PushPlan:
+    """Where one request's KV goes; touched by the engine thread and the event loop."""
+
+    peer: str
+    dst_blocks: list[int]
+    trace_context: str
+    next_block: int  # first block not yet final on the decode side
+    pending: set[int] = field(default_factory=set)  # write ids in flight
+    blocks_sent: set[int] = field(default_factory=set)
+    last_posted: bool = False
+    error: str = ""
+    done: asyncio.Future[None] | None = None
+    aio: asyncio.AbstractEventLoop | None = None
+
+
+@dataclass
+class PrefillStats:
+    requests: int = 0
+    blocks_sent: int = 0
+    transfer_failures: int = 0
+
+
+class PrefillWorker:
+    """The prefill role over an `EngineLoop` and a transfer agent."""
+
+    def __init__(self, loop: EngineLoop, agent: KVTransferAgent, worker_id: str,
+                 transfer_timeout_s: float = 30.0) -> None:
+        self.loop = loop
+        self.agent = agent
+        self.worker_id = worker_id
+        self.transfer_timeout_s = transfer_timeout_s
+        self.stats = PrefillStats()
+        self.plans: dict[str, PushPlan] = {}
+        self._lock = threading.Lock()
+        self._peers: dict[str, str] = {}  # decode agent metadata → peer name
+
+    async def prefill(self, request_id: str, prompt: list[int], sampling: SamplingParams,
+                      target_metadata: str, dst_blocks: list[int], num_cached_blocks: int,
+                      trace_context: str = "") -> PrefillResult:
+        """Computes `prompt`, writes its KV into `dst_blocks` on the decode worker."""
+        engine = self.loop.engine
+        needed = engine.block_manager.blocks_needed(len(prompt))
+        if len(dst_blocks) != needed:
+            raise InvalidRequest("target.block_ids", f"{len(dst_blocks)} blocks for a "
+                                 f"{len(prompt)}-token prompt that needs {needed}")
+        if not 0 <= num_cached_blocks < needed:
+            raise InvalidRequest("target.num_cached_blocks",
+                                 f"{num_cached_blocks} not in [0, {needed})")
+        peer = await self._connect(target_metadata)
+        aio = asyncio.get_running_loop()
+        plan = PushPlan(peer, list(dst_blocks), trace_context, num_cached_blocks,
+                        done=aio.create_future(), aio=aio)
+        queue = self.loop.subscribe(request_id)
+
+        def add(engine: Engine) -> Request:
+            request = engine.add_prefill_request(request_id, prompt, sampling)
+            with self._lock:
+                self.plans[request_id] = plan
+            return request
+
+        try:
+            request = await self.loop.call(add)
+            self.stats.requests += 1
+            item = await queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            assert plan.done is not None
+            try:
+                await asyncio.wait_for(asyncio.shield(plan.done), self.transfer_timeout_s)
+            except TimeoutError:
+                plan.error = plan.error or f"writes not done after {self.transfer_timeout_s} s"
+            if plan.error:
+                self.stats.transfer_failures += 1
+                raise TransferFailed(f"KV transfer from {self.worker_id} to decode peer "
+                                     f"{peer} failed: {plan.error}")
+            self.stats.blocks_sent += len(plan.blocks_sent)
+            return PrefillResult(item.new_token_ids[0],
+                                 len(prompt) - request.num_cached_tokens,
+                                 request.num_cached_tokens, len(plan.blocks_sent))
+        finally:
+            self.loop.unsubscribe(request_id)
+            with self._lock:
+                self.plans.pop(request_id, None)
+            await self.loop.call(lambda e: e.release(request_id))
+
+    async def cancel(self, request_id: str) -> bool:
+        with self._lock:
+            plan = self.plans.pop(request_id, None)
+        found = await self.loop.call(lambda e: e.release(request_id))
+        if plan is not None and plan.done is not None and not plan.done.done():
+            plan.error = "cancelled"
+            plan.done.set_result(None)
+        return found or plan is not None
+
+    async def _connect(self, metadata: str) -> str:
+        peer = self._peers.get(metadata)
+        if peer is not None:
+            return peer
+        try:
+            peer = await self.loop.call(lambda e: self.agent.connect(metadata))
+        except HandshakeError as error:
+            raise HandshakeMismatch(self.worker_id, "decode peer", str(error)) from None
+        except TransferError as error:
+            raise TransferFailed(f"cannot reach decode peer: {error}") from None
+        self._peers[metadata] = peer
+        return peer
+
+    # ---- engine thread -------------------------------------------------------------------
+
+    def on_layer_done(self, layer: int, batch: ScheduledBatch) -> None:
+        """Posts this layer's writes for every planned request in the step."""
+        engine = self.loop.engine
+        bs = engine.config.block_size
+        last_layer = engine.model_config.num_layers - 1
+        for request, num_new in zip(batch.requests, batch.num_new_tokens, strict=True):
+            with self._lock:
+                plan = self.plans.get(request.request_id)
+            if plan is None or plan.error:
+                continue
+            end = request.num_computed_tokens + num_new
+            final = end == request.num_tokens
+            first_block, end_block = plan.next_block, -(-end // bs)
+            if first_block >= end_block:
+                continue
+            src = engine.block_manager.block_ids(request.request_id)[first_block:end_block]
+            is_last = final and layer == last_layer
+            try:
+                write_id = self.agent.write(
+                    plan.peer, request.request_id, src, plan.dst_blocks[first_block:end_block],
+                    range(layer, layer + 1), last=is_last, trace_context=plan.trace_context)
+            except (TransferError, ValueError) as error:
+                self._fail(plan, str(error))
+                continue
+            with self._lock:
+                plan.pending.add(write_id)
+                plan.blocks_sent.update(range(first_block, end_block))
+                plan.last_posted = is_last
+            if layer == last_layer:
+                plan.next_block = end // bs
+
+    # ---- event loop ----------------------------------------------------------------------
+
+    def on_transfer_events(self, events: list[TransferEvent]) -> None:
+        for event in events:
+            if event.kind not in (EventKind.WRITE_DONE, EventKind.WRITE_FAILED):
+                continue
+            with self._lock:
+                plan = self.plans.get(event.request_id)
+                if plan is None or event.write_id not in plan.pending:
+                    continue
+                plan.pending.discard(event.write_id)
+                settled = plan.last_posted and not plan.pending
+            if event.kind is EventKind.WRITE_FAILED:
+                self._fail(plan, f"{event.reason}: {event.message}")
+            elif settled and plan.done is not None and not plan.done.done():
+                plan.done.set_result(None)
+
+    def _fail(self, plan: PushPlan, why: str) -> None:
+        """Marks a plan failed (any thread) and wakes its `prefill` call."""
+        plan.error = plan.error or why
+        if plan.aio is not None and plan.done is not None:
+            plan.aio.call_soon_threadsafe(_settle, plan.done)
+
+
+def _settle(done: asyncio.Future[None]) -> None:
+    if not done.done():
+        done.set_result(None)

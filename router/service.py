@@ -1,0 +1,69 @@
+"""The public `tandem.v1.Router` gRPC servicer: protobuf at the edge, `Router` inside."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from grpc import aio
+
+from cluster.convert import sampling_from_pb
+from router.prefix import IndexMode
+from router.router import Delta, GenerateInput, Router
+from tandem_proto.tandem.v1 import common_pb2, router_pb2, router_pb2_grpc
+
+FINISH_PB = {"stop": common_pb2.FINISH_REASON_STOP, "length": common_pb2.FINISH_REASON_LENGTH,
+             "cancelled": common_pb2.FINISH_REASON_CANCELLED}
+
+
+class RouterServicer(router_pb2_grpc.RouterServicer):
+    def __init__(self, router: Router) -> None:
+        self.router = router
+
+    async def Generate(self, request: router_pb2.GenerateRequest,
+                       context: aio.ServicerContext) -> AsyncIterator[router_pb2.GenerateResponse]:
+        sampling = sampling_from_pb(request.sampling, self.router.config.default_max_tokens)
+        request_id = request.request_id if request.HasField("request_id") else ""
+        generate = GenerateInput(
+            request_id=request_id, text=request.text, token_ids=list(request.token_ids),
+            sampling=sampling, stop=list(request.sampling.stop),
+            cache_salt=request.cache_salt if request.HasField("cache_salt") else "")
+        async for delta in self.router.generate(generate):
+            yield to_pb(request_id, delta)
+
+    async def GetClusterStatus(self, request: router_pb2.GetClusterStatusRequest,
+                               context: aio.ServicerContext,
+                               ) -> router_pb2.GetClusterStatusResponse:
+        router = self.router
+        pool = router.pool
+        stats = router.stats
+        counters: dict[str, float] = {
+            "requests": stats.requests, "retries": stats.retries,
+            "inflight": router.admission.inflight, "queued": router.admission.waiting,
+            "rejected": router.admission.rejected,
+            "degraded_lookups": router.lookup.degraded_lookups,
+            "index_mode_transitions": router.lookup.transitions,
+            **{f"decisions/{k}": v for k, v in stats.decisions.items()},
+            **{f"outcome/{k}": v for k, v in stats.outcomes.items()},
+        }
+        return router_pb2.GetClusterStatusResponse(
+            workers=[h.status for h in pool.workers.values() if h.status is not None and h.up],
+            prefix_index_mode=(router_pb2.PREFIX_INDEX_MODE_EXACT
+                               if router.lookup.mode is IndexMode.EXACT
+                               else router_pb2.PREFIX_INDEX_MODE_DEGRADED),
+            prefix_index_detail=router.lookup.detail,
+            pair_errors=[router_pb2.PairError(prefill_worker_id=p, decode_worker_id=d,
+                                              message=why)
+                         for (p, d), why in pool.incompatible_pairs().items()],
+            policy=router.policy.name, worker_errors=pool.config_errors(), counters=counters)
+
+
+def to_pb(request_id: str, delta: Delta) -> router_pb2.GenerateResponse:
+    response = router_pb2.GenerateResponse(request_id=request_id, token_ids=delta.token_ids,
+                                           text=delta.text)
+    if delta.finish_reason is not None:
+        response.finish_reason = FINISH_PB[delta.finish_reason]
+    if delta.usage is not None:
+        response.usage.CopyFrom(common_pb2.Usage(
+            prompt_tokens=delta.usage.prompt_tokens, cached_tokens=delta.usage.cached_tokens,
+            completion_tokens=delta.usage.completion_tokens))
+    return response

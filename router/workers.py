@@ -1,0 +1,177 @@
+"""The router's view of the workers: found through the Redis registry, watched over gRPC.
+
+Every `refresh_interval_s` the pool lists the registry (keeping its last known list while
+Redis is unreachable, so routing goes on in degraded mode) and asks each worker for its
+`Status` (load, KV usage, compatibility hash, block size). A worker that fails a call or a
+status poll is marked down for a few seconds and is not routed to. Prefill/decode pairs whose
+KV compatibility hashes differ are reported as pair errors and never chosen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+import grpc
+from grpc import aio
+
+from cluster.errors import IndexUnavailable
+from cluster.registry import WorkerRegistry
+from cluster.roles import Role
+from router.load import WorkerLoad
+from tandem_proto.tandem.v1 import common_pb2, decode_pb2_grpc, prefill_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+DOWN_FOR_S = 3.0  # how long a failed worker is skipped before it is tried again
+STATUS_TIMEOUT_S = 1.0
+
+
+@dataclass
+class WorkerHandle:
+    """One worker: its channel, stub and last status."""
+
+    worker_id: str
+    role: Role
+    address: str
+    channel: aio.Channel
+    stub: prefill_pb2_grpc.PrefillStub | decode_pb2_grpc.DecodeStub
+    status: common_pb2.WorkerStatus | None = None
+    down_until: float = 0.0
+    last_error: str = ""
+    counters: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def up(self) -> bool:
+        return self.status is not None and time.monotonic() >= self.down_until
+
+    def load(self) -> WorkerLoad:
+        load = self.status.load if self.status is not None else common_pb2.WorkerLoad()
+        return WorkerLoad(worker_id=self.worker_id, role=self.role, running=load.running,
+                          waiting=load.waiting, kv_blocks_used=load.kv_blocks_used,
+                          kv_blocks_total=load.kv_blocks_total, max_running=load.max_running)
+
+
+class WorkerPool:
+    """Live workers by role, refreshed in the background."""
+
+    def __init__(self, registry: WorkerRegistry, block_size: int, hash_seed: int,
+                 refresh_interval_s: float = 0.5) -> None:
+        self.registry = registry
+        self.block_size = block_size
+        self.hash_seed = hash_seed
+        self.refresh_interval_s = refresh_interval_s
+        self.workers: dict[str, WorkerHandle] = {}
+        self.registry_ok = True
+        self._task: asyncio.Task[None] | None = None
+        self._closing: set[asyncio.Future[None]] = set()
+
+    async def start(self) -> None:
+        await self.refresh()
+        self._task = asyncio.create_task(self._run())
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        for handle in self.workers.values():
+            await handle.channel.close()
+
+    def live(self, role: Role) -> list[WorkerHandle]:
+        return [h for h in self.workers.values() if h.role is role and h.up and
+                self._config_matches(h)]
+
+    def mark_down(self, worker_id: str, why: str) -> None:
+        handle = self.workers.get(worker_id)
+        if handle is not None:
+            log.warning("worker %s marked down for %.0f s: %s", worker_id, DOWN_FOR_S, why)
+            handle.down_until = time.monotonic() + DOWN_FOR_S
+            handle.last_error = why
+
+    def incompatible_pairs(self) -> dict[tuple[str, str], str]:
+        """(prefill id, decode id) → why they cannot exchange KV."""
+        pairs: dict[tuple[str, str], str] = {}
+        prefill = [h for h in self.workers.values() if h.role is Role.PREFILL and h.status]
+        decode = [h for h in self.workers.values() if h.role is Role.DECODE and h.status]
+        for p in prefill:
+            for d in decode:
+                assert p.status is not None and d.status is not None
+                if p.status.compat_hash != d.status.compat_hash:
+                    pairs[(p.worker_id, d.worker_id)] = (
+                        f"KV layouts differ (block size {p.status.block_size} vs "
+                        f"{d.status.block_size}, compat hash {p.status.compat_hash[:12]} vs "
+                        f"{d.status.compat_hash[:12]})")
+        return pairs
+
+    def config_errors(self) -> dict[str, str]:
+        """Workers whose block size or hash seed differs from the router's (never routed to)."""
+        return {h.worker_id: h.last_error for h in self.workers.values()
+                if h.status is not None and not self._config_matches(h)}
+
+    def _config_matches(self, handle: WorkerHandle) -> bool:
+        status = handle.status
+        if status is None:
+            return False
+        ok = status.block_size == self.block_size and status.hash_seed == self.hash_seed
+        if not ok:
+            handle.last_error = (f"block size {status.block_size} / hash seed {status.hash_seed}"
+                                 f" differ from the router's {self.block_size} / "
+                                 f"{self.hash_seed}")
+        return ok
+
+    async def refresh(self) -> None:
+        try:
+            records = await self.registry.list_workers()
+            if not self.registry_ok:
+                log.warning("worker registry reachable again")
+            self.registry_ok = True
+            listed = {r.worker_id for r in records}
+            for record in records:
+                handle = self.workers.get(record.worker_id)
+                if handle is None or handle.address != record.address:
+                    self._add(record.worker_id, record.role, record.address)
+            for worker_id in list(self.workers):
+                if worker_id not in listed:
+                    await self._remove(worker_id)
+        except IndexUnavailable as error:
+            if self.registry_ok:
+                log.warning("worker registry unreachable (%s): routing to the last known "
+                            "workers", error)
+            self.registry_ok = False
+        await asyncio.gather(*(self._poll(h) for h in list(self.workers.values())))
+
+    def _add(self, worker_id: str, role: Role, address: str) -> None:
+        channel = aio.insecure_channel(address)
+        stub: prefill_pb2_grpc.PrefillStub | decode_pb2_grpc.DecodeStub = (
+            prefill_pb2_grpc.PrefillStub(channel) if role is Role.PREFILL
+            else decode_pb2_grpc.DecodeStub(channel))
+        old = self.workers.get(worker_id)
+        if old is not None:  # re-registered at a new address: the old channel is useless
+            self._closing.add(asyncio.ensure_future(old.channel.close()))
+        self.workers[worker_id] = WorkerHandle(worker_id, role, address, channel, stub)
+        log.info("worker %s (%s) at %s joined", worker_id, role.value, address)
+
+    async def _remove(self, worker_id: str) -> None:
+        handle = self.workers.pop(worker_id)
+        log.info("worker %s left the registry", worker_id)
+        await handle.channel.close()
+
+    async def _poll(self, handle: WorkerHandle) -> None:
+        try:
+            status = await handle.stub.Status(common_pb2.StatusRequest(),
+                                              timeout=STATUS_TIMEOUT_S)
+        except grpc.RpcError as error:
+            if handle.status is not None and time.monotonic() >= handle.down_until:
+                self.mark_down(handle.worker_id, f"status poll failed: {error.code().name}")
+            return
+        handle.status = status
+        handle.counters = dict(status.counters)
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.refresh_interval_s)
+            try:
+                await self.refresh()
+            except Exception:
+                log.exception("refreshing workers")

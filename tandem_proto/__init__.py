@@ -1,0 +1,1 @@
+"""Generated protobuf / gRPC code for `proto/` (do not edit: run scripts/gen_proto.py)."""

@@ -1,0 +1,1 @@
+"""Generated code of the `tandem` proto packages."""

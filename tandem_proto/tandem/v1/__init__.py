@@ -1,0 +1,1 @@
+"""Generated code of proto package `tandem.v1` (Router, Prefill, Decode)."""

@@ -1,0 +1,164 @@
+"""Domain errors reach a real gRPC client (loopback) as the right status, unary and streaming."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import pytest
+from grpc import aio
+
+from cluster.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    HandshakeMismatch,
+    IndexUnavailable,
+    InvalidRequest,
+    NoCapacity,
+    NoWorker,
+    UnknownRequest,
+)
+from cluster.grpc_errors import status_for
+from cluster.grpc_server import GrpcServer, ServiceBinding, service_name, start_server
+from tandem_proto.tandem.v1 import (
+    common_pb2,
+    decode_pb2,
+    decode_pb2_grpc,
+    router_pb2,
+    router_pb2_grpc,
+)
+
+CASES: list[tuple[Exception, grpc.StatusCode, str]] = [
+    (InvalidRequest("sampling.top_p", "must be in (0, 1]"), grpc.StatusCode.INVALID_ARGUMENT,
+     "sampling.top_p: must be in (0, 1]"),
+    (ValueError("max_tokens: must be >= 1"), grpc.StatusCode.INVALID_ARGUMENT,
+     "max_tokens: must be >= 1"),
+    (NoCapacity("decode-0: no free blocks"), grpc.StatusCode.RESOURCE_EXHAUSTED, "no free blocks"),
+    (NoWorker("no live decode worker"), grpc.StatusCode.UNAVAILABLE, "no live decode worker"),
+    (IndexUnavailable("redis timeout"), grpc.StatusCode.UNAVAILABLE, "redis timeout"),
+    (DeadlineExceeded("transfer: 2.0 s"), grpc.StatusCode.DEADLINE_EXCEEDED, "transfer"),
+    (Cancelled("client went away"), grpc.StatusCode.CANCELLED, "client went away"),
+    (UnknownRequest("req-9"), grpc.StatusCode.NOT_FOUND, "req-9"),
+    (HandshakeMismatch("p0", "d0", "block_size 16 vs 32"), grpc.StatusCode.FAILED_PRECONDITION,
+     "p0 -> d0: block_size 16 vs 32"),
+    (RuntimeError("kaboom"), grpc.StatusCode.INTERNAL, "RuntimeError: kaboom"),
+]
+IDS = [type(exc).__name__ for exc, _, _ in CASES]
+
+
+class FailingRouter(router_pb2_grpc.RouterServicer):
+    """Streams one token, then raises `error`; the unary call raises it at once."""
+
+    def __init__(self) -> None:
+        self.error: Exception | None = None
+
+    async def Generate(self, request: router_pb2.GenerateRequest,
+                       context: aio.ServicerContext) -> AsyncIterator[router_pb2.GenerateResponse]:
+        yield router_pb2.GenerateResponse(request_id="r1", token_ids=[7])
+        if self.error is not None:
+            raise self.error
+        yield router_pb2.GenerateResponse(
+            request_id="r1", finish_reason=common_pb2.FINISH_REASON_STOP)
+
+    async def GetClusterStatus(self, request: router_pb2.GetClusterStatusRequest,
+                               context: aio.ServicerContext) -> router_pb2.GetClusterStatusResponse:
+        if self.error is not None:
+            raise self.error
+        return router_pb2.GetClusterStatusResponse(policy="kv_aware")
+
+
+class WritingDecode(decode_pb2_grpc.DecodeServicer):
+    """A streaming handler written with context.write() instead of an async generator."""
+
+    def __init__(self) -> None:
+        self.error: Exception | None = None
+
+    async def Decode(self, request: decode_pb2.DecodeRequest, context: aio.ServicerContext) -> None:
+        await context.write(decode_pb2.DecodeResponse(token_ids=[request.first_token_id]))
+        if self.error is not None:
+            raise self.error
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[tuple[GrpcServer, FailingRouter, WritingDecode]]:
+    router, decode = FailingRouter(), WritingDecode()
+    started = await start_server([
+        ServiceBinding(service_name(router_pb2.DESCRIPTOR, "Router"),
+                       router_pb2_grpc.add_RouterServicer_to_server, router),
+        ServiceBinding(service_name(decode_pb2.DESCRIPTOR, "Decode"),
+                       decode_pb2_grpc.add_DecodeServicer_to_server, decode),
+    ])
+    yield started, router, decode
+    await started.stop(grace=None)
+
+
+@pytest.fixture
+async def channel(server: tuple[GrpcServer, Any, Any]) -> AsyncIterator[aio.Channel]:
+    async with aio.insecure_channel(server[0].address) as chan:
+        yield chan
+
+
+@pytest.mark.parametrize(("error", "code", "detail"), CASES, ids=IDS)
+async def test_unary_maps_error(server: tuple[GrpcServer, FailingRouter, Any],
+                                channel: aio.Channel, error: Exception,
+                                code: grpc.StatusCode, detail: str) -> None:
+    server[1].error = error
+    stub = router_pb2_grpc.RouterStub(channel)
+    with pytest.raises(aio.AioRpcError) as info:
+        await stub.GetClusterStatus(router_pb2.GetClusterStatusRequest(), timeout=5)
+    assert info.value.code() == code
+    assert detail in (info.value.details() or "")
+
+
+@pytest.mark.parametrize(("error", "code", "detail"), CASES, ids=IDS)
+async def test_stream_maps_error_after_first_message(
+        server: tuple[GrpcServer, FailingRouter, Any], channel: aio.Channel,
+        error: Exception, code: grpc.StatusCode, detail: str) -> None:
+    server[1].error = error
+    stub = router_pb2_grpc.RouterStub(channel)
+    received: list[list[int]] = []
+    with pytest.raises(aio.AioRpcError) as info:
+        async for response in stub.Generate(router_pb2.GenerateRequest(text="hi"), timeout=5):
+            received.append(list(response.token_ids))
+    assert received == [[7]]
+    assert info.value.code() == code
+    assert detail in (info.value.details() or "")
+
+
+async def test_stream_written_with_context_write_maps_error(
+        server: tuple[GrpcServer, Any, WritingDecode], channel: aio.Channel) -> None:
+    server[2].error = NoCapacity("no free blocks")
+    stub = decode_pb2_grpc.DecodeStub(channel)
+    call = stub.Decode(decode_pb2.DecodeRequest(request_id="r", first_token_id=5), timeout=5)
+    first = await call.read()
+    assert list(first.token_ids) == [5]
+    with pytest.raises(aio.AioRpcError) as info:
+        await call.read()
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+async def test_success_is_untouched(server: tuple[GrpcServer, FailingRouter, Any],
+                                    channel: aio.Channel) -> None:
+    stub = router_pb2_grpc.RouterStub(channel)
+    status = await stub.GetClusterStatus(router_pb2.GetClusterStatusRequest(), timeout=5)
+    assert status.policy == "kv_aware"
+    messages = [m async for m in stub.Generate(router_pb2.GenerateRequest(text="x"), timeout=5)]
+    assert messages[-1].finish_reason == common_pb2.FINISH_REASON_STOP
+
+
+async def test_unexpected_error_logs_traceback(server: tuple[GrpcServer, FailingRouter, Any],
+                                               channel: aio.Channel,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    server[1].error = KeyError("missing")
+    stub = router_pb2_grpc.RouterStub(channel)
+    with pytest.raises(aio.AioRpcError):
+        await stub.GetClusterStatus(router_pb2.GetClusterStatusRequest(), timeout=5)
+    records = [r for r in caplog.records if r.name == "cluster.grpc_errors"]
+    assert records and records[-1].exc_info is not None
+    assert "GetClusterStatus" in records[-1].getMessage()
+
+
+def test_user_errors_are_never_internal() -> None:
+    for error, code, _ in CASES[:-1]:
+        assert status_for(error)[0] == code != grpc.StatusCode.INTERNAL

@@ -1,0 +1,135 @@
+"""Redis down, frozen or restarted empty: failures are prompt `IndexUnavailable`s, never hangs,
+and writers re-publish their state once Redis is back."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+
+from cluster.errors import IndexUnavailable
+from cluster.prefix_index import PrefixIndexReader, PrefixIndexWriter
+from cluster.redis_client import RedisConfig
+from cluster.redis_server import LocalRedisServer
+from cluster.registry import WorkerRecord, WorkerRegistry
+from cluster.roles import Role
+from engine.block_hash import hash_prompt_blocks
+
+HASHES = hash_prompt_blocks(list(range(64)), 4)  # 16 blocks
+# Bounded means: the configured op timeout (1 s in conftest), plus scheduling slack on a busy
+# 2-core machine, and far below anything that looks like a hang.
+PROMPT_S = 2.5
+
+
+async def _fails_promptly(call: Callable[[], Awaitable[Any]]) -> float:
+    started = time.monotonic()
+    with pytest.raises(IndexUnavailable):
+        await call()
+    elapsed = time.monotonic() - started
+    assert elapsed < PROMPT_S, f"took {elapsed:.2f} s"
+    return elapsed
+
+
+async def _eventually(check: Callable[[], Awaitable[bool]], timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not await check():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.05)
+
+
+@pytest.mark.parametrize("outage", ["killed", "frozen"])
+async def test_outage_raises_index_unavailable_promptly(
+        redis_server: LocalRedisServer, redis_client: Redis, redis_config: RedisConfig,
+        outage: str) -> None:
+    writer = PrefixIndexWriter(redis_client, redis_config, "p0")
+    await writer.start()
+    writer.stored(HASHES)
+    await writer.flush()
+    reader = PrefixIndexReader(redis_client, redis_config)
+    registry = WorkerRegistry(redis_client, redis_config)
+    record = WorkerRecord("p0", Role.PREFILL, "127.0.0.1:1")
+    await registry.heartbeat(record)
+    assert await reader.lookup(HASHES) == {"p0": 16}
+
+    if outage == "killed":
+        redis_server.kill()
+    else:
+        redis_server.pause()  # open connections that never answer: the case that hangs
+    try:
+        await _fails_promptly(lambda: reader.lookup(HASHES))
+        writer.evicted(HASHES[8:])
+        await _fails_promptly(writer.flush)
+        await _fails_promptly(lambda: registry.heartbeat(record))
+        await _fails_promptly(registry.list_workers)
+    finally:
+        redis_server.resume()
+
+
+async def test_restarted_redis_gets_state_back_from_flush(
+        redis_server: LocalRedisServer, redis_client: Redis, redis_config: RedisConfig) -> None:
+    writer = PrefixIndexWriter(redis_client, redis_config, "d0")
+    await writer.start()
+    writer.stored(HASHES[:10])
+    await writer.flush()
+    reader = PrefixIndexReader(redis_client, redis_config)
+
+    redis_server.restart()  # empty: no persistence
+    assert await reader.lookup(HASHES) == {}  # the index is gone ...
+    writer.stored(HASHES[10:12])
+    await writer.flush()  # ... the next batch sees the epoch missing and re-publishes all
+    assert await reader.lookup(HASHES) == {"d0": 12}
+    assert writer.republishes == 2
+
+
+async def test_failed_publish_is_repaired_after_the_outage(
+        redis_server: LocalRedisServer, redis_client: Redis, redis_config: RedisConfig) -> None:
+    writer = PrefixIndexWriter(redis_client, redis_config, "d0")
+    await writer.start()
+    writer.stored(HASHES[:4])
+    await writer.flush()
+    redis_server.kill()
+    writer.stored(HASHES[4:8])
+    with pytest.raises(IndexUnavailable):
+        await writer.flush()
+    writer.stored(HASHES[8:10])  # while Redis is down: kept in memory only
+    assert writer.pending == 0
+    redis_server.start()
+    await writer.flush()
+    assert await PrefixIndexReader(redis_client, redis_config).lookup(HASHES) == {"d0": 10}
+
+
+async def test_run_loop_republishes_idle_state_after_restart(
+        redis_server: LocalRedisServer, redis_client: Redis, redis_config: RedisConfig) -> None:
+    writers = [PrefixIndexWriter(redis_client, redis_config, f"w{i}") for i in range(2)]
+    for i, writer in enumerate(writers):
+        await writer.start()
+        writer.stored(HASHES[:4 + 4 * i])
+    tasks = [asyncio.create_task(w.run(flush_interval_s=0.01, epoch_check_interval_s=0.1))
+             for w in writers]
+    reader = PrefixIndexReader(redis_client, redis_config)
+    expected = {"w0": 4, "w1": 8}
+    try:
+        await _eventually(lambda: _lookup_is(reader, expected))
+        redis_server.restart()
+        # No new events: only the periodic epoch check can notice that Redis lost everything.
+        await _eventually(lambda: _lookup_is(reader, expected))
+        assert all(w.republishes >= 2 for w in writers)
+        epochs = {await reader.epoch()}
+        assert None not in epochs
+    finally:
+        for task in tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+async def _lookup_is(reader: PrefixIndexReader, expected: dict[str, int]) -> bool:
+    try:
+        return await reader.lookup(HASHES) == expected
+    except IndexUnavailable:
+        return False

@@ -1,0 +1,1 @@
+"""Tests of `proto/` and the generated `tandem_proto` package."""
