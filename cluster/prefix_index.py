@@ -168,13 +168,19 @@ class PrefixIndexWriter:
                                           _STREAM_TTL_AFTER_REMOVE_MS)
 
     async def run(self, flush_interval_s: float = 0.02,
-                  epoch_check_interval_s: float = 1.0) -> None:
-        """Publishes forever (cancel the task to stop); Redis failures are logged, not raised."""
+                  epoch_check_interval_s: float = 1.0, retry_interval_s: float = 0.5) -> None:
+        """Publishes forever (cancel the task to stop); Redis failures are logged, not raised.
+
+        While Redis is failing, every try is a real round trip (an epoch check, which
+        re-publishes once Redis answers), spaced `retry_interval_s` apart, so that "reachable
+        again" is only logged when Redis really answered.
+        """
         last_check = time.monotonic()
         failing = False
         while True:
             try:
-                if self._dirty or time.monotonic() - last_check >= epoch_check_interval_s:
+                if failing or self._dirty or \
+                        time.monotonic() - last_check >= epoch_check_interval_s:
                     last_check = time.monotonic()
                     await self.check_epoch()
                 await self.flush()
@@ -185,7 +191,7 @@ class PrefixIndexWriter:
                 if not failing:
                     logger.warning("prefix index: cannot publish for %s: %s", self.worker_id, exc)
                 failing = True
-            await asyncio.sleep(flush_interval_s)
+            await asyncio.sleep(retry_interval_s if failing else flush_interval_s)
 
     async def _publish(self, ops: Sequence[tuple[bool, str]]) -> bytes | None:
         """One transaction: the epoch read, the set updates and one stream entry per batch."""

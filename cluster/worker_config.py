@@ -34,6 +34,7 @@ class WorkerConfig:
     lease_ms: int = 30_000  # decode: how long a reservation waits for its KV and its Decode call
     heartbeat_ttl_s: float = 3.0
     shutdown_grace_s: float = 10.0
+    step_delay_s: float = 0.0  # fault injection for tests: sleep before every engine step
 
     def __post_init__(self) -> None:
         if ":" not in self.listen:
@@ -78,6 +79,9 @@ def add_worker_args(parser: argparse.ArgumentParser) -> None:
         default=int(_env("max_num_batched_tokens", "8192")))
     add("--num-threads", type=int, default=int(_env("num_threads", "0")) or None)
     add("--hash-seed", type=int, default=int(_env("hash_seed", "0")) or None)
+    add("--shutdown-grace-s", type=float, default=float(_env("shutdown_grace_s", "10")))
+    add("--step-delay-ms", type=float, default=float(_env("step_delay_ms", "0")),
+        help="fault injection for tests: sleep this long before every engine step")
 
 
 def worker_config_from_args(role: Role, args: argparse.Namespace) -> WorkerConfig:
@@ -95,4 +99,5 @@ def worker_config_from_args(role: Role, args: argparse.Namespace) -> WorkerConfi
         listen=args.listen, advertise_host=args.advertise_host, worker_id=args.worker_id,
         redis_url=args.redis_url, namespace=args.namespace,
         transfer_backend=args.transfer_backend, transfer_token=args.transfer_token,
-        lease_ms=args.lease_ms)
+        lease_ms=args.lease_ms, shutdown_grace_s=args.shutdown_grace_s,
+        step_delay_s=args.step_delay_ms / 1000)

@@ -63,7 +63,8 @@ class WorkerRuntime:
 
     def start_engine(self, on_layer_done: StepLayerCallback | None = None) -> EngineLoop:
         self._aio = asyncio.get_running_loop()
-        self.loop = EngineLoop(self.engine, on_layer_done=on_layer_done, on_idle=self._on_idle)
+        self.loop = EngineLoop(self.engine, on_layer_done=on_layer_done, on_idle=self._on_idle,
+                               step_delay_s=self.config.step_delay_s)
         self.loop.start()
         return self.loop
 

@@ -14,6 +14,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, TypeVar
@@ -34,8 +35,10 @@ class EngineLoop:
     """An engine driven by a background thread, used from asyncio."""
 
     def __init__(self, engine: Engine, on_layer_done: StepLayerCallback | None = None,
-                 on_idle: Callable[[Engine], None] | None = None) -> None:
+                 on_idle: Callable[[Engine], None] | None = None,
+                 step_delay_s: float = 0.0) -> None:
         self.engine = engine
+        self.step_delay_s = step_delay_s  # fault injection for tests: a slow engine
         self.on_layer_done = on_layer_done
         self.on_idle = on_idle  # runs on the engine thread at least every IDLE_WAIT_S
         self.fatal: BaseException | None = None
@@ -82,6 +85,8 @@ class EngineLoop:
                 if self.on_idle is not None:
                     self.on_idle(self.engine)
                 if self.engine.has_unfinished():
+                    if self.step_delay_s:
+                        time.sleep(self.step_delay_s)
                     self._deliver(self.engine.step(self.on_layer_done))
         except BaseException as error:  # the engine is in an unknown state: stop serving
             log.exception("engine step failed; this worker can no longer serve")

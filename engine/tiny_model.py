@@ -92,7 +92,7 @@ class TinyModelSpec:
 
 
 PRESETS: dict[str, TinyModelSpec] = {
-    # The model of unit tests and demos: runs a forward pass in well under a millisecond.
+    # The model of unit tests and demos.
     "tiny": TinyModelSpec(),
     # Big enough that batching and paged attention show up in timings, still CPU-friendly.
     "bench": TinyModelSpec(hidden_size=256, intermediate_size=688, num_layers=4, num_heads=8,
@@ -273,6 +273,8 @@ def _init_std(fan_in: int) -> float:
 
 
 def _save_weights(out: Path, weights: dict[str, torch.Tensor], shards: int) -> None:
+    for stale in [*out.glob("model*.safetensors"), out / INDEX_FILE]:
+        stale.unlink(missing_ok=True)  # an old index would shadow a new single file
     metadata = {"format": "pt"}  # transformers refuses safetensors files without it
     if shards == 1:
         save_file(weights, str(out / SINGLE_FILE), metadata=metadata)

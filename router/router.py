@@ -298,15 +298,15 @@ class Router:
         try:
             await decode.stub.Release(common_pb2.CancelRequest(  # type: ignore[union-attr]
                 request_id=attempt_id, reason="router released"), timeout=5.0)
-        except grpc.aio.AioRpcError as error:
-            log.info("release of %s on %s: %s", attempt_id, decode.worker_id, error.code().name)
+        except Exception as error:  # best effort: the lease frees it anyway
+            log.info("release of %s on %s: %r", attempt_id, decode.worker_id, error)
 
     async def _cancel_prefill(self, prefill: WorkerHandle, attempt_id: str) -> None:
         try:
             await prefill.stub.Cancel(common_pb2.CancelRequest(  # type: ignore[union-attr]
                 request_id=attempt_id, reason="cancelled"), timeout=5.0)
-        except grpc.aio.AioRpcError as error:
-            log.info("cancel of %s on %s: %s", attempt_id, prefill.worker_id, error.code().name)
+        except Exception as error:  # best effort
+            log.info("cancel of %s on %s: %r", attempt_id, prefill.worker_id, error)
 
     def _background(self, coro: Coroutine[Any, Any, None]) -> None:
         """Runs a cleanup call to completion even if the request's task is cancelled."""

@@ -26,6 +26,8 @@ from tandem_proto.tandem.v1 import common_pb2, decode_pb2_grpc, prefill_pb2_grpc
 log = logging.getLogger(__name__)
 
 DOWN_FOR_S = 3.0  # how long a failed worker is skipped before it is tried again
+FORGET_AFTER_S = 10.0  # a worker missing from the registry this long is dropped
+CLOSE_DELAY_S = 120.0  # a dropped worker's channel is closed after in-flight calls ended
 STATUS_TIMEOUT_S = 1.0
 
 
@@ -42,6 +44,7 @@ class WorkerHandle:
     down_until: float = 0.0
     last_error: str = ""
     counters: dict[str, float] = field(default_factory=dict)
+    missing_since: float | None = None  # when the registry stopped listing it
 
     @property
     def up(self) -> bool:
@@ -75,6 +78,8 @@ class WorkerPool:
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
+        for task in self._closing:
+            task.cancel()
         for handle in self.workers.values():
             await handle.channel.close()
 
@@ -127,13 +132,22 @@ class WorkerPool:
                 log.warning("worker registry reachable again")
             self.registry_ok = True
             listed = {r.worker_id for r in records}
+            now = time.monotonic()
             for record in records:
                 handle = self.workers.get(record.worker_id)
                 if handle is None or handle.address != record.address:
                     self._add(record.worker_id, record.role, record.address)
-            for worker_id in list(self.workers):
-                if worker_id not in listed:
-                    await self._remove(worker_id)
+                else:
+                    handle.missing_since = None
+            for worker_id, handle in list(self.workers.items()):
+                if worker_id in listed:
+                    continue
+                # Missing from the registry: gone for good, or Redis restarted empty and the
+                # worker has not re-registered yet. Keep it (routable while its status polls
+                # succeed) until it has been missing for a while.
+                handle.missing_since = handle.missing_since or now
+                if now - handle.missing_since > FORGET_AFTER_S:
+                    self._remove(worker_id)
         except IndexUnavailable as error:
             if self.registry_ok:
                 log.warning("worker registry unreachable (%s): routing to the last known "
@@ -148,14 +162,19 @@ class WorkerPool:
             else decode_pb2_grpc.DecodeStub(channel))
         old = self.workers.get(worker_id)
         if old is not None:  # re-registered at a new address: the old channel is useless
-            self._closing.add(asyncio.ensure_future(old.channel.close()))
+            self._track(asyncio.ensure_future(_close_later(old.channel)))
         self.workers[worker_id] = WorkerHandle(worker_id, role, address, channel, stub)
         log.info("worker %s (%s) at %s joined", worker_id, role.value, address)
 
-    async def _remove(self, worker_id: str) -> None:
+    def _track(self, task: asyncio.Future[None]) -> None:
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    def _remove(self, worker_id: str) -> None:
         handle = self.workers.pop(worker_id)
         log.info("worker %s left the registry", worker_id)
-        await handle.channel.close()
+        # calls still running on the channel finish or fail on their own deadlines
+        self._track(asyncio.ensure_future(_close_later(handle.channel)))
 
     async def _poll(self, handle: WorkerHandle) -> None:
         try:
@@ -175,3 +194,8 @@ class WorkerPool:
                 await self.refresh()
             except Exception:
                 log.exception("refreshing workers")
+
+
+async def _close_later(channel: aio.Channel) -> None:
+    await asyncio.sleep(CLOSE_DELAY_S)
+    await channel.close()

@@ -21,7 +21,8 @@ def hf_greedy(model_dir: Path, prompt: list[int], max_new_tokens: int) -> list[i
     config = GenerationConfig(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
                               do_sample=False, eos_token_id=None, pad_token_id=0)
     with torch.inference_mode():
-        out = hf_model(model_dir).generate(torch.tensor([prompt]), generation_config=config)
+        model = hf_model(model_dir)
+        out = model.generate(torch.tensor([prompt]), generation_config=config)  # type: ignore[operator]
     return out[0, len(prompt):].tolist()
 
 

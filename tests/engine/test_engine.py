@@ -37,7 +37,8 @@ def run_staggered(engine: Engine, prompts: list[list[int]], arrive_at: list[int]
 
 
 def make_engine(model_dir: Path, **overrides: object) -> Engine:
-    config = dict(num_blocks=96, block_size=4, max_num_batched_tokens=48, max_num_seqs=8)
+    config: dict[str, object] = dict(num_blocks=96, block_size=4, max_num_batched_tokens=48,
+                                     max_num_seqs=8)
     config.update(overrides)
     return Engine(model_dir, EngineConfig(**config))  # type: ignore[arg-type]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -33,7 +34,8 @@ async def test_concurrent_requests_stream_through_the_loop(tiny_llama: Path) -> 
         queues = {rid: loop.subscribe(rid) for rid in prompts}
         sampling = SamplingParams(max_tokens=8, ignore_eos=True)
         for rid, prompt in prompts.items():
-            await loop.call(lambda e, r=rid, p=prompt: e.add_request(r, p, sampling))
+            await loop.call(partial(Engine.add_request, request_id=rid,
+                                    prompt_token_ids=prompt, sampling=sampling))
         with pytest.raises(ValueError, match="^prompt_token_ids"):
             await loop.call(lambda e: e.add_request("bad", [], sampling))
         results = await asyncio.gather(*(collect(q) for q in queues.values()))

@@ -16,7 +16,7 @@ import transformers  # the referee, tests only
 
 from engine.model_config import ModelConfig
 from engine.tiny_model import PRESETS, make_tiny_model
-from engine.weights import load_state_dict
+from engine.weights import load_state_dict, weight_files
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 256}
@@ -126,6 +126,13 @@ def test_same_seed_same_bytes(tmp_path: Path) -> None:
     assert a == b
     assert a["tokenizer.json"] == c["tokenizer.json"] and a["config.json"] == c["config.json"]
     assert a["model-00001-of-00002.safetensors"] != c["model-00001-of-00002.safetensors"]
+
+
+def test_regenerating_replaces_old_weights(tmp_path: Path) -> None:
+    make_tiny_model(tmp_path, seed=1, shards=3)
+    make_tiny_model(tmp_path, seed=2)
+    assert sorted(p.name for p in tmp_path.glob("model*")) == ["model.safetensors"]
+    assert list(weight_files(tmp_path)) == [tmp_path / "model.safetensors"]
 
 
 def test_bad_arguments(tmp_path: Path) -> None:

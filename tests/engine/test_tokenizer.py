@@ -67,6 +67,7 @@ def test_matches_transformers(tok: Tokenizer, model_dir: Path) -> None:
         assert tok.decode(ids) == hf.decode(ids, skip_special_tokens=True)
         assert tok.decode(ids, skip_special_tokens=False) == hf.decode(ids)
     assert (hf.eos_token_id, hf.pad_token_id) == (EOS_ID, 0)
+    assert len(hf) == tok.vocab_size  # transformers added no token of its own (Qwen2's unk)
 
 
 def _stream(tok: Tokenizer, ids: list[int], skip: bool = True) -> list[str]:

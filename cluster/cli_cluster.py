@@ -1,0 +1,148 @@
+"""`tandem up`, `tandem generate` and `tandem router|prefill|decode` (see cluster/cli.py)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+DEFAULT_PROMPTS = (
+    "The quick brown fox",
+    "Disaggregated serving splits prefill and decode because",
+    "The quick brown fox jumps over the lazy dog, and then",
+)
+
+
+def default_model_dir() -> Path:
+    """Where `tandem up` keeps the generated tiny model (made once)."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return cache / "tandem" / "tiny-llama"
+
+
+def ensure_model(model: str | None) -> Path:
+    if model:
+        return Path(model)
+    path = default_model_dir()
+    if not (path / "config.json").is_file():
+        from engine.tiny_model import make_tiny_model
+
+        print(f"generating the tiny demo model in {path} (once)", flush=True)
+        make_tiny_model(path, arch="llama", seed=0)
+    return path
+
+
+def add_up(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--prefill", type=int, default=1, help="prefill workers")
+    parser.add_argument("--decode", type=int, default=1, help="decode workers")
+    parser.add_argument("--model", help="local HF model dir (default: a generated tiny model)")
+    parser.add_argument("--port", type=int, default=50051, help="router port (0: any)")
+    parser.add_argument("--transfer-backend", choices=["nixl", "ucxx"], default="nixl")
+    parser.add_argument("--policy", choices=["round_robin", "least_loaded", "kv_aware"],
+                        default="kv_aware")
+    parser.add_argument("--num-blocks", type=int, default=1024, help="KV blocks per worker")
+    parser.add_argument("--demo", action="store_true",
+                        help="send a few sample requests, print them, then stop")
+    parser.add_argument("--log-dir", type=Path, help="where process logs go (default: a tmp dir)")
+
+
+def up(args: argparse.Namespace) -> int:
+    from cluster.local_cluster import LocalCluster
+
+    if args.prefill < 1 or args.decode < 1:
+        raise ValueError("prefill/decode: need at least one worker of each role")
+    model = ensure_model(args.model)
+    cluster = LocalCluster(
+        model, prefill=args.prefill, decode=args.decode, router_port=args.port,
+        worker_args=["--transfer-backend", args.transfer_backend,
+                     "--num-blocks", str(args.num_blocks)],
+        router_args=["--policy", args.policy], log_dir=args.log_dir)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    print(f"starting redis, {args.prefill} prefill, {args.decode} decode workers and the "
+          f"router (logs: {cluster.log_dir})", flush=True)
+    try:
+        cluster.start()
+        print(f"router listening on {cluster.router_address}", flush=True)
+        if args.demo:
+            asyncio.run(_demo(cluster.router_address))
+        else:
+            print("Ctrl-C stops the cluster", flush=True)
+            while not stop.wait(0.5):
+                dead = [p.name for p in cluster.processes if not p.alive]
+                if dead:
+                    print(f"process(es) exited: {', '.join(dead)}; stopping", file=sys.stderr)
+                    return 1
+    finally:
+        print("stopping the cluster", flush=True)
+        cluster.stop()
+    return 0
+
+
+async def _demo(address: str) -> None:
+    from cluster.router_client import RouterClient
+
+    async with RouterClient(address) as client:
+        for prompt in DEFAULT_PROMPTS:
+            print(f"\n> {prompt}\n", end="", flush=True)
+            async for chunk in client.generate(text=prompt, max_tokens=24, ignore_eos=True):
+                print(chunk.text, end="", flush=True)
+                if chunk.finish_reason:
+                    print(f"\n[{chunk.finish_reason}: {chunk.prompt_tokens} prompt tokens "
+                          f"({chunk.cached_tokens} cached), {chunk.completion_tokens} "
+                          f"generated]", flush=True)
+        status = await client.status()
+        print(f"\ncluster: {len(status.workers)} workers, prefix index "
+              f"{'exact' if status.prefix_index_mode == 1 else 'degraded'}, "
+              f"policy {status.policy}", flush=True)
+
+
+def add_generate(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("prompt", help="prompt text")
+    parser.add_argument("--router", default="127.0.0.1:50051", help="router host:port")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float)
+    parser.add_argument("--top-p", type=float)
+    parser.add_argument("--top-k", type=int)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    parser.add_argument("--ignore-eos", action="store_true")
+
+
+def generate(args: argparse.Namespace) -> int:
+    import grpc
+
+    from cluster.router_client import RouterClient
+
+    async def run() -> None:
+        async with RouterClient(args.router) as client:
+            async for chunk in client.generate(
+                    text=args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
+                    top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop,
+                    ignore_eos=args.ignore_eos):
+                print(chunk.text, end="", flush=True)
+                if chunk.finish_reason:
+                    print(f"\n[{chunk.finish_reason}, {chunk.completion_tokens} tokens]")
+
+    try:
+        asyncio.run(run())
+    except grpc.aio.AioRpcError as error:
+        print(f"tandem generate: {error.code().name}: {error.details()}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def passthrough(module: str):  # type: ignore[no-untyped-def]
+    """`tandem <role> ARGS` runs `python -m <module> ARGS` in this process (exec)."""
+    def add(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("rest", nargs=argparse.REMAINDER,
+                            help=f"arguments of `python -m {module}` (see --help there)")
+
+    def run(args: argparse.Namespace) -> int:
+        os.execv(sys.executable, [sys.executable, "-m", module, *args.rest])
+
+    return add, run

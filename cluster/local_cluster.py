@@ -1,0 +1,181 @@
+"""A whole Tandem cluster on one machine, as real processes: `tandem up` and the e2e tests.
+
+Starts a private `redis-server` on a free loopback port, then prefill workers, decode workers
+and the router, each as `python -m <package>` with its output in a log file; a process is
+ready when it prints its `TANDEM_READY role id address` line. `stop()` sends SIGTERM to every
+process (SIGKILL after a grace period) and stops Redis, leaving nothing behind. Individual
+processes can be killed and new ones started, to test failures.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+from cluster.redis_server import LocalRedisServer
+
+READY_PREFIX = "TANDEM_READY"
+MODULES = {"prefill": "prefill_worker", "decode": "decode_worker", "router": "router"}
+REDIS_HINT = ("redis-server not found on PATH: install it (Debian/Ubuntu: "
+              "`apt-get install redis-server`), or run scripts/setup.sh")
+
+
+@dataclass
+class ServiceProcess:
+    """One started process of the cluster."""
+
+    role: str
+    name: str
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+    address: str = ""
+    worker_id: str = ""
+
+    @property
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+@dataclass
+class LocalCluster:
+    """`with LocalCluster(model_dir, prefill=2, decode=2) as cluster: cluster.router_address`."""
+
+    model: str | Path
+    prefill: int = 1
+    decode: int = 1
+    worker_args: Sequence[str] = ()  # extra flags for every worker
+    router_args: Sequence[str] = ()
+    router_port: int = 0
+    log_dir: Path | None = None
+    start_timeout_s: float = 180.0
+    threads_per_worker: int = 1  # CPU: several engines share the machine's cores
+    processes: list[ServiceProcess] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if shutil.which("redis-server") is None:
+            raise FileNotFoundError(REDIS_HINT)
+        self.redis = LocalRedisServer()
+        self.log_dir = Path(self.log_dir or tempfile.mkdtemp(prefix="tandem-cluster-"))
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self._counter = 0
+
+    # ---- starting ------------------------------------------------------------------------
+
+    def start(self) -> LocalCluster:
+        try:
+            self.redis.start()
+            workers = [self.spawn("prefill") for _ in range(self.prefill)]
+            workers += [self.spawn("decode") for _ in range(self.decode)]
+            router = self.spawn("router")
+            for process in [*workers, router]:
+                self.wait_ready(process)
+            self.wait_for_workers(self.prefill + self.decode)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    @property
+    def router(self) -> ServiceProcess:
+        return next(p for p in self.processes if p.role == "router" and p.alive)
+
+    @property
+    def router_address(self) -> str:
+        return self.router.address
+
+    def workers(self, role: str) -> list[ServiceProcess]:
+        return [p for p in self.processes if p.role == role and p.alive]
+
+    def spawn(self, role: str, extra_args: Sequence[str] = ()) -> ServiceProcess:
+        """Starts one process of `role` ("prefill", "decode" or "router"); not yet ready."""
+        self._counter += 1
+        name = f"{role}-{self._counter}"
+        common = ["--model", str(self.model), "--redis-url", self.redis.url]
+        if role == "router":
+            args = [*common, "--listen", f"127.0.0.1:{self.router_port}", *self.router_args]
+        else:
+            args = [*common, "--worker-id", name, "--num-threads",
+                    str(self.threads_per_worker), *self.worker_args]
+        assert self.log_dir is not None
+        log_path = self.log_dir / f"{name}.log"
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "UCX_WARN_UNUSED_ENV_VARS": "n"}
+        with open(log_path, "wb") as log:
+            popen = subprocess.Popen(
+                [sys.executable, "-m", MODULES[role], *args, *extra_args],
+                stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        process = ServiceProcess(role, name, popen, log_path)
+        self.processes.append(process)
+        return process
+
+    def wait_ready(self, process: ServiceProcess, timeout_s: float | None = None) -> None:
+        """Waits for the process's ready line; raises with its log if it dies or stalls."""
+        deadline = time.monotonic() + (timeout_s or self.start_timeout_s)
+        while time.monotonic() < deadline:
+            for line in process.log().splitlines():
+                if line.startswith(READY_PREFIX):
+                    _, _role, process.worker_id, process.address = line.split()
+                    return
+            if not process.alive:
+                raise RuntimeError(f"{process.name} exited with {process.popen.returncode}:\n"
+                                   f"{process.log()[-4000:]}")
+            time.sleep(0.05)
+        raise TimeoutError(f"{process.name} not ready after {timeout_s} s:\n"
+                           f"{process.log()[-4000:]}")
+
+    def wait_for_workers(self, count: int, timeout_s: float = 60.0) -> None:
+        """Waits until the router routes to `count` live workers."""
+        import asyncio
+
+        from cluster.router_client import RouterClient
+
+        async def seen() -> int:
+            async with RouterClient(self.router_address) as client:
+                return len((await client.status()).workers)
+
+        deadline = time.monotonic() + timeout_s
+        while (found := asyncio.run(seen())) < count:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the router sees {found} of {count} workers after "
+                                   f"{timeout_s} s; logs in {self.log_dir}")
+            time.sleep(0.1)
+
+    # ---- stopping ------------------------------------------------------------------------
+
+    def kill(self, process: ServiceProcess, sig: int = signal.SIGKILL) -> None:
+        """Sends `sig` to one process and waits for it to exit."""
+        if process.alive:
+            process.popen.send_signal(sig)
+        process.popen.wait(timeout=30)
+
+    def stop(self, grace_s: float = 15.0) -> None:
+        """SIGTERM to every process, SIGKILL to any still running after `grace_s`."""
+        for process in self.processes:
+            if process.alive:
+                process.popen.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for process in self.processes:
+            try:
+                process.popen.wait(timeout=max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                process.popen.kill()
+                process.popen.wait()
+        self.redis.close()
+
+    def __enter__(self) -> LocalCluster:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()

@@ -1,0 +1,50 @@
+"""Helpers for end-to-end tests: worker status over gRPC, polling, the HF referee."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from grpc import aio
+
+from cluster.local_cluster import LocalCluster, ServiceProcess
+from tandem_proto.tandem.v1 import common_pb2, decode_pb2_grpc, prefill_pb2_grpc
+from tests.engine.hf_reference import hf_greedy
+
+
+async def counters(process: ServiceProcess) -> dict[str, float]:
+    """A worker's status counters, asked of the worker itself."""
+    async with aio.insecure_channel(process.address) as channel:
+        stub = (prefill_pb2_grpc.PrefillStub(channel) if process.role == "prefill"
+                else decode_pb2_grpc.DecodeStub(channel))
+        status = await stub.Status(common_pb2.StatusRequest(), timeout=5)
+    return dict(status.counters)
+
+
+async def all_counters(cluster: LocalCluster) -> dict[str, dict[str, float]]:
+    procs = cluster.workers("prefill") + cluster.workers("decode")
+    results = await asyncio.gather(*(counters(p) for p in procs))
+    return {p.name: c for p, c in zip(procs, results, strict=True)}
+
+
+async def wait_until(check: Callable[[], Awaitable[bool]], timeout_s: float = 30.0,
+                     what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if await check():
+            return
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+async def blocks_all_free(cluster: LocalCluster) -> bool:
+    """Every live worker has every KV block free (no leak) and no request left."""
+    stats = await all_counters(cluster)
+    return all(c["kv_blocks_free"] == c["kv_blocks_total"] and c["requests"] == 0
+               for c in stats.values())
+
+
+def expected(model: Path, prompt: list[int], max_tokens: int) -> list[int]:
+    return hf_greedy(model, prompt, max_tokens)

@@ -1,0 +1,129 @@
+"""Failures end to end: Redis outage and restart, a prefill worker killed, a decode worker
+killed, a prefill worker whose KV layout does not match. Real processes, real signals.
+
+Workers here run with an injected per-step delay (`--step-delay-ms`, a fault-injection flag)
+so that requests are reliably in flight when a process is killed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+
+from cluster.local_cluster import LocalCluster
+from cluster.router_client import Completion, RouterClient
+from tests.e2e.helpers import all_counters, counters, expected, wait_until
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def slow_cluster(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory,
+                 ) -> Iterator[LocalCluster]:
+    logs = tmp_path_factory.mktemp("slow-cluster-logs")
+    with LocalCluster(tiny_llama, prefill=2, decode=2, log_dir=logs,
+                      worker_args=["--num-blocks", "192", "--step-delay-ms", "150",
+                                   "--shutdown-grace-s", "2"]) as running:
+        yield running
+
+
+def prompt(seed: int, n: int = 40) -> list[int]:
+    return torch.randint(3, 500, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+async def index_mode(client: RouterClient) -> int:
+    return (await client.status()).prefix_index_mode
+
+
+async def test_redis_outage_degrades_then_recovers(slow_cluster: LocalCluster,
+                                                   tiny_llama: Path) -> None:
+    async with RouterClient(slow_cluster.router_address) as client:
+        assert await index_mode(client) == 1
+        slow_cluster.redis.kill()
+        results = await asyncio.gather(*(
+            client.complete(token_ids=prompt(i), max_tokens=4, ignore_eos=True, timeout=60)
+            for i in range(4)))
+        for i, result in enumerate(results):
+            assert result.token_ids == expected(tiny_llama, prompt(i), 4)
+        status = await client.status()
+        assert status.prefix_index_mode == 2 and status.prefix_index_detail
+        assert status.counters["decisions/least_loaded/degraded"] >= 4
+        slow_cluster.redis.start()  # empty: workers must re-publish their blocks
+
+        async def exact_again() -> bool:
+            await client.complete(token_ids=[5, 6, 7], max_tokens=1, timeout=60)
+            return await index_mode(client) == 1
+        await wait_until(exact_again, timeout_s=30, what="exact mode after Redis restart")
+        # re-published state is real: a repeat of an earlier prompt hits the prefix cache
+        await asyncio.sleep(1.5)
+        again = await client.complete(token_ids=prompt(0, 40), max_tokens=2, ignore_eos=True)
+        assert again.cached_tokens == 32
+
+
+async def test_prefill_worker_killed_requests_are_retried(slow_cluster: LocalCluster,
+                                                          tiny_llama: Path) -> None:
+    prompts = [prompt(100 + i, 60) for i in range(8)]
+    async with RouterClient(slow_cluster.router_address) as client:
+        tasks = [asyncio.create_task(client.complete(token_ids=p, max_tokens=3,
+                                                     ignore_eos=True, timeout=120))
+                 for p in prompts]
+        await asyncio.sleep(0.4)  # requests are queued and computing on both prefill workers
+        victim = slow_cluster.workers("prefill")[0]
+        slow_cluster.kill(victim)
+        results: list[Completion] = await asyncio.gather(*tasks)
+        status = await client.status()
+    for p, result in zip(prompts, results, strict=True):
+        assert result.token_ids == expected(tiny_llama, p, 3)
+    assert status.counters["retries"] >= 1
+    assert victim.worker_id not in {w.worker_id for w in status.workers}
+
+
+async def test_decode_worker_killed_fails_only_its_requests(slow_cluster: LocalCluster,
+                                                            tiny_llama: Path) -> None:
+    prompts = [prompt(200 + i) for i in range(8)]
+    async with RouterClient(slow_cluster.router_address) as client:
+        tasks = [asyncio.create_task(client.complete(token_ids=p, max_tokens=40,
+                                                     ignore_eos=True, timeout=120))
+                 for p in prompts]
+        await asyncio.sleep(2.0)  # every request is decoding (40 steps of >= 150 ms)
+        victim = slow_cluster.workers("decode")[0]
+        slow_cluster.kill(victim)
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+    failed = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
+    succeeded = [(p, r) for p, r in zip(prompts, results, strict=True)
+                 if isinstance(r, Completion)]
+    assert failed and succeeded, f"expected a split, got {results}"
+    for error in failed:
+        assert error.code() == grpc.StatusCode.UNAVAILABLE
+        assert victim.worker_id in (error.details() or "")
+    for p, result in succeeded:
+        assert result.token_ids == expected(tiny_llama, p, 40)
+
+    async def survivors_clean() -> bool:
+        stats = await all_counters(slow_cluster)
+        return all(c["kv_blocks_free"] == c["kv_blocks_total"] and c["requests"] == 0
+                   for c in stats.values())
+    await wait_until(survivors_clean, what="no blocks leaked on the surviving workers")
+
+
+async def test_mismatched_prefill_worker_is_never_used(slow_cluster: LocalCluster,
+                                                       tiny_llama: Path) -> None:
+    odd = slow_cluster.spawn("prefill", ["--block-size", "32"])
+    slow_cluster.wait_ready(odd)
+    async with RouterClient(slow_cluster.router_address) as client:
+        async def listed() -> bool:
+            status = await client.status()
+            return any(e.prefill_worker_id == odd.worker_id for e in status.pair_errors)
+        await wait_until(listed, what="the pair error in cluster status")
+        status = await client.status()
+        assert "block size 32" in status.worker_errors[odd.worker_id]
+        for i in range(4):
+            result = await client.complete(token_ids=prompt(300 + i), max_tokens=2,
+                                           ignore_eos=True)
+            assert result.token_ids == expected(tiny_llama, prompt(300 + i), 2)
+    assert (await counters(odd)).get("prefill_requests", 0) == 0
