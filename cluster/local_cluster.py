@@ -135,17 +135,19 @@ class LocalCluster:
                            f"{process.log()[-4000:]}")
 
     def wait_for_workers(self, count: int, timeout_s: float = 60.0) -> None:
-        """Waits until the router routes to `count` live workers."""
-        import asyncio
+        """Waits until the router routes to `count` live workers (a blocking call, usable
+        from inside a running event loop)."""
+        import grpc
+        from tandem_proto.tandem.v1 import router_pb2, router_pb2_grpc
 
-        from cluster.router_client import RouterClient
-
-        async def seen() -> int:
-            async with RouterClient(self.router_address) as client:
-                return len((await client.status()).workers)
+        def seen() -> int:
+            with grpc.insecure_channel(self.router_address) as channel:
+                stub = router_pb2_grpc.RouterStub(channel)
+                status = stub.GetClusterStatus(router_pb2.GetClusterStatusRequest(), timeout=5)
+            return len(status.workers)
 
         deadline = time.monotonic() + timeout_s
-        while (found := asyncio.run(seen())) < count:
+        while (found := seen()) < count:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the router sees {found} of {count} workers after "
                                    f"{timeout_s} s; logs in {self.log_dir}")

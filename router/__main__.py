@@ -10,10 +10,11 @@ import signal
 from cluster.grpc_server import ServiceBinding, start_server
 from cluster.logging_setup import setup_logging
 from cluster.prefix_index import PrefixIndexReader
+from cluster.prefix_tail import PrefixIndexTail
 from cluster.redis_client import RedisConfig, connect
 from cluster.registry import WorkerRegistry
 from router.config import RouterConfig, add_router_args, router_config_from_args
-from router.prefix import PrefixLookup
+from router.prefix import IndexSource, PrefixLookup, TailSource
 from router.router import Router
 from router.service import RouterServicer
 from router.workers import WorkerPool
@@ -29,8 +30,14 @@ async def build_router(config: RouterConfig) -> Router:
     pool = WorkerPool(WorkerRegistry(redis, redis_cfg), config.block_size, config.hash_seed,
                       config.refresh_interval_s)
     await pool.start()
-    lookup = PrefixLookup(PrefixIndexReader(redis, redis_cfg), config.index_retry_s)
-    return Router(config, pool, lookup)
+    source: IndexSource
+    if config.prefix_index == "tail":
+        tail = TailSource(PrefixIndexTail(redis, redis_cfg), lambda: list(pool.workers))
+        tail.start()
+        source = tail
+    else:
+        source = PrefixIndexReader(redis, redis_cfg)
+    return Router(config, pool, PrefixLookup(source, config.index_retry_s))
 
 
 async def serve(config: RouterConfig) -> None:

@@ -29,6 +29,9 @@ class RouterConfig:
     rpc_timeout_s: float = 60.0  # unary calls to workers (Reserve, Prefill)
     index_retry_s: float = 1.0  # in degraded mode, how often Redis is tried again
     default_max_tokens: int = 16
+    # "tail": an in-memory copy of the index fed by the workers' Redis streams (no Redis round
+    # trip per request); "pipelined": look each prompt up in Redis (python -m router.bench).
+    prefix_index: str = "tail"
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -40,6 +43,9 @@ class RouterConfig:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.policy not in ("round_robin", "least_loaded", "kv_aware"):
             raise ValueError(f"policy: unknown {self.policy!r}")
+        if self.prefix_index not in ("tail", "pipelined"):
+            raise ValueError(f"prefix_index: must be 'tail' or 'pipelined', "
+                             f"got {self.prefix_index!r}")
 
 
 def _env(name: str, default: str) -> str:
@@ -60,6 +66,7 @@ def add_router_args(parser: argparse.ArgumentParser) -> None:
     add("--max-queue", type=int, default=int(_env("max_queue", "1024")))
     add("--queue-timeout-s", type=float, default=float(_env("queue_timeout_s", "30")))
     add("--lease-ms", type=int, default=int(_env("lease_ms", "30000")))
+    add("--prefix-index", default=_env("prefix_index", "tail"), choices=["tail", "pipelined"])
 
 
 def router_config_from_args(args: argparse.Namespace) -> RouterConfig:
@@ -67,4 +74,5 @@ def router_config_from_args(args: argparse.Namespace) -> RouterConfig:
         model=args.model, redis_url=args.redis_url, listen=args.listen,
         namespace=args.namespace, policy=args.policy, block_size=args.block_size,
         hash_seed=args.hash_seed, max_inflight=args.max_inflight, max_queue=args.max_queue,
-        queue_timeout_s=args.queue_timeout_s, lease_ms=args.lease_ms)
+        queue_timeout_s=args.queue_timeout_s, lease_ms=args.lease_ms,
+        prefix_index=args.prefix_index)

@@ -7,13 +7,15 @@ exact mode. Both transitions are logged.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import logging
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
+from typing import Protocol
 
 from cluster.errors import IndexUnavailable
-from cluster.prefix_index import PrefixIndexReader
+from cluster.prefix_tail import PrefixIndexTail
 from engine.block_hash import BlockHash
 
 log = logging.getLogger(__name__)
@@ -24,8 +26,51 @@ class IndexMode(enum.StrEnum):
     DEGRADED = "degraded"
 
 
+class IndexSource(Protocol):
+    async def lookup(self, hashes: Sequence[BlockHash],
+                     workers: Collection[str]) -> dict[str, int]: ...
+
+
+class TailSource:
+    """The in-memory index (`PrefixIndexTail`) as a lookup source: a background task syncs it
+    from the workers' streams every `sync_interval_s`; a lookup never touches Redis, but
+    raises IndexUnavailable when the last successful sync is older than `stale_after_s`."""
+
+    def __init__(self, tail: PrefixIndexTail, workers: Callable[[], Collection[str]],
+                 sync_interval_s: float = 0.005, stale_after_s: float = 1.0) -> None:
+        self.tail = tail
+        self.workers = workers
+        self.sync_interval_s = sync_interval_s
+        self.stale_after_s = stale_after_s
+        self.last_sync = 0.0
+        self.error = "never synced"
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    async def lookup(self, hashes: Sequence[BlockHash],
+                     workers: Collection[str]) -> dict[str, int]:
+        if time.monotonic() - self.last_sync > self.stale_after_s:
+            raise IndexUnavailable(f"in-memory prefix index is stale: {self.error}")
+        return self.tail.lookup(hashes, workers)
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.tail.sync(self.workers())
+                self.last_sync = time.monotonic()
+            except IndexUnavailable as error:
+                self.error = str(error)
+            await asyncio.sleep(self.sync_interval_s)
+
+
 class PrefixLookup:
-    def __init__(self, reader: PrefixIndexReader, retry_s: float = 1.0) -> None:
+    def __init__(self, reader: IndexSource, retry_s: float = 1.0) -> None:
         self.reader = reader
         self.retry_s = retry_s
         self.mode = IndexMode.EXACT

@@ -35,8 +35,9 @@ from engine.sampling import SamplingParams
 from engine.tokenizer import Tokenizer
 from router.admission import Admission
 from router.config import RouterConfig
-from router.load import Assignment, InFlightTracker, Route, RouteRequest
-from router.policies import LeastLoaded, Policy, make_policy
+from router.decide import Decider
+from router.load import Assignment, InFlightTracker, Route
+from router.policies import Policy, make_policy
 from router.prefix import IndexMode, PrefixLookup
 from router.stops import StopChecker
 from router.workers import WorkerHandle, WorkerPool
@@ -96,7 +97,7 @@ class Router:
         self.tokenizer = Tokenizer.from_dir(config.model)
         self.model_config = ModelConfig.from_dir(config.model)
         self.policy: Policy = make_policy(config.policy)
-        self.fallback_policy = LeastLoaded()
+        self.decider = Decider(self.policy, lookup)
         self.tracker = InFlightTracker()
         self.admission = Admission(config.max_inflight, config.max_queue, config.queue_timeout_s)
         self.stats = RouterStats()
@@ -200,15 +201,13 @@ class Router:
                 missing = "prefill" if not prefill else "decode"
                 raise NoWorker(f"no live {missing} worker" + (
                     f" (tried: {'; '.join(errors)})" if errors else ""))
-            hits = await self.lookup.lookup(hashes, [h.worker_id for h in prefill + decode])
-            policy = self.policy if hits is not None else self.fallback_policy
-            route = policy.choose(
-                RouteRequest(prompt_blocks, hits or {}),
-                self.tracker.apply([h.load() for h in prefill]),
+            decision = await self.decider.decide(
+                hashes, self.tracker.apply([h.load() for h in prefill]),
                 self.tracker.apply([h.load() for h in decode]),
                 incompatible=set(self.pool.incompatible_pairs()))
-            self.stats.decisions[f"{policy.name}/{self.lookup.mode.value}"] += 1
-            cached_on_p = (hits or {}).get(route.prefill, 0)
+            route, hits = decision.route, decision.hits
+            self.stats.decisions[f"{decision.policy}/{decision.mode.value}"] += 1
+            cached_on_p = hits.get(route.prefill, 0)
             assignment = self.tracker.assign(route, max(prompt_blocks - cached_on_p, 0))
             attempt_id = f"{request_id}.{attempt}"
             try:

@@ -4,10 +4,17 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null; then
-    if ! command -v redis-server >/dev/null; then
+# redis-server: the prefix index and registry; prometheus + promtool: the observability tests.
+need=()
+command -v redis-server >/dev/null || need+=(redis-server)
+command -v promtool >/dev/null || need+=(prometheus)
+if [ ${#need[@]} -gt 0 ]; then
+    if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null; then
         apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server >/dev/null
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+    else
+        echo "setup: please install ${need[*]} (Debian/Ubuntu: apt-get install ${need[*]})" >&2
+        exit 1
     fi
 fi
 

@@ -17,7 +17,7 @@ import torch
 
 from cluster.local_cluster import LocalCluster
 from cluster.router_client import Completion, RouterClient
-from tests.e2e.helpers import all_counters, counters, expected, wait_until
+from tests.e2e.helpers import all_counters, blocks_all_free, counters, expected, wait_until
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -28,6 +28,7 @@ def slow_cluster(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory,
     logs = tmp_path_factory.mktemp("slow-cluster-logs")
     with LocalCluster(tiny_llama, prefill=2, decode=2, log_dir=logs,
                       worker_args=["--num-blocks", "192", "--step-delay-ms", "150",
+                                   "--max-num-batched-tokens", "64",
                                    "--shutdown-grace-s", "2"]) as running:
         yield running
 
@@ -65,6 +66,22 @@ async def test_redis_outage_degrades_then_recovers(slow_cluster: LocalCluster,
         assert again.cached_tokens == 32
 
 
+async def test_cancel_during_prefill_frees_blocks_on_both_sides(
+        slow_cluster: LocalCluster) -> None:
+    async with RouterClient(slow_cluster.router_address) as client:
+        task = asyncio.create_task(client.complete(token_ids=prompt(50, 300), max_tokens=5,
+                                                   ignore_eos=True))
+
+        async def prefilling() -> bool:
+            stats = await all_counters(slow_cluster)
+            return any(c["requests"] > 0 for n, c in stats.items() if n.startswith("prefill"))
+        await wait_until(prefilling, timeout_s=10, what="the request to reach a prefill worker")
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    await wait_until(lambda: blocks_all_free(slow_cluster), what="blocks freed on P and D")
+
+
 async def test_prefill_worker_killed_requests_are_retried(slow_cluster: LocalCluster,
                                                           tiny_llama: Path) -> None:
     prompts = [prompt(100 + i, 60) for i in range(8)]
@@ -72,8 +89,14 @@ async def test_prefill_worker_killed_requests_are_retried(slow_cluster: LocalClu
         tasks = [asyncio.create_task(client.complete(token_ids=p, max_tokens=3,
                                                      ignore_eos=True, timeout=120))
                  for p in prompts]
-        await asyncio.sleep(0.4)  # requests are queued and computing on both prefill workers
-        victim = slow_cluster.workers("prefill")[0]
+        busy: list[str] = []
+
+        async def prefilling() -> bool:  # 64-token chunks of >= 150 ms each: ~1 s of work
+            stats = await all_counters(slow_cluster)
+            busy[:] = [n for n, c in stats.items() if n.startswith("prefill") and c["requests"]]
+            return bool(busy)
+        await wait_until(prefilling, timeout_s=10, what="requests on a prefill worker")
+        victim = next(p for p in slow_cluster.workers("prefill") if p.name == busy[0])
         slow_cluster.kill(victim)
         results: list[Completion] = await asyncio.gather(*tasks)
         status = await client.status()
@@ -127,3 +150,28 @@ async def test_mismatched_prefill_worker_is_never_used(slow_cluster: LocalCluste
                                            ignore_eos=True)
             assert result.token_ids == expected(tiny_llama, prompt(300 + i), 2)
     assert (await counters(odd)).get("prefill_requests", 0) == 0
+
+
+async def test_sigterm_finishes_in_flight_requests_then_deregisters(
+        tiny_llama: Path, tmp_path: Path) -> None:
+    with LocalCluster(tiny_llama, prefill=1, decode=1, log_dir=tmp_path,
+                      worker_args=["--num-blocks", "64", "--step-delay-ms", "100",
+                                   "--shutdown-grace-s", "30"]) as cluster:
+        decode = cluster.workers("decode")[0]
+        async with RouterClient(cluster.router_address) as client:
+            task = asyncio.create_task(client.complete(token_ids=prompt(7), max_tokens=25,
+                                                       ignore_eos=True, timeout=60))
+            await asyncio.sleep(1.0)  # decoding: 25 steps of >= 100 ms
+            decode.popen.terminate()
+            result = await task
+            assert result.token_ids == expected(tiny_llama, prompt(7), 25)
+            assert decode.popen.wait(timeout=30) == 0
+
+            async def gone() -> bool:
+                return all(w.worker_id != decode.worker_id
+                           for w in (await client.status()).workers)
+            await wait_until(gone, what="the stopped worker to leave the cluster status")
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await client.complete(token_ids=[5, 6], max_tokens=2)
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "decode" in (caught.value.details() or "")

@@ -44,6 +44,8 @@ def _message_paths(prefix: tuple[int, ...], msg: descriptor_pb2.DescriptorProto,
         if not oneof.name.startswith("_"):  # synthetic oneofs of proto3 `optional`
             paths[(*prefix, _ONEOF, i)] = f"{name}.{oneof.name}"
     for i, nested in enumerate(msg.nested_type):
+        if nested.options.map_entry:  # synthesized for a map<> field, documented there
+            continue
         paths.update(_message_paths((*prefix, _NESTED, i), nested, f"{name}.{nested.name}"))
     for i, enum in enumerate(msg.enum_type):
         paths.update(_enum_paths((*prefix, _NESTED_ENUM, i), enum, f"{name}.{enum.name}"))
