@@ -45,7 +45,9 @@ def add_up(parser: argparse.ArgumentParser) -> None:
                         default="kv_aware")
     parser.add_argument("--num-blocks", type=int, default=1024, help="KV blocks per worker")
     parser.add_argument("--demo", action="store_true",
-                        help="send a few sample requests, print them, then stop")
+                        help="send a few sample requests and print them, then keep serving")
+    parser.add_argument("--exit", action="store_true",
+                        help="stop the cluster once started (after the demo, with --demo)")
     parser.add_argument("--log-dir", type=Path, help="where process logs go (default: a tmp dir)")
 
 
@@ -70,8 +72,9 @@ def up(args: argparse.Namespace) -> int:
         print(f"router listening on {cluster.router_address}", flush=True)
         if args.demo:
             asyncio.run(_demo(cluster.router_address))
-        else:
-            print("Ctrl-C stops the cluster", flush=True)
+        if not args.exit:
+            print(f"serving; try: tandem generate \"Hello\" --router {cluster.router_address}"
+                  "\nCtrl-C stops the cluster", flush=True)
             while not stop.wait(0.5):
                 dead = [p.name for p in cluster.processes if not p.alive]
                 if dead:

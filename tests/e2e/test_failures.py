@@ -46,6 +46,7 @@ async def test_redis_outage_degrades_then_recovers(slow_cluster: LocalCluster,
     async with RouterClient(slow_cluster.router_address) as client:
         assert await index_mode(client) == 1
         slow_cluster.redis.kill()
+        await asyncio.sleep(1.5)  # the router's in-memory index tolerates 1 s of staleness
         results = await asyncio.gather(*(
             client.complete(token_ids=prompt(i), max_tokens=4, ignore_eos=True, timeout=60)
             for i in range(4)))

@@ -1,0 +1,38 @@
+"""`tandem up --demo --exit`: the README's main command, as a user runs it (a subprocess)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def test_tandem_up_demo_serves_and_leaves_nothing_behind(tiny_llama: Path,
+                                                         tmp_path: Path) -> None:
+    logs = tmp_path / "logs"
+    done = subprocess.run(
+        [sys.executable, "-m", "cluster.cli", "up", "--demo", "--exit", "--port", "0",
+         "--prefill", "1", "--decode", "1", "--model", str(tiny_llama), "--log-dir", str(logs)],
+        capture_output=True, text=True, timeout=240, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "router listening on 127.0.0.1:" in done.stdout
+    assert done.stdout.count("[length:") == 3  # three sample requests streamed to the end
+    assert "prefix index exact" in done.stdout
+    pids = [line.split()[0] for line in subprocess.run(
+        ["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout.splitlines()
+        if str(logs) in line or f"--model {tiny_llama}" in line]
+    assert not pids, f"processes left behind: {pids}"
+
+
+def test_tandem_up_without_redis_says_how_to_install(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "cluster.cli", "up", "--exit", "--model", str(tmp_path)],
+        capture_output=True, text=True, timeout=60, env={**os.environ, "PATH": "/nonexistent"})
+    assert done.returncode == 2
+    assert "redis-server not found" in done.stderr and "apt-get install redis-server" in \
+        done.stderr
