@@ -1,0 +1,147 @@
+"""Fast in-process tests of the pieces without I/O: spec, wire formats, tracker, handshake
+checks, coalescing and stats."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from engine.kv_cache import LAYOUT_NAME, CacheShape
+from kv_transfer import EventKind, FailureReason, HandshakeError, KVLayoutSpec, TransferConfig
+from kv_transfer.handshake import make_hello, make_welcome, new_nonce, verify
+from kv_transfer.stats import TransferStats
+from kv_transfer.tracker import RequestTracker
+from kv_transfer.ucxx_backend import coalesce
+from kv_transfer.wire import Notification, encode_frame, split_frames
+
+SHAPE = CacheShape(num_layers=32, num_blocks=100, block_size=16, num_kv_heads=8, head_dim=128,
+                   dtype=torch.bfloat16)
+
+
+def test_spec_from_cache_shape() -> None:
+    spec = KVLayoutSpec.from_cache_shape(SHAPE, "llama-3-8b")
+    assert spec.dtype == "bfloat16" and spec.layout == LAYOUT_NAME
+    assert spec.block_bytes == SHAPE.block_bytes_per_layer == 64 * 1024
+    assert spec.compat_hash == KVLayoutSpec.from_cache_shape(SHAPE, "llama-3-8b").compat_hash
+    other = KVLayoutSpec.from_cache_shape(SHAPE, "llama-3-8b-instruct")
+    assert other.compat_hash != spec.compat_hash
+    assert spec.differing_fields(other.to_dict()) == ["model_name"]
+
+
+def test_spec_validates() -> None:
+    with pytest.raises(ValueError, match="block_size"):
+        KVLayoutSpec("m", "float32", 1, 1, 1, 0)
+    with pytest.raises(ValueError, match="dtype"):
+        KVLayoutSpec("m", "float33", 1, 1, 1, 1)
+    spec = KVLayoutSpec("m", "float32", 2, 1, 4, 2)
+    assert spec.check_tensor(torch.zeros(2, 7, 2, 2, 1, 4)) == 7
+    with pytest.raises(ValueError, match="shape"):
+        spec.check_tensor(torch.zeros(2, 7, 2, 3, 1, 4))
+    with pytest.raises(ValueError, match="dtype"):
+        spec.check_tensor(torch.zeros(2, 7, 2, 2, 1, 4, dtype=torch.float16))
+
+
+def test_config_validates() -> None:
+    with pytest.raises(ValueError, match="token"):
+        TransferConfig(token="")
+    with pytest.raises(ValueError, match="peer_timeout_s"):
+        TransferConfig(token="t", heartbeat_interval_s=2.0, peer_timeout_s=1.0)
+
+
+def test_notification_roundtrip_and_garbage() -> None:
+    n = Notification("req-1", 3, 4, 17, 5, 6, 1 << 20, "00-abc-def-01")
+    assert Notification.decode(n.encode()) == n
+    for garbage in (b"", b"[1,2]", b'["other","r",0,1,1,0,0,0,""]', b"\xff"):
+        with pytest.raises(ValueError):
+            Notification.decode(garbage)
+
+
+def test_frames_split_across_reads() -> None:
+    raw = encode_frame({"t": "ping"}) + encode_frame({"t": "abort", "r": "x"})
+    buf = bytearray(raw[:7])
+    assert split_frames(buf) == []
+    buf += raw[7:]
+    assert split_frames(buf) == [{"t": "ping"}, {"t": "abort", "r": "x"}]
+    assert buf == b""
+
+
+def test_tracker_completes_out_of_order() -> None:
+    tr = RequestTracker(default_timeout_s=10)
+    tr.expect("r", None, now=0.0)
+    assert tr.on_message("P", Notification("r", 3, 4, 2, 3, 4, 10, "tp"), now=1.0) is None
+    assert tr.on_message("P", Notification("r", 0, 1, 2, 0, 0, 10), now=1.0) is None
+    assert tr.on_message("P", Notification("r", 2, 3, 2, 2, 0, 10), now=1.0) is None
+    ev = tr.on_message("P", Notification("r", 1, 2, 2, 1, 0, 10), now=2.5)
+    assert ev is not None and ev.kind == EventKind.REQUEST_COMPLETE
+    assert (ev.nbytes, ev.latency_s, ev.trace_context, ev.peer) == (40, 2.5, "tp", "P")
+    assert len(tr) == 0
+    # A late duplicate of a finished request is dropped, not resurrected.
+    assert tr.on_message("P", Notification("r", 0, 1, 2, 0, 0, 10), now=3.0) is None
+    assert len(tr) == 0
+
+
+def test_tracker_deadline_and_peer_loss() -> None:
+    tr = RequestTracker(default_timeout_s=5)
+    tr.expect("silent", 1.0, now=0.0)
+    tr.on_message("P", Notification("a", 0, 1, 1, 0, 0, 1), now=0.0)
+    tr.on_message("Q", Notification("b", 0, 1, 1, 0, 0, 1), now=0.0)
+    assert tr.expired(now=0.5) == []
+    [ev] = tr.expired(now=1.0)
+    assert (ev.request_id, ev.reason) == ("silent", FailureReason.TIMEOUT)
+    [ev] = tr.fail_peer("P", "killed")
+    assert (ev.request_id, ev.reason, ev.peer) == ("a", FailureReason.PEER_LOST, "P")
+    [ev] = tr.expired(now=5.0)
+    assert ev.request_id == "b"
+    assert len(tr) == 0
+
+
+def test_tracker_refuses_two_senders_for_one_request() -> None:
+    tr = RequestTracker(default_timeout_s=5)
+    tr.on_message("P", Notification("a", 0, 1, 1, 0, 0, 1), now=0.0)
+    ev = tr.on_message("Q", Notification("a", 1, 2, 1, 1, 2, 1), now=0.0)
+    assert ev is not None and ev.reason == FailureReason.PROTOCOL
+
+
+def test_handshake_verify_names_the_field() -> None:
+    spec = KVLayoutSpec("m", "bfloat16", 4, 2, 16, 16)
+    nonce = new_nonce()
+    hello = make_hello("tok", nonce, agent="a", backend="nixl", spec=spec)
+    verify("tok", nonce, hello, backend="nixl", spec=spec)
+    cases = [
+        ("token", dict(token="bad")),
+        ("backend", dict(backend="ucxx")),
+        ("block_size", dict(spec=KVLayoutSpec("m", "bfloat16", 4, 2, 16, 32))),
+        ("dtype", dict(spec=KVLayoutSpec("m", "float16", 4, 2, 16, 16))),
+        ("layout", dict(spec=KVLayoutSpec("m", "bfloat16", 4, 2, 16, 16, layout="LBHTSD"))),
+    ]
+    for field, change in cases:
+        kwargs = {"token": "tok", "backend": "nixl", "spec": spec, **change}
+        with pytest.raises(HandshakeError, match=field) as err:
+            verify(kwargs["token"], nonce, hello, backend=kwargs["backend"], spec=kwargs["spec"])
+        assert err.value.field == field
+    welcome = make_welcome("tok", hello["nonce"], agent="b", backend="nixl", spec=spec,
+                           backend_md={}, conn_id=1)
+    verify("tok", hello["nonce"], welcome, backend="nixl", spec=spec)
+    with pytest.raises(HandshakeError, match="token"):  # replayed against another nonce
+        verify("tok", new_nonce(), welcome, backend="nixl", spec=spec)
+    tampered = {**hello, "protocol_version": 99}
+    with pytest.raises(HandshakeError, match="token"):  # the MAC covers every field
+        verify("tok", nonce, tampered, backend="nixl", spec=spec)
+
+
+def test_coalesce_runs() -> None:
+    src = np.array([0, 1, 2, 7, 8, 3])
+    dst = np.array([5, 6, 9, 10, 11, 12])
+    assert coalesce(src, dst) == [(0, 5, 2), (2, 9, 1), (7, 10, 2), (3, 12, 1)]
+    assert coalesce(np.array([4]), np.array([9])) == [(4, 9, 1)]
+
+
+def test_stats_snapshot() -> None:
+    st = TransferStats()
+    st.record_write(100, 0.002)
+    st.record_write(50, 20.0)
+    st.record_failure("write", FailureReason.PEER_LOST)
+    snap = st.snapshot()
+    assert snap["bytes_sent"] == 150 and snap["failures"] == {"write:peer_lost": 1}
+    assert sum(snap["write_latency"]["counts"]) == 2 and snap["write_latency"]["counts"][-1] == 1
