@@ -138,6 +138,7 @@ class LocalCluster:
         """Waits until the router routes to `count` live workers (a blocking call, usable
         from inside a running event loop)."""
         import grpc
+
         from tandem_proto.tandem.v1 import router_pb2, router_pb2_grpc
 
         def seen() -> int:

@@ -3,6 +3,8 @@ checks, coalescing and stats."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
@@ -108,7 +110,7 @@ def test_handshake_verify_names_the_field() -> None:
     nonce = new_nonce()
     hello = make_hello("tok", nonce, agent="a", backend="nixl", spec=spec)
     verify("tok", nonce, hello, backend="nixl", spec=spec)
-    cases = [
+    cases: list[tuple[str, dict[str, Any]]] = [
         ("token", dict(token="bad")),
         ("backend", dict(backend="ucxx")),
         ("block_size", dict(spec=KVLayoutSpec("m", "bfloat16", 4, 2, 16, 32))),
@@ -116,7 +118,7 @@ def test_handshake_verify_names_the_field() -> None:
         ("layout", dict(spec=KVLayoutSpec("m", "bfloat16", 4, 2, 16, 16, layout="LBHTSD"))),
     ]
     for field, change in cases:
-        kwargs = {"token": "tok", "backend": "nixl", "spec": spec, **change}
+        kwargs: dict[str, Any] = {"token": "tok", "backend": "nixl", "spec": spec, **change}
         with pytest.raises(HandshakeError, match=field) as err:
             verify(kwargs["token"], nonce, hello, backend=kwargs["backend"], spec=kwargs["spec"])
         assert err.value.field == field
