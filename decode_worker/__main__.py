@@ -10,6 +10,7 @@ import sys
 from cluster.grpc_server import ServiceBinding
 from cluster.logging_setup import setup_logging
 from cluster.roles import Role
+from cluster.tracing import setup_tracing
 from cluster.worker_config import add_worker_args, worker_config_from_args
 from cluster.worker_runtime import WorkerRuntime
 from decode_worker.service import DecodeServicer
@@ -42,6 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     add_worker_args(parser)
     args = parser.parse_args(argv)
     setup_logging()
+    setup_tracing("tandem-decode")
     asyncio.run(serve(args))
 
 

@@ -8,6 +8,7 @@ from grpc import aio
 
 from cluster.convert import sampling_from_pb
 from cluster.roles import Role
+from cluster.tracing import server_span, set_request_id
 from cluster.worker_pb import transfer_endpoint, worker_status
 from cluster.worker_runtime import WorkerRuntime
 from decode_worker.worker import DecodeWorker
@@ -28,10 +29,16 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
 
     async def Reserve(self, request: decode_pb2.ReserveRequest,
                       context: aio.ServicerContext) -> decode_pb2.ReserveResponse:
-        sampling = sampling_from_pb(request.sampling)
-        lease_s = request.lease_ms / 1000 if request.lease_ms else None
-        reservation = await self.worker.reserve(request.request_id, list(request.token_ids),
-                                                sampling, lease_s)
+        with server_span("tandem.v1.Decode/Reserve", context,
+                         traceparent=request.trace.traceparent,
+                         attributes={"tandem.request_id": request.request_id,
+                                     "tandem.decode": self.worker.worker_id}) as reserve, \
+                set_request_id(request.request_id):
+            sampling = sampling_from_pb(request.sampling)
+            lease_s = request.lease_ms / 1000 if request.lease_ms else None
+            reservation = await self.worker.reserve(request.request_id, list(request.token_ids),
+                                                    sampling, lease_s)
+            reserve.set_attribute("tandem.cached_tokens", reservation.num_cached_tokens)
         block_size = self.runtime.engine.config.block_size
         return decode_pb2.ReserveResponse(
             block_ids=reservation.block_ids,
@@ -42,11 +49,16 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
 
     async def Decode(self, request: decode_pb2.DecodeRequest,
                      context: aio.ServicerContext) -> AsyncIterator[decode_pb2.DecodeResponse]:
-        async for output in self.worker.decode(request.request_id, request.first_token_id):
-            response = decode_pb2.DecodeResponse(token_ids=output.new_token_ids)
-            if output.finished and output.finish_reason is not None:
-                response.finish_reason = FINISH_REASONS[output.finish_reason]
-            yield response
+        with server_span("tandem.v1.Decode/Decode", context,
+                         traceparent=request.trace.traceparent,
+                         attributes={"tandem.request_id": request.request_id,
+                                     "tandem.decode": self.worker.worker_id}), \
+                set_request_id(request.request_id):
+            async for output in self.worker.decode(request.request_id, request.first_token_id):
+                response = decode_pb2.DecodeResponse(token_ids=output.new_token_ids)
+                if output.finished and output.finish_reason is not None:
+                    response.finish_reason = FINISH_REASONS[output.finish_reason]
+                yield response
 
     async def Release(self, request: common_pb2.CancelRequest,
                       context: aio.ServicerContext) -> common_pb2.CancelResponse:

@@ -27,7 +27,10 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from opentelemetry.trace import SpanKind
+
 from cluster.errors import NoCapacity, UnknownRequest
+from cluster.tracing import record_span, span
 from engine.engine import Engine, RequestOutput
 from engine.engine_loop import EngineLoop
 from engine.request import FinishReason
@@ -133,6 +136,12 @@ class DecodeWorker:
             reservation = self.reservations.get(event.request_id)
             if reservation is None or reservation.kv_ready.done():
                 continue
+            if event.kind in (EventKind.REQUEST_COMPLETE, EventKind.REQUEST_FAILED):
+                record_span("kv.receive", parent=event.trace_context or None,
+                            duration_s=event.latency_s, kind=SpanKind.CONSUMER, attributes={
+                                "tandem.request_id": event.request_id,
+                                "tandem.kv.bytes": event.nbytes, "tandem.peer": event.peer},
+                            error="" if event.ok else f"{event.reason}: {event.message}")
             if event.kind is EventKind.REQUEST_COMPLETE:
                 self.stats.transfers_completed += 1
                 reservation.kv_ready.set_result(None)
@@ -154,19 +163,27 @@ class DecodeWorker:
         finished = False
         try:
             queue = self.loop.subscribe(request_id)
-            first = await self._start(reservation, first_token)
+            with span("decode.admission") as admission:
+                first = await self._start(reservation, first_token)
+                admission.set_attribute("tandem.local_prefill", reservation.local_prefill)
             if first.finished:
                 finished = True
                 yield dataclasses.replace(first, new_token_ids=[])
                 return
-            while True:
-                item = await queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                finished = item.finished
-                yield item
-                if finished:
-                    return
+            with span("decode.stream") as stream:
+                tokens = 0
+                while True:
+                    item = await queue.get()
+                    if isinstance(item, BaseException):
+                        raise item
+                    finished = item.finished
+                    tokens += len(item.new_token_ids)
+                    if finished and item.finish_reason is not None:
+                        stream.set_attributes({"tandem.tokens": tokens + 1,
+                                               "tandem.finish_reason": item.finish_reason.value})
+                    yield item
+                    if finished:
+                        return
         finally:
             self.loop.unsubscribe(request_id)
             self.reservations.pop(request_id, None)

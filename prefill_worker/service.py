@@ -6,6 +6,7 @@ from grpc import aio
 
 from cluster.convert import sampling_from_pb
 from cluster.roles import Role
+from cluster.tracing import server_span, set_request_id
 from cluster.worker_pb import transfer_endpoint, worker_status
 from cluster.worker_runtime import WorkerRuntime
 from prefill_worker.worker import PrefillWorker
@@ -19,12 +20,17 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
 
     async def Prefill(self, request: prefill_pb2.PrefillRequest,
                       context: aio.ServicerContext) -> prefill_pb2.PrefillResponse:
-        sampling = sampling_from_pb(request.sampling)
-        target = request.target
-        result = await self.worker.prefill(
-            request.request_id, list(request.token_ids), sampling,
-            target.endpoint.metadata.decode(), list(target.block_ids), target.num_cached_blocks,
-            request.trace.traceparent)
+        with server_span("tandem.v1.Prefill/Prefill", context,
+                         traceparent=request.trace.traceparent,
+                         attributes={"tandem.request_id": request.request_id,
+                                     "tandem.prefill": self.worker.worker_id}), \
+                set_request_id(request.request_id):
+            sampling = sampling_from_pb(request.sampling)
+            target = request.target
+            result = await self.worker.prefill(
+                request.request_id, list(request.token_ids), sampling,
+                target.endpoint.metadata.decode(), list(target.block_ids),
+                target.num_cached_blocks)
         return prefill_pb2.PrefillResponse(
             first_token_id=result.first_token, num_computed_tokens=result.num_computed_tokens,
             num_cached_tokens=result.num_cached_tokens, num_blocks_sent=result.num_blocks_sent)

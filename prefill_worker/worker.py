@@ -17,7 +17,10 @@ import logging
 import threading
 from dataclasses import dataclass, field
 
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
 from cluster.errors import HandshakeMismatch, InvalidRequest, TransferFailed
+from cluster.tracing import span, traceparent_of, tracer
 from engine.engine import Engine
 from engine.engine_loop import EngineLoop
 from engine.request import Request
@@ -78,10 +81,12 @@ class PrefillWorker:
         self.plans: dict[str, PushPlan] = {}
         self._lock = threading.Lock()
         self._peers: dict[str, str] = {}  # decode agent metadata → peer name
+        self.block_bytes = (  # one block, all layers
+            loop.engine.cache_shape.block_bytes_per_layer * loop.engine.model_config.num_layers)
 
     async def prefill(self, request_id: str, prompt: list[int], sampling: SamplingParams,
                       target_metadata: str, dst_blocks: list[int], num_cached_blocks: int,
-                      trace_context: str = "") -> PrefillResult:
+                      ) -> PrefillResult:
         """Computes `prompt`, writes its KV into `dst_blocks` on the decode worker."""
         engine = self.loop.engine
         needed = engine.block_manager.blocks_needed(len(prompt))
@@ -93,7 +98,12 @@ class PrefillWorker:
                                  f"{num_cached_blocks} not in [0, {needed})")
         peer = await self._connect(target_metadata)
         aio = asyncio.get_running_loop()
-        plan = PushPlan(peer, list(dst_blocks), trace_context, num_cached_blocks,
+        # kv.send covers every write of this request; its traceparent rides in the transfer
+        # notifications, so the decode side's kv.receive span is its child
+        send = tracer().start_span("kv.send", kind=SpanKind.PRODUCER, attributes={
+            "tandem.peer": peer, "tandem.kv.backend": self.agent.config.backend,
+            "tandem.kv.first_block": num_cached_blocks})
+        plan = PushPlan(peer, list(dst_blocks), traceparent_of(send), num_cached_blocks,
                         done=aio.create_future(), aio=aio)
         queue = self.loop.subscribe(request_id)
 
@@ -104,11 +114,15 @@ class PrefillWorker:
             return request
 
         try:
-            request = await self.loop.call(add)
-            self.stats.requests += 1
-            item = await queue.get()
-            if isinstance(item, BaseException):
-                raise item
+            with span("prefill.compute") as compute:
+                request = await self.loop.call(add)
+                self.stats.requests += 1
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                compute.set_attributes({
+                    "tandem.tokens.computed": len(prompt) - request.num_cached_tokens,
+                    "tandem.tokens.cached": request.num_cached_tokens})
             assert plan.done is not None
             try:
                 await asyncio.wait_for(asyncio.shield(plan.done), self.transfer_timeout_s)
@@ -126,6 +140,13 @@ class PrefillWorker:
             self.loop.unsubscribe(request_id)
             with self._lock:
                 self.plans.pop(request_id, None)
+            blocks = len(plan.blocks_sent)
+            send.set_attributes({"tandem.kv.blocks": blocks,
+                                 "tandem.kv.layers": self.loop.engine.model_config.num_layers,
+                                 "tandem.kv.bytes": blocks * self.block_bytes})
+            if plan.error:
+                send.set_status(Status(StatusCode.ERROR, plan.error))
+            send.end()
             await self.loop.call(lambda e: e.release(request_id))
 
     async def cancel(self, request_id: str) -> bool:

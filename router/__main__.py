@@ -13,6 +13,7 @@ from cluster.prefix_index import PrefixIndexReader
 from cluster.prefix_tail import PrefixIndexTail
 from cluster.redis_client import RedisConfig, connect
 from cluster.registry import WorkerRegistry
+from cluster.tracing import setup_tracing
 from router.config import RouterConfig, add_router_args, router_config_from_args
 from router.prefix import IndexSource, PrefixLookup, TailSource
 from router.router import Router
@@ -63,6 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     add_router_args(parser)
     config = router_config_from_args(parser.parse_args(argv))
     setup_logging()
+    setup_tracing("tandem-router")
     asyncio.run(serve(config))
 
 

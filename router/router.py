@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Coroutine
@@ -25,10 +26,12 @@ from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 import grpc
+from opentelemetry.trace import SpanKind
 
 from cluster.convert import sampling_to_pb
 from cluster.errors import InvalidRequest, NoCapacity, NoWorker
 from cluster.roles import Role
+from cluster.tracing import inject_metadata, record_span, span
 from engine.block_hash import hash_prompt_blocks
 from engine.model_config import ModelConfig
 from engine.sampling import SamplingParams
@@ -137,14 +140,20 @@ class Router:
         prompt = self.prompt_ids(request)
         request_id = request.request_id or uuid.uuid4().hex
         self.stats.requests += 1
+        queued_at = time.perf_counter()
         async with self.admission.slot():
+            record_span("router.queue", parent=None, duration_s=time.perf_counter() - queued_at,
+                        attributes={"tandem.queue_depth": self.admission.waiting})
             attempt = await self._first_token(request_id, prompt, request)
             decode, attempt_id, first_token, cached, assignment = attempt
             finished = False
             stops = StopChecker(self.tokenizer, request.stop)
             completion = 0
-            stream = decode.stub.Decode(decode_pb2.DecodeRequest(  # type: ignore[union-attr]
-                request_id=attempt_id, first_token_id=first_token))
+            with span("tandem.v1.Decode/Decode", kind=SpanKind.CLIENT,
+                      attributes={"tandem.decode": decode.worker_id}):
+                stream = decode.stub.Decode(decode_pb2.DecodeRequest(  # type: ignore[union-attr]
+                    request_id=attempt_id, first_token_id=first_token),
+                    metadata=inject_metadata())
             try:
                 text, stopped = stops.push([first_token])
                 completion += 1
@@ -201,11 +210,18 @@ class Router:
                 missing = "prefill" if not prefill else "decode"
                 raise NoWorker(f"no live {missing} worker" + (
                     f" (tried: {'; '.join(errors)})" if errors else ""))
-            decision = await self.decider.decide(
-                hashes, self.tracker.apply([h.load() for h in prefill]),
-                self.tracker.apply([h.load() for h in decode]),
-                incompatible=set(self.pool.incompatible_pairs()))
-            route, hits = decision.route, decision.hits
+            with span("router.route") as route_span:
+                decision = await self.decider.decide(
+                    hashes, self.tracker.apply([h.load() for h in prefill]),
+                    self.tracker.apply([h.load() for h in decode]),
+                    incompatible=set(self.pool.incompatible_pairs()))
+                route, hits = decision.route, decision.hits
+                route_span.set_attributes({
+                    "tandem.policy": decision.policy, "tandem.index_mode": decision.mode.value,
+                    "tandem.prefill": route.prefill, "tandem.decode": route.decode,
+                    "tandem.prefix_hit_blocks.prefill": hits.get(route.prefill, 0),
+                    "tandem.prefix_hit_blocks.decode": hits.get(route.decode, 0),
+                    "tandem.prompt_blocks": prompt_blocks, "tandem.attempt": attempt})
             self.stats.decisions[f"{decision.policy}/{decision.mode.value}"] += 1
             cached_on_p = hits.get(route.prefill, 0)
             assignment = self.tracker.assign(route, max(prompt_blocks - cached_on_p, 0))
@@ -246,9 +262,12 @@ class Router:
         sampling = sampling_to_pb(request.sampling)
         salt = request.cache_salt or None
         try:
-            reservation = await decode.stub.Reserve(decode_pb2.ReserveRequest(  # type: ignore[union-attr]
-                request_id=attempt_id, token_ids=prompt, sampling=sampling,
-                lease_ms=self.config.lease_ms, cache_salt=salt), timeout=self.config.rpc_timeout_s)
+            with span("tandem.v1.Decode/Reserve", kind=SpanKind.CLIENT,
+                      attributes={"tandem.decode": decode.worker_id}):
+                reservation = await decode.stub.Reserve(decode_pb2.ReserveRequest(  # type: ignore[union-attr]
+                    request_id=attempt_id, token_ids=prompt, sampling=sampling,
+                    lease_ms=self.config.lease_ms, cache_salt=salt),
+                    timeout=self.config.rpc_timeout_s, metadata=inject_metadata())
         except grpc.aio.AioRpcError as error:
             self._raise_for(error, decode, "reserve")
             raise
@@ -260,9 +279,12 @@ class Router:
             target = prefill_pb2.DecodeTarget(endpoint=reservation.endpoint,
                                               block_ids=reservation.block_ids,
                                               num_cached_blocks=reservation.num_cached_blocks)
-            return await prefill.stub.Prefill(prefill_pb2.PrefillRequest(  # type: ignore[union-attr]
-                request_id=attempt_id, token_ids=prompt, sampling=sampling, target=target,
-                cache_salt=salt), timeout=self.config.rpc_timeout_s)
+            with span("tandem.v1.Prefill/Prefill", kind=SpanKind.CLIENT,
+                      attributes={"tandem.prefill": prefill.worker_id}):
+                return await prefill.stub.Prefill(prefill_pb2.PrefillRequest(  # type: ignore[union-attr]
+                    request_id=attempt_id, token_ids=prompt, sampling=sampling, target=target,
+                    cache_salt=salt), timeout=self.config.rpc_timeout_s,
+                    metadata=inject_metadata())
         except grpc.aio.AioRpcError as error:
             released = True
             self._background(self._release(decode, attempt_id))

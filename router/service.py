@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator
 
 from grpc import aio
 
 from cluster.convert import sampling_from_pb
+from cluster.tracing import server_span, set_request_id
 from router.prefix import IndexMode
 from router.router import Delta, GenerateInput, Router
 from tandem_proto.tandem.v1 import common_pb2, router_pb2, router_pb2_grpc
@@ -21,14 +23,17 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
 
     async def Generate(self, request: router_pb2.GenerateRequest,
                        context: aio.ServicerContext) -> AsyncIterator[router_pb2.GenerateResponse]:
-        sampling = sampling_from_pb(request.sampling, self.router.config.default_max_tokens)
-        request_id = request.request_id if request.HasField("request_id") else ""
-        generate = GenerateInput(
-            request_id=request_id, text=request.text, token_ids=list(request.token_ids),
-            sampling=sampling, stop=list(request.sampling.stop),
-            cache_salt=request.cache_salt if request.HasField("cache_salt") else "")
-        async for delta in self.router.generate(generate):
-            yield to_pb(request_id, delta)
+        request_id = request.request_id if request.HasField("request_id") else uuid.uuid4().hex
+        with server_span("tandem.v1.Router/Generate", context,
+                         attributes={"tandem.request_id": request_id}), \
+                set_request_id(request_id):
+            sampling = sampling_from_pb(request.sampling, self.router.config.default_max_tokens)
+            generate = GenerateInput(
+                request_id=request_id, text=request.text, token_ids=list(request.token_ids),
+                sampling=sampling, stop=list(request.sampling.stop),
+                cache_salt=request.cache_salt if request.HasField("cache_salt") else "")
+            async for delta in self.router.generate(generate):
+                yield to_pb(request_id, delta)
 
     async def GetClusterStatus(self, request: router_pb2.GetClusterStatusRequest,
                                context: aio.ServicerContext,
