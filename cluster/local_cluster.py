@@ -24,6 +24,7 @@ from types import TracebackType
 from cluster.redis_server import LocalRedisServer
 
 READY_PREFIX = "TANDEM_READY"
+METRICS_PREFIX = "TANDEM_METRICS"
 MODULES = {"prefill": "prefill_worker", "decode": "decode_worker", "router": "router"}
 REDIS_HINT = ("redis-server not found on PATH: install it (Debian/Ubuntu: "
               "`apt-get install redis-server`), or run scripts/setup.sh")
@@ -39,6 +40,7 @@ class ServiceProcess:
     log_path: Path
     address: str = ""
     worker_id: str = ""
+    metrics_address: str = ""  # host:port of its /metrics
 
     @property
     def alive(self) -> bool:
@@ -61,6 +63,7 @@ class LocalCluster:
     log_dir: Path | None = None
     start_timeout_s: float = 180.0
     threads_per_worker: int = 1  # CPU: several engines share the machine's cores
+    metrics: bool = True  # every process serves /metrics on a free loopback port
     processes: list[ServiceProcess] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -102,7 +105,8 @@ class LocalCluster:
         """Starts one process of `role` ("prefill", "decode" or "router"); not yet ready."""
         self._counter += 1
         name = f"{role}-{self._counter}"
-        common = ["--model", str(self.model), "--redis-url", self.redis.url]
+        common = ["--model", str(self.model), "--redis-url", self.redis.url,
+                  "--metrics-listen", "127.0.0.1:0" if self.metrics else ""]
         if role == "router":
             args = [*common, "--listen", f"127.0.0.1:{self.router_port}", *self.router_args]
         else:
@@ -124,6 +128,8 @@ class LocalCluster:
         deadline = time.monotonic() + (timeout_s or self.start_timeout_s)
         while time.monotonic() < deadline:
             for line in process.log().splitlines():
+                if line.startswith(METRICS_PREFIX):
+                    process.metrics_address = line.split()[1]
                 if line.startswith(READY_PREFIX):
                     _, _role, process.worker_id, process.address = line.split()
                     return

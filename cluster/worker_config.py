@@ -35,6 +35,7 @@ class WorkerConfig:
     heartbeat_ttl_s: float = 3.0
     shutdown_grace_s: float = 10.0
     step_delay_s: float = 0.0  # fault injection for tests: sleep before every engine step
+    metrics_listen: str = "127.0.0.1:0"  # host:port of /metrics ("" turns it off)
 
     def __post_init__(self) -> None:
         if ":" not in self.listen:
@@ -80,6 +81,8 @@ def add_worker_args(parser: argparse.ArgumentParser) -> None:
     add("--num-threads", type=int, default=int(_env("num_threads", "0")) or None)
     add("--hash-seed", type=int, default=int(_env("hash_seed", "0")) or None)
     add("--shutdown-grace-s", type=float, default=float(_env("shutdown_grace_s", "10")))
+    add("--metrics-listen", default=_env("metrics_listen", "127.0.0.1:0"),
+        help="host:port serving Prometheus /metrics (port 0: any free port; empty: off)")
     add("--step-delay-ms", type=float, default=float(_env("step_delay_ms", "0")),
         help="fault injection for tests: sleep this long before every engine step")
 
@@ -100,4 +103,4 @@ def worker_config_from_args(role: Role, args: argparse.Namespace) -> WorkerConfi
         redis_url=args.redis_url, namespace=args.namespace,
         transfer_backend=args.transfer_backend, transfer_token=args.transfer_token,
         lease_ms=args.lease_ms, shutdown_grace_s=args.shutdown_grace_s,
-        step_delay_s=args.step_delay_ms / 1000)
+        step_delay_s=args.step_delay_ms / 1000, metrics_listen=args.metrics_listen)

@@ -16,7 +16,11 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from prometheus_client import CollectorRegistry
+
 from cluster.grpc_server import GrpcServer, ServiceBinding, start_server
+from cluster.metrics import MetricsServer, serve_metrics
+from cluster.metrics_worker import WorkerMetrics, WorkerSources
 from cluster.prefix_index import PrefixIndexWriter
 from cluster.redis_client import RedisConfig, connect
 from cluster.registry import Heartbeat, LoadReport, WorkerRecord, WorkerRegistry
@@ -31,6 +35,7 @@ from kv_transfer.spec import KVLayoutSpec
 log = logging.getLogger(__name__)
 
 READY_PREFIX = "TANDEM_READY"  # printed on stdout once serving: "TANDEM_READY role id address"
+METRICS_PREFIX = "TANDEM_METRICS"  # printed before it: "TANDEM_METRICS host:port"
 
 
 class WorkerRuntime:
@@ -50,6 +55,8 @@ class WorkerRuntime:
         self.writer: PrefixIndexWriter | None = None
         self.started_ms = int(time.time() * 1000)
         self.address = ""  # host:port peers dial, known once serving
+        self.registry = CollectorRegistry()
+        self.metrics_server: MetricsServer | None = None
         self._aio: asyncio.AbstractEventLoop | None = None
         self._transfer_listeners: list[Callable[[list[TransferEvent]], None]] = []
         self._tasks: list[asyncio.Task[Any]] = []
@@ -90,6 +97,19 @@ class WorkerRuntime:
             else:
                 self.writer.evicted([event.block_hash])
 
+    def attach_metrics(self, decode: Callable[[], Any] | None = None,
+                       prefill: Callable[[], Any] | None = None) -> WorkerMetrics:
+        """Builds this worker's metrics (read from the engine, transfer and role stats at
+        scrape time) and records every engine step. Call after `start_engine`."""
+        assert self.loop is not None
+        metrics = WorkerMetrics(self.registry, self.config.role.value, self.worker_id,
+                                WorkerSources.from_engine(self.engine,
+                                                          transfer=self.agent.stats.snapshot,
+                                                          decode=decode, prefill=prefill))
+        self.loop.on_step = lambda step: metrics.step(step.seconds, step.prefill_tokens,
+                                                      step.decode_seqs, step.batch_size)
+        return metrics
+
     def load(self) -> LoadReport:
         """Approximate, lock-free read of the engine's load (ints read from another thread)."""
         engine = self.engine
@@ -107,6 +127,10 @@ class WorkerRuntime:
         cfg = self.config
         self.server = await start_server(services, cfg.listen)
         self.address = address = f"{cfg.host}:{self.server.port}"
+        if cfg.metrics_listen:
+            host, port = cfg.metrics_listen.rsplit(":", 1)
+            self.metrics_server = serve_metrics(self.registry, host, int(port))
+            print(f"{METRICS_PREFIX} {self.metrics_server.address}", flush=True)
         heartbeat: Heartbeat | None = None
         if cfg.redis_url:
             redis_cfg = RedisConfig(url=cfg.redis_url, namespace=cfg.namespace)
@@ -154,6 +178,8 @@ class WorkerRuntime:
         if self.loop is not None:
             self.loop.stop()
         self.agent.close()
+        if self.metrics_server is not None:
+            self.metrics_server.close()
 
     async def _run_writer(self) -> None:
         assert self.writer is not None

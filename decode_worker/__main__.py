@@ -26,6 +26,7 @@ async def serve(args: argparse.Namespace) -> None:
     loop = runtime.start_engine()
     worker = DecodeWorker(loop, runtime.agent, runtime.worker_id, config.lease_ms / 1000)
     runtime.on_transfer_events(worker.on_transfer_events)
+    runtime.attach_metrics(decode=lambda: worker.stats)
     worker.start()
     servicer = DecodeServicer(worker, runtime)
     try:

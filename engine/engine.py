@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,16 @@ class RequestOutput:
     num_cached_tokens: int
 
 
+@dataclass(frozen=True)
+class StepInfo:
+    """What the last step ran (for step-time and batch-size metrics)."""
+
+    seconds: float
+    prefill_tokens: int  # prompt (or recomputed) tokens computed
+    decode_seqs: int  # requests that decoded one token
+    batch_size: int  # requests in the batch
+
+
 @dataclass
 class EngineStats:
     """Counters the workers export as metrics."""
@@ -87,6 +98,7 @@ class Engine:
                                    cfg.max_num_batched_tokens)
         self.runner = ModelRunner(model, kv_cache, cfg.block_size, self.device)
         self.stats = EngineStats()
+        self.last_step: StepInfo | None = None
         self._requests: dict[str, Request] = {}  # every request the engine knows
         self._reserved: dict[str, Request] = {}  # decode role: awaiting their KV
         self._quarantined: set[str] = set()  # released, blocks not yet reusable
@@ -150,10 +162,12 @@ class Engine:
         `on_layer_done(layer, batch)` is called as soon as each layer's K/V of this step is in
         the cache (the prefill worker pushes that layer's blocks to the decode worker then).
         """
+        started = time.perf_counter()
         batch = self.scheduler.schedule()
         self.stats.preemptions += len(batch.preempted)
         if batch.is_empty:
             return []
+        prefill_tokens = decode_seqs = 0
         forward, sampling_rows = self.runner.build_batch(batch.requests, batch.num_new_tokens,
                                                          self.block_manager)
         hook = None if on_layer_done is None else (lambda layer: on_layer_done(layer, batch))
@@ -166,8 +180,10 @@ class Engine:
                 request.num_computed_tokens == request.num_tokens - 1
             if is_decode:
                 self.stats.decode_tokens_computed += 1
+                decode_seqs += 1
             else:
                 self.stats.prefill_tokens_computed += num_new
+                prefill_tokens += num_new
             request.num_computed_tokens += num_new
             self.block_manager.commit(request.request_id, request.token_ids,
                                       request.block_hashes, request.num_computed_tokens)
@@ -179,6 +195,8 @@ class Engine:
             if reason is not None:
                 self._finish(request, reason)
             outputs.append(self._output(request, [token]))
+        self.last_step = StepInfo(time.perf_counter() - started, prefill_tokens, decode_seqs,
+                                  len(batch.requests))
         return outputs
 
     # ---- disaggregated roles -------------------------------------------------------------

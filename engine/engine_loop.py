@@ -19,7 +19,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
-from engine.engine import Engine, RequestOutput, StepLayerCallback
+from engine.engine import Engine, RequestOutput, StepInfo, StepLayerCallback
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +36,10 @@ class EngineLoop:
 
     def __init__(self, engine: Engine, on_layer_done: StepLayerCallback | None = None,
                  on_idle: Callable[[Engine], None] | None = None,
-                 step_delay_s: float = 0.0) -> None:
+                 step_delay_s: float = 0.0,
+                 on_step: Callable[[StepInfo], None] | None = None) -> None:
         self.engine = engine
+        self.on_step = on_step  # engine thread, after every step that ran a batch
         self.step_delay_s = step_delay_s  # fault injection for tests: a slow engine
         self.on_layer_done = on_layer_done
         self.on_idle = on_idle  # runs on the engine thread at least every IDLE_WAIT_S
@@ -87,7 +89,11 @@ class EngineLoop:
                 if self.engine.has_unfinished():
                     if self.step_delay_s:
                         time.sleep(self.step_delay_s)
-                    self._deliver(self.engine.step(self.on_layer_done))
+                    outputs = self.engine.step(self.on_layer_done)
+                    if self.on_step is not None and self.engine.last_step is not None:
+                        self.on_step(self.engine.last_step)
+                        self.engine.last_step = None
+                    self._deliver(outputs)
         except BaseException as error:  # the engine is in an unknown state: stop serving
             log.exception("engine step failed; this worker can no longer serve")
             self.fatal = error

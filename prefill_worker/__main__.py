@@ -29,6 +29,7 @@ async def serve(args: argparse.Namespace) -> None:
     loop = runtime.start_engine(on_layer_done)
     worker = PrefillWorker(loop, runtime.agent, runtime.worker_id)
     runtime.on_transfer_events(worker.on_transfer_events)
+    runtime.attach_metrics(prefill=lambda: worker.stats)
     servicer = PrefillServicer(worker, runtime)
     await runtime.serve([ServiceBinding("tandem.v1.Prefill",
                                         prefill_pb2_grpc.add_PrefillServicer_to_server,

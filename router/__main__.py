@@ -9,6 +9,7 @@ import signal
 
 from cluster.grpc_server import ServiceBinding, start_server
 from cluster.logging_setup import setup_logging
+from cluster.metrics import serve_metrics
 from cluster.prefix_index import PrefixIndexReader
 from cluster.prefix_tail import PrefixIndexTail
 from cluster.redis_client import RedisConfig, connect
@@ -47,6 +48,11 @@ async def serve(config: RouterConfig) -> None:
         "tandem.v1.Router", router_pb2_grpc.add_RouterServicer_to_server,
         RouterServicer(router))], config.listen)
     address = f"{config.listen.rsplit(':', 1)[0]}:{server.port}"
+    metrics_server = None
+    if config.metrics_listen:
+        host, port = config.metrics_listen.rsplit(":", 1)
+        metrics_server = serve_metrics(router.registry, host, int(port))
+        print(f"TANDEM_METRICS {metrics_server.address}", flush=True)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -57,6 +63,8 @@ async def serve(config: RouterConfig) -> None:
     log.info("router shutting down")
     await server.stop(10.0)
     await router.pool.close()
+    if metrics_server is not None:
+        metrics_server.close()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -32,6 +32,7 @@ class RouterConfig:
     # "tail": an in-memory copy of the index fed by the workers' Redis streams (no Redis round
     # trip per request); "pipelined": look each prompt up in Redis (python -m router.bench).
     prefix_index: str = "tail"
+    metrics_listen: str = "127.0.0.1:0"  # host:port of /metrics ("" turns it off)
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -67,6 +68,8 @@ def add_router_args(parser: argparse.ArgumentParser) -> None:
     add("--queue-timeout-s", type=float, default=float(_env("queue_timeout_s", "30")))
     add("--lease-ms", type=int, default=int(_env("lease_ms", "30000")))
     add("--prefix-index", default=_env("prefix_index", "tail"), choices=["tail", "pipelined"])
+    add("--metrics-listen", default=_env("metrics_listen", "127.0.0.1:0"),
+        help="host:port serving Prometheus /metrics (port 0: any free port; empty: off)")
 
 
 def router_config_from_args(args: argparse.Namespace) -> RouterConfig:
@@ -75,4 +78,4 @@ def router_config_from_args(args: argparse.Namespace) -> RouterConfig:
         namespace=args.namespace, policy=args.policy, block_size=args.block_size,
         hash_seed=args.hash_seed, max_inflight=args.max_inflight, max_queue=args.max_queue,
         queue_timeout_s=args.queue_timeout_s, lease_ms=args.lease_ms,
-        prefix_index=args.prefix_index)
+        prefix_index=args.prefix_index, metrics_listen=args.metrics_listen)

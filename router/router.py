@@ -27,9 +27,12 @@ from typing import Any, NoReturn
 
 import grpc
 from opentelemetry.trace import SpanKind
+from prometheus_client import CollectorRegistry
 
 from cluster.convert import sampling_to_pb
 from cluster.errors import InvalidRequest, NoCapacity, NoWorker
+from cluster.grpc_errors import status_for
+from cluster.metrics import RouterMetrics
 from cluster.roles import Role
 from cluster.tracing import inject_metadata, record_span, span
 from engine.block_hash import hash_prompt_blocks
@@ -38,7 +41,7 @@ from engine.sampling import SamplingParams
 from engine.tokenizer import Tokenizer
 from router.admission import Admission
 from router.config import RouterConfig
-from router.decide import Decider
+from router.decide import PREFIX_POLICIES, Decider
 from router.load import Assignment, InFlightTracker, Route
 from router.policies import Policy, make_policy
 from router.prefix import IndexMode, PrefixLookup
@@ -104,6 +107,14 @@ class Router:
         self.tracker = InFlightTracker()
         self.admission = Admission(config.max_inflight, config.max_queue, config.queue_timeout_s)
         self.stats = RouterStats()
+        self.registry = CollectorRegistry()
+        self.metrics = RouterMetrics(self.registry)
+        self.metrics.watch(
+            queue_depth=lambda: self.admission.waiting,
+            inflight=lambda: self.admission.inflight,
+            index_mode=lambda: self.lookup.mode.value,
+            live_workers=lambda: {r.value: len(pool.live(r)) for r in (Role.PREFILL,
+                                                                       Role.DECODE)})
         self._tasks: set[asyncio.Future[None]] = set()
 
     # ---- validation ----------------------------------------------------------------------
@@ -137,12 +148,45 @@ class Router:
     # ---- the request path ----------------------------------------------------------------
 
     async def generate(self, request: GenerateInput) -> AsyncIterator[Delta]:
+        """Streams a request's deltas; records its metrics whatever ends it."""
+        self.metrics.request_started()
+        started = time.perf_counter()
+        last_at = started
+        ttft: float | None = None
+        outcome = "cancelled"
+        final: Delta | None = None
+        try:
+            async for delta in self._generate(request):
+                now = time.perf_counter()
+                if ttft is None:
+                    ttft = now - started
+                    self.metrics.first_token(ttft)
+                elif delta.token_ids:
+                    self.metrics.inter_token((now - last_at) / len(delta.token_ids))
+                last_at = now
+                if delta.finish_reason is not None:
+                    outcome, final = delta.finish_reason, delta
+                yield delta
+        except Exception as error:
+            outcome = status_for(error)[0].name
+            raise
+        finally:
+            usage = final.usage if final is not None else None
+            self.metrics.request_finished(
+                outcome, time.perf_counter() - started,
+                prompt_tokens=usage.prompt_tokens if usage else 0,
+                generation_tokens=usage.completion_tokens if usage else 0,
+                cached_tokens=usage.cached_tokens if usage else 0, ttft_seconds=ttft)
+
+    async def _generate(self, request: GenerateInput) -> AsyncIterator[Delta]:
         prompt = self.prompt_ids(request)
         request_id = request.request_id or uuid.uuid4().hex
         self.stats.requests += 1
         queued_at = time.perf_counter()
         async with self.admission.slot():
-            record_span("router.queue", parent=None, duration_s=time.perf_counter() - queued_at,
+            waited = time.perf_counter() - queued_at
+            self.metrics.queued(waited)
+            record_span("router.queue", parent=None, duration_s=waited,
                         attributes={"tandem.queue_depth": self.admission.waiting})
             attempt = await self._first_token(request_id, prompt, request)
             decode, attempt_id, first_token, cached, assignment = attempt
@@ -223,7 +267,10 @@ class Router:
                     "tandem.prefix_hit_blocks.decode": hits.get(route.decode, 0),
                     "tandem.prompt_blocks": prompt_blocks, "tandem.attempt": attempt})
             self.stats.decisions[f"{decision.policy}/{decision.mode.value}"] += 1
+            self.metrics.decision(decision.policy, decision.mode.value)
             cached_on_p = hits.get(route.prefill, 0)
+            if decision.policy in PREFIX_POLICIES:
+                self.metrics.prefix_lookup(max(hits.values(), default=0), prompt_blocks)
             assignment = self.tracker.assign(route, max(prompt_blocks - cached_on_p, 0))
             attempt_id = f"{request_id}.{attempt}"
             try:
@@ -242,6 +289,7 @@ class Router:
                 excluded.add(failed.worker_id)
                 errors.append(str(failed))
                 self.stats.retries += 1
+                self.metrics.retry(failed.hop)
                 attempt += 1
                 log.warning("request %s attempt %d failed: %s", request_id, attempt, failed)
                 continue
@@ -310,7 +358,8 @@ class Router:
             if code != grpc.StatusCode.FAILED_PRECONDITION:
                 self.pool.mark_down(worker.worker_id, f"{what}: {code.name}")
             raise _WorkerFailed(worker.worker_id,
-                                f"{what} on {worker.worker_id}: {code.name}: {error.details()}")
+                                f"{what} on {worker.worker_id}: {code.name}: {error.details()}",
+                                _HOPS[what])
         raise error
 
     # ---- cleanup -------------------------------------------------------------------------
@@ -343,11 +392,13 @@ class _NoCapacityOn(Exception):
 
 
 class _WorkerFailed(Exception):
-    def __init__(self, worker_id: str, message: str) -> None:
+    def __init__(self, worker_id: str, message: str, hop: str) -> None:
         super().__init__(message)
         self.worker_id = worker_id
+        self.hop = hop  # "reserve", "prefill" or "kv_transfer": the retry metric's label
 
 
+_HOPS = {"reserve": "reserve", "prefill": "prefill", "KV transfer": "kv_transfer"}
 _FINISH_NAMES: dict[int, str] = {
     common_pb2.FINISH_REASON_STOP: "stop", common_pb2.FINISH_REASON_LENGTH: "length",
     common_pb2.FINISH_REASON_CANCELLED: "cancelled"}

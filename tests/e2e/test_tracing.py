@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from cluster.local_cluster import LocalCluster
 from cluster.otlp_receiver import OtlpReceiver, ReceivedSpan, tree_problems
 from cluster.router_client import RouterClient

@@ -1,0 +1,1 @@
+"""Tests of `deploy/` (dashboards, alert rules) against real Prometheus tools."""
