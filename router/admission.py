@@ -26,19 +26,22 @@ class Admission:
 
     @asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
-        if self._slots.locked() and self.waiting >= self.max_queue:
-            self.rejected += 1
-            raise NoCapacity(f"router queue full ({self.waiting} requests waiting): "
-                             "the cluster is at capacity, retry later")
-        self.waiting += 1
-        try:
-            await asyncio.wait_for(self._slots.acquire(), self.timeout_s)
-        except TimeoutError:
-            self.timed_out += 1
-            raise DeadlineExceeded(f"waited {self.timeout_s:.0f} s in the router queue "
-                                   "without a free slot") from None
-        finally:
-            self.waiting -= 1
+        if self._slots.locked():  # no free slot: queue, if the queue has room
+            if self.waiting >= self.max_queue:
+                self.rejected += 1
+                raise NoCapacity(f"router queue full ({self.waiting} requests waiting): "
+                                 "the cluster is at capacity, retry later")
+            self.waiting += 1
+            try:
+                await asyncio.wait_for(self._slots.acquire(), self.timeout_s)
+            except TimeoutError:
+                self.timed_out += 1
+                raise DeadlineExceeded(f"waited {self.timeout_s:g} s in the router queue "
+                                       "without a free slot") from None
+            finally:
+                self.waiting -= 1
+        else:
+            await self._slots.acquire()  # a free slot: returns at once
         self.inflight += 1
         try:
             yield

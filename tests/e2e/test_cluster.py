@@ -119,3 +119,18 @@ async def test_client_cancel_frees_blocks_everywhere(cluster: LocalCluster) -> N
     assert received == 3
     await wait_until(lambda: blocks_all_free(cluster), timeout_s=30,
                      what="blocks freed after cancel")
+
+
+def test_tandem_generate_streams_to_the_terminal(cluster: LocalCluster) -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "cluster.cli", "generate", "The quick brown",
+                           "--router", cluster.router_address, "--max-tokens", "5",
+                           "--ignore-eos"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.rstrip().endswith("[length, 5 tokens]")
+    bad = subprocess.run([sys.executable, "-m", "cluster.cli", "generate", "x", "--router",
+                          cluster.router_address, "--max-tokens", "0"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1 and "INVALID_ARGUMENT: sampling.max_tokens" in bad.stderr

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 from google.protobuf import descriptor_pb2
-from grpc_tools import protoc
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -20,10 +21,11 @@ def _descriptor_set(tmp_path: Path) -> descriptor_pb2.FileDescriptorSet:
     root = REPO / "proto"
     protos = [str(p.relative_to(root)) for p in root.glob("tandem/v1/*.proto")]
     assert protos
-    include = Path(protoc.__file__).parent / "_proto"
-    rc = protoc.main(["protoc", f"-I{REPO / 'proto'}", f"-I{include}", "--include_source_info",
-                      f"--descriptor_set_out={out}", *protos])
-    assert rc == 0
+    # protoc runs in a subprocess: loading grpc_tools' bundled libprotobuf into the test
+    # process makes a later import of NIXL's native module abort (seen with nixl-cu12 1.5.1)
+    subprocess.run([sys.executable, "-m", "grpc_tools.protoc", f"-I{REPO / 'proto'}",
+                    "--include_source_info", f"--descriptor_set_out={out}", *protos],
+                   check=True, cwd=REPO)
     return descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes())
 
 
