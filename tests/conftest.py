@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
+
+# Triton fixes at definition time whether a kernel is compiled or interpreted: with no GPU,
+# interpret every kernel this test process defines (tests/engine/kernels runs them; the CPU
+# engine itself uses the torch path, so nothing else is affected).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from engine.tiny_model import make_tiny_model
 
