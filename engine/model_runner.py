@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from engine.block_manager import BlockManager
+from engine.cpu_features import compute_dtype
 from engine.forward_batch import ForwardBatch
 from engine.model.llama import LayerCallback, LlamaModel
 from engine.request import Request
@@ -18,7 +19,11 @@ class ModelRunner:
     def __init__(self, model: LlamaModel, kv_cache: torch.Tensor, block_size: int,
                  device: torch.device) -> None:
         self.model = model
-        self.kv_cache = kv_cache  # [L, N, 2, block_size, Hkv, D]
+        # bf16 on a CPU without bf16 matmuls computes in float32 (engine.cpu_features)
+        self.compute_dtype = compute_dtype(model.dtype, device)
+        if self.compute_dtype != model.compute_dtype:
+            model.use_compute_dtype(self.compute_dtype)
+        self.kv_cache = kv_cache  # [L, N, 2, block_size, Hkv, D], in model.dtype
         self.block_size = block_size
         self.device = device
 

@@ -62,20 +62,34 @@ def _check_store_kv_args(key: torch.Tensor, value: torch.Tensor, kv_layer: torch
         raise ValueError(f"all tensors must be on one device, got {devices}")
 
 
+def key_rows(slot_mapping: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Rows `[T]` of K in a contiguous layer viewed as `[N * 2 * bs, Hkv, D]` (V: `+ bs`).
+
+    The same for every layer of a step: the CPU model computes it once per forward pass.
+    """
+    # K of slot s is row (block * 2) * bs + offset
+    return slot_mapping // block_size * (2 * block_size) + slot_mapping % block_size  # [T]
+
+
+def store_kv_rows(key: torch.Tensor, value: torch.Tensor, kv_layer: torch.Tensor,
+                  k_rows: torch.Tensor) -> None:
+    """store_kv for a contiguous layer, given `key_rows(slot_mapping, block_size)`."""
+    num_blocks, _, block_size, num_kv_heads, head_dim = kv_layer.shape
+    rows = kv_layer.view(num_blocks * 2 * block_size, num_kv_heads, head_dim)
+    rows.index_copy_(0, k_rows, key)
+    rows.index_copy_(0, k_rows + block_size, value)
+
+
 def store_kv_torch(key: torch.Tensor, value: torch.Tensor, kv_layer: torch.Tensor,
                    slot_mapping: torch.Tensor) -> None:
     """Pure-torch store_kv: two vectorized index copies, no loop over tokens."""
     _check_store_kv_args(key, value, kv_layer, slot_mapping)
-    num_blocks, _, block_size, num_kv_heads, head_dim = kv_layer.shape
-    block = slot_mapping // block_size  # [T]
-    offset = slot_mapping % block_size  # [T]
+    block_size = kv_layer.shape[2]
     if kv_layer.is_contiguous():
-        # Rows of [N * 2 * bs, Hkv, D]: K of slot s is row (block * 2) * bs + offset, V is bs later.
-        rows = kv_layer.view(num_blocks * 2 * block_size, num_kv_heads, head_dim)
-        k_rows = block * (2 * block_size) + offset  # [T]
-        rows.index_copy_(0, k_rows, key)
-        rows.index_copy_(0, k_rows + block_size, value)
+        store_kv_rows(key, value, kv_layer, key_rows(slot_mapping, block_size))
     else:
+        block = slot_mapping // block_size  # [T]
+        offset = slot_mapping % block_size  # [T]
         kv_layer[block, 0, offset] = key  # [T, Hkv, D]
         kv_layer[block, 1, offset] = value  # [T, Hkv, D]
 

@@ -9,7 +9,8 @@ import torch
 
 from engine.forward_batch import ForwardBatch
 from engine.kv_cache import CacheShape, allocate_kv_cache
-from engine.model.llama import LlamaModel
+from engine.model.llama import DecoderLayer, LlamaModel
+from engine.model.rope import apply_rope, cos_sin_cache
 from engine.model_config import ModelConfig
 from engine.weights import iter_weights
 from tests.engine.hf_reference import hf_logits
@@ -17,11 +18,14 @@ from tests.engine.hf_reference import hf_logits
 BLOCK = 4
 
 
-def our_logits(model_dir: Path, prompt: list[int], dtype: torch.dtype) -> torch.Tensor:
+def our_logits(model_dir: Path, prompt: list[int], dtype: torch.dtype,
+               compute: torch.dtype | None = None) -> torch.Tensor:
     """Logits for every prompt position, prefilling into scattered cache blocks."""
     config = ModelConfig.from_dir(model_dir)
     model = LlamaModel(config, dtype, max_positions=config.max_position_embeddings)
     model.load_weights(iter_weights(model_dir, dtype))
+    if compute is not None:
+        model.use_compute_dtype(compute)
     n = len(prompt)
     num_blocks = -(-n // BLOCK)
     blocks = list(range(2 * num_blocks - 1, -1, -2))  # reversed, with holes
@@ -46,11 +50,14 @@ def test_logits_match_transformers_float32(fixture: str, request: pytest.Fixture
     torch.testing.assert_close(ours, ref, atol=2e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("compute", [None, torch.float32])
 @pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_qwen2"])
-def test_logits_match_transformers_bfloat16(fixture: str, request: pytest.FixtureRequest) -> None:
+def test_logits_match_transformers_bfloat16(fixture: str, compute: torch.dtype | None,
+                                            request: pytest.FixtureRequest) -> None:
+    """bf16 computed in bf16, and in float32 over a bf16 cache (CPUs without bf16 matmuls)."""
     model_dir = request.getfixturevalue(fixture)
     prompt = torch.randint(3, 500, (29,), generator=torch.Generator().manual_seed(1)).tolist()
-    ours = our_logits(model_dir, prompt, torch.bfloat16)
+    ours = our_logits(model_dir, prompt, torch.bfloat16, compute)
     ref = hf_logits(model_dir, prompt, torch.float32)
     scale = ref.abs().max().item()
     # bf16 keeps 8 bits of mantissa: compare against fp32 within a few percent of the range
@@ -67,3 +74,30 @@ def test_unknown_and_missing_weights_are_named(tiny_llama: Path) -> None:
     del weights["model.norm.weight"]
     with pytest.raises(ValueError, match=r"missing tensors \['model.norm.weight'\]"):
         model.load_weights(weights.items())
+
+
+def test_float32_compute_keeps_bf16_weight_values(tiny_llama: Path) -> None:
+    config = ModelConfig.from_dir(tiny_llama)
+    model = LlamaModel(config, torch.bfloat16, max_positions=64)
+    model.load_weights(iter_weights(tiny_llama, torch.bfloat16))
+    layer = model.layers[0]
+    assert isinstance(layer, DecoderLayer)
+    before = layer.qkv_weight.clone()
+    model.use_compute_dtype(torch.float32)
+    after = layer.qkv_weight
+    assert after.dtype == torch.float32 and model.dtype == torch.bfloat16
+    assert torch.equal(after, before.float())
+
+
+def test_rope_matches_rotate_half_bit_for_bit(tiny_llama: Path) -> None:
+    """x * cos + rotate_half(x) * sin, as Hugging Face writes it."""
+    config = ModelConfig.from_dir(tiny_llama)
+    cos, signed_sin = cos_sin_cache(config, 64)  # [P, D]
+    positions = torch.tensor([0, 5, 63])
+    x = torch.randn(3, 4, config.head_dim, generator=torch.Generator().manual_seed(0))
+    half = config.head_dim // 2
+    plain_sin = torch.cat((-signed_sin[:, :half], signed_sin[:, half:]), dim=-1)  # [P, D]
+    c, s = cos[positions].unsqueeze(1), plain_sin[positions].unsqueeze(1)  # [T, 1, D]
+    expected = x * c + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * s
+    got = apply_rope(x, c, signed_sin[positions].unsqueeze(1))
+    assert torch.equal(got, expected)

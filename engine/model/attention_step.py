@@ -1,0 +1,69 @@
+"""How a decoder layer writes its K/V to the paged cache and attends: decided once per forward.
+
+Everything here that depends only on the batch (which path runs, the cache rows this step
+writes, the rows a decode batch gathers, the prompt lengths) is computed once per forward
+pass and reused by every layer. Paths, on the torch backend (CPU):
+
+- all sequences decoding (`max_query_len == 1`): `paged_decode_torch` over a `DecodePlan`;
+- all sequences fresh prompts (`q_len == seq_len`): `prefill_attention` over the step's own
+  K/V, as the cache holds them (rounded to the cache dtype), with causal SDPA and no gather;
+- anything else (prompts over a cached prefix, mixed batches): `paged_attention`.
+
+On the Triton backend (CUDA) every step is `store_kv` + `paged_attention`.
+
+The queries may be float32 over a bfloat16 cache (`engine.cpu_features.compute_dtype`): K/V
+are rounded to the cache dtype when stored and read back upcast.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from engine.forward_batch import ForwardBatch
+from engine.kernels import paged_attention, select_backend, store_kv
+from engine.kernels.attention import (
+    DecodePlan,
+    paged_decode_torch,
+    plan_decode,
+    prefill_attention,
+)
+from engine.kernels.kv_write import key_rows, store_kv_rows
+
+
+class AttentionStep:
+    """Per-forward attention state; `attend` runs one layer's store + attention."""
+
+    def __init__(self, batch: ForwardBatch, kv_cache: torch.Tensor) -> None:
+        """kv_cache: `[L, N, 2, bs, Hkv, D]`, the whole model's cache."""
+        self.batch = batch
+        self.triton = select_backend(kv_cache) == "triton"
+        self.k_rows: torch.Tensor | None = None  # [T] rows of K in a layer (torch path)
+        self.decode: DecodePlan | None = None
+        self.prompt_lens: list[int] | None = None  # all fresh prompts: their lengths
+        if self.triton or not kv_cache[0].is_contiguous() or batch.num_tokens == 0:
+            return
+        self.k_rows = key_rows(batch.slot_mapping, kv_cache.shape[3])
+        if batch.max_query_len == 1:
+            self.decode = plan_decode(kv_cache[0], batch.block_tables, batch.seq_lens,
+                                      batch.max_seq_len)
+        elif int(batch.seq_lens.sum()) == batch.num_tokens:  # every q_len == seq_len
+            self.prompt_lens = batch.seq_lens.tolist()
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               kv_layer: torch.Tensor, scale: float) -> torch.Tensor:
+        """Stores k, v `[T, Hkv, D]` in `kv_layer`, returns q's `[T, Hq, D]` attention output."""
+        b = self.batch
+        k_cache, v_cache = k.to(kv_layer.dtype), v.to(kv_layer.dtype)  # [T, Hkv, D]
+        if self.k_rows is None:
+            store_kv(k_cache, v_cache, kv_layer, b.slot_mapping)
+        else:
+            store_kv_rows(k_cache, v_cache, kv_layer, self.k_rows)
+        if self.decode is not None:
+            return paged_decode_torch(q, kv_layer, self.decode, scale)
+        if self.prompt_lens is not None:
+            k, v = k_cache.to(q.dtype), v_cache.to(q.dtype)  # K/V at the cache's precision
+            return prefill_attention(q, k, v, self.prompt_lens, scale)
+        q_in = q.to(kv_layer.dtype) if self.triton else q  # Triton wants one dtype
+        out = paged_attention(q_in, kv_layer, b.block_tables, b.query_start_loc, b.seq_lens,
+                              scale, b.max_query_len, b.max_seq_len)  # [T, Hq, D]
+        return out.to(q.dtype)

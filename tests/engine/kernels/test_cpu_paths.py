@@ -1,0 +1,62 @@
+"""The CPU engine's attention pieces: decode plan, fresh-prompt prefill, float32 over bf16 K/V."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.kernels import paged_attention_torch, store_kv_torch
+from engine.kernels.attention import paged_decode_torch, plan_decode, prefill_attention
+from engine.kernels.kv_write import key_rows, store_kv_rows
+from tests.engine.kernels.test_paged_attention import assert_close, make_batch, naive_attention
+
+
+@pytest.mark.parametrize("seq_lens", [[5, 17, 9], [16, 16], [1]])
+def test_decode_plan_matches_reference(seq_lens: list[int]) -> None:
+    batch = make_batch([1] * len(seq_lens), seq_lens, 8, 4, 16, 4, torch.float32)
+    plan = plan_decode(batch.kv_layer, batch.block_tables, batch.seq_lens, max(seq_lens))
+    assert (plan.mask is None) == (len(set(seq_lens)) == 1)
+    assert_close(paged_decode_torch(batch.q, batch.kv_layer, plan, batch.scale), batch)
+
+
+@pytest.mark.parametrize("q_lens,seq_lens", [([1, 1, 1], [5, 17, 9]), ([20, 7], [20, 7]),
+                                             ([6, 3], [21, 10]), ([1, 9, 1], [13, 9, 30])])
+def test_float32_queries_over_a_bfloat16_cache(q_lens: list[int], seq_lens: list[int]) -> None:
+    """The bf16-on-AVX2 mode: K/V stay bf16 in the cache and are upcast when read."""
+    batch = make_batch(q_lens, seq_lens, 8, 4, 32, 4, torch.bfloat16)
+    q32 = batch.q.float()  # [T, Hq, D]
+    out = paged_attention_torch(q32, *batch.args("cpu")[1:])
+    assert out.dtype == torch.float32
+    ref = naive_attention(q32, batch.kv_layer, batch.block_tables, batch.query_start_loc,
+                          batch.seq_lens, batch.scale)
+    torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("seq_lens", [[12, 12, 12], [20, 7, 1]])
+def test_prefill_attention_is_causal_per_prompt(seq_lens: list[int]) -> None:
+    gen = torch.Generator().manual_seed(0)
+    total, hq, hkv, d = sum(seq_lens), 8, 2, 16
+    q = torch.randn(total, hq, d, generator=gen)  # [T, Hq, D]
+    k, v = torch.randn(2, total, hkv, d, generator=gen)  # [T, Hkv, D] each
+    out = prefill_attention(q, k, v, seq_lens, d**-0.5)  # [T, Hq, D]
+    start = 0
+    for n in seq_lens:
+        for i in range(n):
+            for h in range(hq):
+                keys = k[start:start + i + 1, h // (hq // hkv)]  # [i+1, D]
+                p = torch.softmax(keys @ q[start + i, h] * d**-0.5, 0)  # [i+1]
+                expected = p @ v[start:start + i + 1, h // (hq // hkv)]  # [D]
+                torch.testing.assert_close(out[start + i, h], expected, atol=1e-5, rtol=1e-5)
+        start += n
+
+
+def test_store_kv_rows_matches_store_kv() -> None:
+    gen = torch.Generator().manual_seed(0)
+    num_blocks, bs, hkv, d = 6, 4, 2, 8
+    slots = torch.tensor([3, 22, 9, 0, 17])  # [T]
+    key, value = torch.randn(2, 5, hkv, d, generator=gen)  # [T, Hkv, D] each
+    expected = torch.zeros(num_blocks, 2, bs, hkv, d)
+    store_kv_torch(key, value, expected, slots)
+    got = torch.zeros_like(expected)
+    store_kv_rows(key, value, got, key_rows(slots, bs))
+    assert torch.equal(got, expected)
