@@ -24,7 +24,9 @@ import asyncio
 import random
 import statistics
 import time
+from collections import Counter
 from collections.abc import Sequence
+from typing import Any
 
 from cluster.prefix_index import PrefixIndexReader, PrefixIndexWriter
 from cluster.prefix_tail import PrefixIndexTail
@@ -72,20 +74,24 @@ async def publish(redis_cfg: RedisConfig, workers: list[str], docs: list[list[in
 
 async def run_variant(name: str, decider: Decider, tracker: InFlightTracker,
                       loads: tuple[list[WorkerLoad], list[WorkerLoad]],
-                      requests: list[list[int]], concurrency: int) -> dict[str, float]:
+                      requests: list[list[int]], concurrency: int) -> dict[str, Any]:
     latencies: list[float] = []
+    modes: Counter[str] = Counter()
 
     async def one(prompt: list[int]) -> None:
         start = time.perf_counter()
         hashes = hash_prompt_blocks(prompt, BLOCK)
         decision = await decider.decide(hashes, tracker.apply(loads[0]), tracker.apply(loads[1]))
         latencies.append(time.perf_counter() - start)
+        modes[decision.policy] += 1
         assignment = tracker.assign(decision.route, len(hashes))
         assignment.finish()
+        await asyncio.sleep(0)  # a real request awaits its RPCs: background syncs get to run
 
     for prompt in requests[:50]:  # warm-up
         await one(prompt)
     latencies.clear()
+    modes.clear()
     start = time.perf_counter()
     for prompt in requests:
         await one(prompt)
@@ -101,8 +107,10 @@ async def run_variant(name: str, decider: Decider, tracker: InFlightTracker,
     start = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     concurrent = len(requests) / (time.perf_counter() - start)
+    name_used = max(modes, key=modes.__getitem__)
     return {"seq": sequential, "conc": concurrent, "p50_ms": p50 * 1e3, "p99_ms": p99 * 1e3,
-            "mean_ms": statistics.fmean(latencies) * 1e3}
+            "mean_ms": statistics.fmean(latencies) * 1e3,
+            "share": modes[name_used] / sum(modes.values()), "used": name_used}
 
 
 async def main_async(args: argparse.Namespace) -> None:
@@ -122,7 +130,8 @@ async def main_async(args: argparse.Namespace) -> None:
         reader_lookup = PrefixLookup(PrefixIndexReader(redis, redis_cfg))
         tail = TailSource(PrefixIndexTail(redis, redis_cfg), lambda: prefill_ids + decode_ids)
         tail.start()
-        await asyncio.sleep(0.5)  # first sync: loads every worker's block set
+        while tail.last_sync == 0.0:  # first sync: loads every worker's block set
+            await asyncio.sleep(0.05)
         variants = [
             ("round_robin", Decider(make_policy("round_robin"), reader_lookup)),
             ("least_loaded", Decider(make_policy("least_loaded"), reader_lookup)),
@@ -135,8 +144,8 @@ async def main_async(args: argparse.Namespace) -> None:
               f"({args.prompt_tokens // BLOCK} blocks), {args.documents} cached documents, "
               f"concurrency {args.concurrency}")
         print("| policy | decisions/s (sequential) | decisions/s (concurrent) | p50 ms | "
-              "p99 ms | vs round_robin |")
-        print("| --- | --- | --- | --- | --- | --- |")
+              "p99 ms | vs round_robin | decided by |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
         base = None
         for name, decider in variants:
             result = await run_variant(name, decider, InFlightTracker(), loads, requests,
@@ -144,7 +153,8 @@ async def main_async(args: argparse.Namespace) -> None:
             base = base or result["conc"]
             print(f"| {name} | {result['seq']:,.0f} | {result['conc']:,.0f} | "
                   f"{result['p50_ms']:.3f} | {result['p99_ms']:.3f} | "
-                  f"{result['conc'] / base:.2f}x |", flush=True)
+                  f"{result['conc'] / base:.2f}x | {result['used']} "
+                  f"{result['share']:.0%} |", flush=True)
         tail.stop()
         await redis.aclose()
 
