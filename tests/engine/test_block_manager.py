@@ -170,3 +170,18 @@ def test_bad_sizes_name_the_field() -> None:
         BlockManager(num_blocks=0, block_size=4)
     with pytest.raises(ValueError, match="block_size"):
         BlockManager(num_blocks=4, block_size=0)
+
+
+def test_rename_moves_ownership_so_the_id_can_be_reused() -> None:
+    bm = BlockManager(num_blocks=8, block_size=BS)
+    first = bm.allocate("a", prompt(0, 8), hashes(prompt(0, 8)))
+    assert first is not None
+    bm.rename("a", "held")
+    assert not bm.has_request("a") and bm.block_ids("held") == first.block_ids
+    again = bm.allocate("a", prompt(50, 8), hashes(prompt(50, 8)))
+    assert again is not None and set(again.block_ids).isdisjoint(first.block_ids)
+    with pytest.raises(ValueError, match="request_id"):
+        bm.rename("a", "held")
+    bm.free("held")
+    bm.free("a")
+    assert bm.num_free_blocks == 8

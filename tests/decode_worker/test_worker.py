@@ -1,0 +1,94 @@
+"""The decode worker's own paths, with a real engine and a real NIXL agent that nobody writes
+to: a transfer that never completes (the agent's deadline fails it) makes `decode` prefill
+locally and still produce transformers' tokens; a reservation nobody uses expires and frees
+its blocks. (The end-to-end paths with a real prefill worker are in tests/e2e.)"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from decode_worker.worker import DecodeWorker
+from engine.config import EngineConfig
+from engine.engine import Engine
+from engine.engine_loop import EngineLoop
+from engine.sampling import SamplingParams
+from kv_transfer import KVLayoutSpec, TransferConfig, create_agent
+from tests.engine.hf_reference import hf_greedy
+
+pytestmark = pytest.mark.timeout(120)
+
+PROMPT = list(range(20, 57))
+
+
+@pytest.fixture
+async def worker(tiny_llama: Path) -> AsyncIterator[DecodeWorker]:
+    engine = Engine(tiny_llama, EngineConfig(num_blocks=32, block_size=4))
+    agent = create_agent(KVLayoutSpec.from_cache_shape(engine.cache_shape, "tiny"),
+                         TransferConfig(token="test"))
+    agent.register_cache(engine.runner.kv_cache)
+    aio = asyncio.get_running_loop()
+    holder: list[DecodeWorker] = []
+
+    def poll(_engine: Engine) -> None:
+        events = agent.poll()
+        if events and holder:
+            aio.call_soon_threadsafe(holder[0].on_transfer_events, events)
+
+    loop = EngineLoop(engine, on_idle=poll)
+    loop.start()
+    decode = DecodeWorker(loop, agent, "decode-test", lease_s=30.0, quarantine_s=0.2)
+    holder.append(decode)
+    decode.start()
+    try:
+        yield decode
+    finally:
+        await decode.stop()
+        loop.stop()
+        agent.close()
+
+
+async def free_blocks(worker: DecodeWorker) -> int:
+    return await worker.loop.call(lambda e: e.block_manager.num_free_blocks)
+
+
+async def test_failed_transfer_falls_back_to_local_prefill(worker: DecodeWorker,
+                                                           tiny_llama: Path) -> None:
+    expected = hf_greedy(tiny_llama, PROMPT, 8)
+    sampling = SamplingParams(max_tokens=8, ignore_eos=True)
+    reservation = await worker.reserve("r1", PROMPT, sampling, lease_s=1.0)
+    assert await free_blocks(worker) == 32 - len(reservation.block_ids)
+    tokens = [expected[0]]  # the prefill worker's first token reached the client already
+    async for output in worker.decode("r1", expected[0]):
+        tokens += output.new_token_ids
+    assert tokens == expected
+    # the lease and the agent's deadline are the same 1 s: either may notice first
+    assert worker.stats.local_prefills == 1 and worker.stats.transfers_completed == 0
+    for _ in range(50):
+        if await free_blocks(worker) == 32:
+            break
+        await asyncio.sleep(0.1)
+    assert await free_blocks(worker) == 32
+
+
+async def test_unused_reservation_expires_and_frees_its_blocks(worker: DecodeWorker) -> None:
+    await worker.reserve("idle", PROMPT, SamplingParams(), lease_s=0.5)
+    assert await free_blocks(worker) < 32
+    for _ in range(50):
+        if worker.stats.lease_expiries and await free_blocks(worker) == 32:
+            break
+        await asyncio.sleep(0.1)
+    assert worker.stats.lease_expiries == 1
+    assert await free_blocks(worker) == 32
+    assert "idle" not in worker.reservations
+
+
+async def test_decode_of_an_unknown_request_is_not_found(worker: DecodeWorker) -> None:
+    from cluster.errors import UnknownRequest
+
+    with pytest.raises(UnknownRequest, match="holds no reservation"):
+        async for _ in worker.decode("never-reserved", 5):
+            pass
