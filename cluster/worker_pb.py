@@ -31,6 +31,7 @@ def worker_status(runtime: WorkerRuntime, role: Role,
         "prefix_hit_tokens": engine.block_manager.stats.prefix_hit_tokens,
         "preemptions": engine.stats.preemptions,
         "requests": engine.num_requests(),
+        "running": len(engine.scheduler.running),
     }
     return common_pb2.WorkerStatus(
         worker_id=runtime.worker_id, role=ROLE_PB[role],

@@ -109,13 +109,22 @@ async def test_prefill_worker_killed_requests_are_retried(slow_cluster: LocalClu
 
 async def test_decode_worker_killed_fails_only_its_requests(slow_cluster: LocalCluster,
                                                             tiny_llama: Path) -> None:
-    prompts = [prompt(200 + i) for i in range(8)]
+    prompts = [prompt(200 + i) for i in range(12)]
+    decoders = slow_cluster.workers("decode")
     async with RouterClient(slow_cluster.router_address) as client:
+        async def both_live() -> bool:
+            live = {w.worker_id for w in (await client.status()).workers}
+            return {d.worker_id for d in decoders} <= live
+        await wait_until(both_live, what="both decode workers routable")
         tasks = [asyncio.create_task(client.complete(token_ids=p, max_tokens=40,
                                                      ignore_eos=True, timeout=120))
                  for p in prompts]
-        await asyncio.sleep(2.0)  # every request is decoding (40 steps of >= 150 ms)
-        victim = slow_cluster.workers("decode")[0]
+
+        async def both_decoding() -> bool:  # 40 steps of >= 150 ms: seconds of decoding
+            stats = await all_counters(slow_cluster)
+            return all(stats[d.name]["running"] > 0 for d in decoders)
+        await wait_until(both_decoding, timeout_s=20, what="requests on both decode workers")
+        victim = decoders[0]
         slow_cluster.kill(victim)
         results = await asyncio.gather(*tasks, return_exceptions=True)
     failed = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
