@@ -21,6 +21,7 @@ import torch
 
 from engine.block_manager import Allocation, BlockManager
 from engine.config import EngineConfig
+from engine.cpu_features import compute_dtype
 from engine.kv_cache import CacheShape, allocate_kv_cache, blocks_for_budget
 from engine.model.llama import LlamaModel
 from engine.model_config import ModelConfig
@@ -88,6 +89,11 @@ class Engine:
         model = LlamaModel(mc, cfg.torch_dtype, self.max_model_len)
         model.load_weights(iter_weights(model_dir, cfg.torch_dtype))
         model.to(self.device)
+        # bf16 on a CPU without bf16 matmuls computes in float32 (engine.cpu_features): widen
+        # the weights now, before the KV cache is sized from the memory that is left
+        compute = compute_dtype(cfg.torch_dtype, self.device)
+        if compute != model.compute_dtype:
+            model.use_compute_dtype(compute)
         self.num_blocks = self._num_blocks()
         self.cache_shape = CacheShape(mc.num_layers, self.num_blocks, cfg.block_size,
                                       mc.num_kv_heads, mc.head_dim, cfg.torch_dtype)
