@@ -225,12 +225,12 @@ class DecodeWorker:
 
     async def release(self, request_id: str) -> bool:
         """Drops a reservation or stops a running request. False if unknown here."""
-        reservation = self.reservations.pop(request_id, None)
-        if reservation is not None and reservation.decoding:
-            self.reservations[request_id] = reservation  # the stream's finally releases it
+        reservation = self.reservations.get(request_id)
+        if reservation is None or reservation.decoding:
+            # unknown here, or decoding: stopping it on the engine ends its stream, whose
+            # `finally` drops the reservation
             return await self.loop.call(lambda e: e.release(request_id))
-        if reservation is None:
-            return await self.loop.call(lambda e: e.release(request_id))
+        del self.reservations[request_id]
         await self._release_on_engine(request_id, kv_complete=reservation.writes_settled)
         return True
 

@@ -104,7 +104,7 @@ class Engine:
                                    cfg.max_num_batched_tokens)
         self.runner = ModelRunner(model, kv_cache, cfg.block_size, self.device)
         self.stats = EngineStats()
-        self.last_step: StepInfo | None = None
+        self.last_step: StepInfo | None = None  # what the latest step ran (None: nothing)
         self._requests: dict[str, Request] = {}  # every request the engine knows
         self._reserved: dict[str, Request] = {}  # decode role: awaiting their KV
         self._quarantined: dict[str, list[str]] = {}  # request id → block owner keys held
@@ -170,6 +170,7 @@ class Engine:
         the cache (the prefill worker pushes that layer's blocks to the decode worker then).
         """
         started = time.perf_counter()
+        self.last_step = None
         batch = self.scheduler.schedule()
         self.stats.preemptions += len(batch.preempted)
         if batch.is_empty:

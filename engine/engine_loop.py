@@ -92,7 +92,6 @@ class EngineLoop:
                     outputs = self.engine.step(self.on_layer_done)
                     if self.on_step is not None and self.engine.last_step is not None:
                         self.on_step(self.engine.last_step)
-                        self.engine.last_step = None
                     self._deliver(outputs)
         except BaseException as error:  # the engine is in an unknown state: stop serving
             log.exception("engine step failed; this worker can no longer serve")

@@ -44,7 +44,7 @@ from router.config import RouterConfig
 from router.decide import PREFIX_POLICIES, Decider
 from router.load import Assignment, InFlightTracker, Route
 from router.policies import Policy, make_policy
-from router.prefix import IndexMode, PrefixLookup
+from router.prefix import PrefixLookup
 from router.stops import StopChecker
 from router.workers import WorkerHandle, WorkerPool
 from tandem_proto.tandem.v1 import common_pb2, decode_pb2, prefill_pb2
@@ -408,4 +408,4 @@ def _finish_name(reason: int) -> str | None:
     return _FINISH_NAMES.get(reason)
 
 
-__all__ = ["Delta", "GenerateInput", "IndexMode", "Router", "Usage"]
+__all__ = ["Delta", "GenerateInput", "Router", "Usage"]
