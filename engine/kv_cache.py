@@ -62,6 +62,18 @@ def blocks_for_budget(model: ModelConfig, block_size: int, dtype: torch.dtype,
     return budget_bytes // per_block
 
 
+def kv_layer(kv_cache: torch.Tensor, layer: int) -> torch.Tensor:
+    """Layer `layer` of the whole-model cache: a view `[N, 2, bs, Hkv, D]`.
+
+    Each block's `[2, bs, Hkv, D]` is contiguous; the block dimension may be strided (the
+    kernels take strides), so callers never assume the view itself is contiguous.
+    """
+    if kv_cache.dim() == 7:  # [G, N, g, 2, bs, Hkv, D]: groups of g layers, block-major inside
+        group = kv_cache.shape[2]
+        return kv_cache[layer // group, :, layer % group]
+    return kv_cache[layer]  # [L, N, 2, bs, Hkv, D]
+
+
 def allocate_kv_cache(shape: CacheShape, device: torch.device | str = "cpu") -> torch.Tensor:
     """Allocates the cache, zero-filled, and logs how many tokens it holds."""
     cache = torch.zeros(shape.dims, dtype=shape.dtype, device=device)  # [L, N, 2, bs, Hkv, D]

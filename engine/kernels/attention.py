@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from engine.kernels.backend import check_triton_device, is_interpreted, select_backend
+from engine.kernels.cache_rows import block_stride_rows, slot_rows
 
 LOG2E = 1.4426950408889634  # exp(x) == exp2(x * LOG2E): the kernel uses the cheaper exp2
 
@@ -225,15 +226,19 @@ def _upcast(kv: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def _gather_kv(kv_layer: torch.Tensor, block_ids: torch.Tensor,
                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """K and V of `block_ids` `[n]` in `dtype`, each `[n, bs, Hkv, D]`, in scratch memory."""
-    num_blocks, _, block_size, num_kv_heads, head_dim = kv_layer.shape
+    _, _, block_size, num_kv_heads, head_dim = kv_layer.shape
     n = block_ids.shape[0]
-    if not kv_layer.is_contiguous():  # not the engine's layout; correct, just slower
+    stride = block_stride_rows(kv_layer)
+    if stride is None or stride % block_size:  # not the engine's layout; correct, just slower
         blocks = kv_layer[block_ids.long()].to(dtype)  # [n, 2, bs, Hkv, D]
         return blocks[:, 0].contiguous(), blocks[:, 1].contiguous()
-    half = kv_layer.view(num_blocks * 2, block_size * num_kv_heads * head_dim)  # [2N, bs*Hkv*D]
-    rows = torch.cat((block_ids * 2, block_ids * 2 + 1))  # [2n]: all K halves, then all V
-    out = _scratch(2 * n * half.shape[1], kv_layer.dtype, kv_layer.device)
-    torch.index_select(half, 0, rows, out=out.view(2 * n, half.shape[1]))  # [2n, bs*Hkv*D]
+    width = block_size * num_kv_heads * head_dim
+    step = stride // block_size  # the block stride in half blocks (K or V of one block)
+    halves = kv_layer.as_strided(((kv_layer.shape[0] - 1) * step + 2, width),
+                                 (width, 1))  # [R, bs*Hkv*D]: half-block rows
+    rows = torch.cat((block_ids * step, block_ids * step + 1))  # [2n]: all K halves, then V
+    out = _scratch(2 * n * width, kv_layer.dtype, kv_layer.device)
+    torch.index_select(halves, 0, rows, out=out.view(2 * n, width))  # [2n, bs*Hkv*D]
     kv = _upcast(out.view(2, n, block_size, num_kv_heads, head_dim), dtype)  # [2, n, bs, Hkv, D]
     return kv[0], kv[1]
 
@@ -277,13 +282,16 @@ class DecodePlan(NamedTuple):
 
 def plan_decode(kv_layer: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
                 max_seq_len: int) -> DecodePlan:
-    """The gather rows and padding mask of a decode batch (any contiguous layer of the cache)."""
+    """The gather rows and padding mask of a decode batch (any layer of the engine's cache)."""
     _, _, block_size, num_kv_heads, _ = kv_layer.shape
+    stride = block_stride_rows(kv_layer)
+    if stride is None:
+        raise ValueError(f"kv_layer blocks are not contiguous (strides {kv_layer.stride()})")
     device = block_tables.device
     pos = torch.arange(max_seq_len, device=device)  # [L]
     valid = pos[None, :] < seq_lens[:, None]  # [S, L]
     block = block_tables[:, pos // block_size].long()  # [S, L]; padding entries are not read
-    slot_row = torch.where(valid, block * (2 * block_size) + pos % block_size, 0)  # [S, L]
+    slot_row = torch.where(valid, block * stride + pos % block_size, 0)  # [S, L]
     heads = torch.arange(num_kv_heads, device=device)  # [Hkv]
     k_rows = slot_row[:, None, :] * num_kv_heads + heads[None, :, None]  # [S, Hkv, L]
     rows = torch.stack((k_rows, k_rows + block_size * num_kv_heads)).view(-1)  # [2*S*Hkv*L]
@@ -300,7 +308,7 @@ def paged_decode_torch(q: torch.Tensor, kv_layer: torch.Tensor, plan: DecodePlan
     num_seqs, num_heads, head_dim = q.shape
     num_kv_heads = kv_layer.shape[3]
     length = plan.max_seq_len
-    rows = kv_layer.view(-1, head_dim)  # [N * 2 * bs * Hkv, D]
+    rows = slot_rows(kv_layer).view(-1, head_dim)  # [R * Hkv, D]
     out = _scratch(plan.rows.shape[0] * head_dim, kv_layer.dtype, kv_layer.device)
     torch.index_select(rows, 0, plan.rows, out=out.view(-1, head_dim))  # [2*S*Hkv*L, D]
     kv = _upcast(out.view(2, num_seqs, num_kv_heads, length, head_dim), q.dtype)
@@ -315,7 +323,7 @@ def paged_decode_torch(q: torch.Tensor, kv_layer: torch.Tensor, plan: DecodePlan
 def _attend_decode(q: torch.Tensor, kv_layer: torch.Tensor, block_tables: torch.Tensor,
                    seq_lens: torch.Tensor, scale: float, max_seq_len: int) -> torch.Tensor:
     """One query per sequence: q `[S, Hq, D]`; all sequences in one (masked) SDPA."""
-    if kv_layer.is_contiguous():
+    if block_stride_rows(kv_layer) is not None:
         plan = plan_decode(kv_layer, block_tables, seq_lens, max_seq_len)
         return paged_decode_torch(q, kv_layer, plan, scale)
     # Not the engine's layout (a strided view): block gather and a strided SDPA.

@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from engine.kernels.backend import check_triton_device, select_backend
+from engine.kernels.cache_rows import block_stride_rows, slot_rows
 
 
 @triton.jit
@@ -62,22 +63,21 @@ def _check_store_kv_args(key: torch.Tensor, value: torch.Tensor, kv_layer: torch
         raise ValueError(f"all tensors must be on one device, got {devices}")
 
 
-def key_rows(slot_mapping: torch.Tensor, block_size: int) -> torch.Tensor:
-    """Rows `[T]` of K in a contiguous layer viewed as `[N * 2 * bs, Hkv, D]` (V: `+ bs`).
+def key_rows(slot_mapping: torch.Tensor, block_size: int, block_stride: int) -> torch.Tensor:
+    """Rows `[T]` of K in `slot_rows(layer)` (V: `+ block_size`); `block_stride` in slot rows.
 
     The same for every layer of a step: the CPU model computes it once per forward pass.
     """
-    # K of slot s is row (block * 2) * bs + offset
-    return slot_mapping // block_size * (2 * block_size) + slot_mapping % block_size  # [T]
+    # K of slot s is row block * block_stride + offset
+    return slot_mapping // block_size * block_stride + slot_mapping % block_size  # [T]
 
 
 def store_kv_rows(key: torch.Tensor, value: torch.Tensor, kv_layer: torch.Tensor,
                   k_rows: torch.Tensor) -> None:
-    """store_kv for a contiguous layer, given `key_rows(slot_mapping, block_size)`."""
-    num_blocks, _, block_size, num_kv_heads, head_dim = kv_layer.shape
-    rows = kv_layer.view(num_blocks * 2 * block_size, num_kv_heads, head_dim)
+    """store_kv given `key_rows(...)`: two index copies into the layer's slot rows."""
+    rows = slot_rows(kv_layer)  # [R, Hkv, D]
     rows.index_copy_(0, k_rows, key)
-    rows.index_copy_(0, k_rows + block_size, value)
+    rows.index_copy_(0, k_rows + kv_layer.shape[2], value)
 
 
 def store_kv_torch(key: torch.Tensor, value: torch.Tensor, kv_layer: torch.Tensor,
@@ -85,8 +85,9 @@ def store_kv_torch(key: torch.Tensor, value: torch.Tensor, kv_layer: torch.Tenso
     """Pure-torch store_kv: two vectorized index copies, no loop over tokens."""
     _check_store_kv_args(key, value, kv_layer, slot_mapping)
     block_size = kv_layer.shape[2]
-    if kv_layer.is_contiguous():
-        store_kv_rows(key, value, kv_layer, key_rows(slot_mapping, block_size))
+    stride = block_stride_rows(kv_layer)
+    if stride is not None:
+        store_kv_rows(key, value, kv_layer, key_rows(slot_mapping, block_size, stride))
     else:
         block = slot_mapping // block_size  # [T]
         offset = slot_mapping % block_size  # [T]

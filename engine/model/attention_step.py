@@ -27,24 +27,28 @@ from engine.kernels.attention import (
     plan_decode,
     prefill_attention,
 )
+from engine.kernels.cache_rows import block_stride_rows
 from engine.kernels.kv_write import key_rows, store_kv_rows
+from engine.kv_cache import kv_layer
 
 
 class AttentionStep:
     """Per-forward attention state; `attend` runs one layer's store + attention."""
 
     def __init__(self, batch: ForwardBatch, kv_cache: torch.Tensor) -> None:
-        """kv_cache: `[L, N, 2, bs, Hkv, D]`, the whole model's cache."""
+        """kv_cache: the whole model's cache (`engine.kv_cache`)."""
         self.batch = batch
         self.triton = select_backend(kv_cache) == "triton"
         self.k_rows: torch.Tensor | None = None  # [T] rows of K in a layer (torch path)
         self.decode: DecodePlan | None = None
         self.prompt_lens: list[int] | None = None  # all fresh prompts: their lengths
-        if self.triton or not kv_cache[0].is_contiguous() or batch.num_tokens == 0:
+        layer0 = kv_layer(kv_cache, 0)  # [N, 2, bs, Hkv, D]: every layer has its strides
+        stride = block_stride_rows(layer0)
+        if self.triton or stride is None or batch.num_tokens == 0:
             return
-        self.k_rows = key_rows(batch.slot_mapping, kv_cache.shape[3])
+        self.k_rows = key_rows(batch.slot_mapping, layer0.shape[2], stride)
         if batch.max_query_len == 1:
-            self.decode = plan_decode(kv_cache[0], batch.block_tables, batch.seq_lens,
+            self.decode = plan_decode(layer0, batch.block_tables, batch.seq_lens,
                                       batch.max_seq_len)
         elif int(batch.seq_lens.sum()) == batch.num_tokens:  # every q_len == seq_len
             self.prompt_lens = batch.seq_lens.tolist()

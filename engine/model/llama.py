@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.forward_batch import ForwardBatch
+from engine.kv_cache import kv_layer
 from engine.model.attention_step import AttentionStep
 from engine.model.rope import apply_rope, cos_sin_cache
 from engine.model_config import ModelConfig
@@ -116,14 +117,14 @@ class LlamaModel(nn.Module):
                 on_layer_done: LayerCallback | None = None) -> torch.Tensor:
         """Next-token logits [S', V] (float32) for the rows in `batch.logits_indices`.
 
-        kv_cache: [L, N, 2, block_size, Hkv, D]; this batch's K/V are written into it.
+        kv_cache: the whole model's cache (`engine.kv_cache`); this batch's K/V go into it.
         """
         x = F.embedding(batch.input_ids, self.embed)  # [T, H]
         cos = self.rope_cos[batch.positions].to(self.compute_dtype).unsqueeze(1)  # [T, 1, D]
         sin = self.rope_sin[batch.positions].to(self.compute_dtype).unsqueeze(1)  # [T, 1, D]
         step = AttentionStep(batch, kv_cache)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, kv_cache[i], step)  # [T, H]
+            x = layer(x, cos, sin, kv_layer(kv_cache, i), step)  # [T, H]
             if on_layer_done is not None:
                 on_layer_done(i)
         x = x[batch.logits_indices]  # [S', H]

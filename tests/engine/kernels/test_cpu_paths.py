@@ -8,6 +8,7 @@ import torch
 from engine.kernels import paged_attention_torch, store_kv_torch
 from engine.kernels.attention import paged_decode_torch, plan_decode, prefill_attention
 from engine.kernels.kv_write import key_rows, store_kv_rows
+from engine.kv_cache import kv_layer
 from tests.engine.kernels.test_paged_attention import assert_close, make_batch, naive_attention
 
 
@@ -58,5 +59,43 @@ def test_store_kv_rows_matches_store_kv() -> None:
     expected = torch.zeros(num_blocks, 2, bs, hkv, d)
     store_kv_torch(key, value, expected, slots)
     got = torch.zeros_like(expected)
-    store_kv_rows(key, value, got, key_rows(slots, bs))
+    store_kv_rows(key, value, got, key_rows(slots, bs, 2 * bs))
     assert torch.equal(got, expected)
+
+
+def _in_layer_group(layer: torch.Tensor, group: int, index: int) -> torch.Tensor:
+    """`layer` `[N, 2, bs, Hkv, D]` copied into layer `index` of a cache of layer groups."""
+    num_blocks = layer.shape[0]
+    cache = torch.full((1, num_blocks, group, *layer.shape[1:]), float("nan"),
+                       dtype=layer.dtype)  # [G, N, g, 2, bs, Hkv, D]
+    view = kv_layer(cache, index)  # [N, 2, bs, Hkv, D], blocks `group` layers apart
+    view.copy_(layer)
+    return view
+
+
+@pytest.mark.parametrize("q_lens,seq_lens", [([1, 1, 1], [5, 17, 9]), ([20, 7], [20, 7]),
+                                             ([6, 3], [21, 10]), ([1, 9, 1], [13, 9, 30])])
+def test_attention_over_a_layer_group_cache(q_lens: list[int], seq_lens: list[int]) -> None:
+    """The fast paths read a layer whose blocks are strided (other layers in between, NaN)."""
+    batch = make_batch(q_lens, seq_lens, 8, 4, 16, 4, torch.float32)
+    expected = paged_attention_torch(*batch.args("cpu"))
+    batch.kv_layer = _in_layer_group(batch.kv_layer, 3, 1)
+    assert not batch.kv_layer.is_contiguous()
+    assert_close(paged_attention_torch(*batch.args("cpu")), batch)
+    torch.testing.assert_close(paged_attention_torch(*batch.args("cpu")), expected)
+    if max(q_lens) == 1:
+        plan = plan_decode(batch.kv_layer, batch.block_tables, batch.seq_lens, max(seq_lens))
+        assert_close(paged_decode_torch(batch.q, batch.kv_layer, plan, batch.scale), batch)
+
+
+def test_store_kv_into_a_layer_group_cache_leaves_other_layers() -> None:
+    gen = torch.Generator().manual_seed(0)
+    num_blocks, bs, hkv, d = 6, 4, 2, 8
+    slots = torch.tensor([3, 22, 9, 0, 17])  # [T]
+    key, value = torch.randn(2, 5, hkv, d, generator=gen)  # [T, Hkv, D] each
+    expected = torch.zeros(num_blocks, 2, bs, hkv, d)
+    store_kv_torch(key, value, expected, slots)
+    cache = torch.zeros(2, num_blocks, 4, 2, bs, hkv, d)  # [G, N, g, 2, bs, Hkv, D]
+    store_kv_torch(key, value, kv_layer(cache, 6), slots)
+    assert torch.equal(kv_layer(cache, 6), expected)
+    assert int(torch.count_nonzero(cache)) == int(torch.count_nonzero(expected))
