@@ -25,6 +25,7 @@ class ForwardBatch:
     max_query_len: int
     max_seq_len: int
     logits_indices: torch.Tensor  # [S'] int64: rows whose next-token logits are wanted
+    request_ids: tuple[str, ...] = ()  # the S sequences' requests (empty: unknown)
 
     @property
     def num_tokens(self) -> int:

@@ -23,7 +23,7 @@ class ModelRunner:
         self.compute_dtype = compute_dtype(model.dtype, device)
         if self.compute_dtype != model.compute_dtype:
             model.use_compute_dtype(self.compute_dtype)
-        self.kv_cache = kv_cache  # [L, N, 2, block_size, Hkv, D], in model.dtype
+        self.kv_cache = kv_cache  # [G, N, g, 2, bs, Hkv, D] (engine.kv_cache), model.dtype
         self.block_size = block_size
         self.device = device
 
@@ -65,6 +65,7 @@ class ModelRunner:
             max_query_len=max(num_new_tokens),
             max_seq_len=max(seq_lens),
             logits_indices=torch.tensor(logits_rows, dtype=torch.int64, device=dev),  # [S']
+            request_ids=tuple(r.request_id for r in requests),
         )
         return batch, sampling_requests
 

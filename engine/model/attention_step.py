@@ -4,7 +4,8 @@ Everything here that depends only on the batch (which path runs, the cache rows 
 writes, the rows a decode batch gathers, the prompt lengths) is computed once per forward
 pass and reused by every layer. Paths, on the torch backend (CPU):
 
-- all sequences decoding (`max_query_len == 1`): `paged_decode_torch` over a `DecodePlan`;
+- all sequences decoding (`max_query_len == 1`): `paged_decode_torch` over a `DecodePlan`,
+  or, from the second step of a steady decode batch on, the model's `DecodeMirror`;
 - all sequences fresh prompts (`q_len == seq_len`): `prefill_attention` over the step's own
   K/V, as the cache holds them (rounded to the cache dtype), with causal SDPA and no gather;
 - anything else (prompts over a cached prefix, mixed batches): `paged_attention`.
@@ -28,6 +29,7 @@ from engine.kernels.attention import (
     prefill_attention,
 )
 from engine.kernels.cache_rows import block_stride_rows
+from engine.kernels.decode_mirror import DecodeMirror, MirrorStep
 from engine.kernels.kv_write import key_rows, store_kv_rows
 from engine.kv_cache import kv_layer
 
@@ -35,33 +37,48 @@ from engine.kv_cache import kv_layer
 class AttentionStep:
     """Per-forward attention state; `attend` runs one layer's store + attention."""
 
-    def __init__(self, batch: ForwardBatch, kv_cache: torch.Tensor) -> None:
-        """kv_cache: the whole model's cache (`engine.kv_cache`)."""
+    def __init__(self, batch: ForwardBatch, kv_cache: torch.Tensor, num_layers: int,
+                 compute_dtype: torch.dtype, mirror: DecodeMirror | None = None) -> None:
+        """kv_cache: the whole model's cache (`engine.kv_cache`); mirror: the model's."""
         self.batch = batch
         self.triton = select_backend(kv_cache) == "triton"
         self.k_rows: torch.Tensor | None = None  # [T] rows of K in a layer (torch path)
         self.decode: DecodePlan | None = None
+        self.mirror = mirror
+        self.mirror_step: MirrorStep | None = None
         self.prompt_lens: list[int] | None = None  # all fresh prompts: their lengths
         layer0 = kv_layer(kv_cache, 0)  # [N, 2, bs, Hkv, D]: every layer has its strides
         stride = block_stride_rows(layer0)
+        decoding = batch.max_query_len == 1 and batch.num_tokens > 0
+        if mirror is not None and not (decoding and stride is not None and not self.triton):
+            mirror.forget()
         if self.triton or stride is None or batch.num_tokens == 0:
             return
         self.k_rows = key_rows(batch.slot_mapping, layer0.shape[2], stride)
-        if batch.max_query_len == 1:
-            self.decode = plan_decode(layer0, batch.block_tables, batch.seq_lens,
-                                      batch.max_seq_len)
+        if decoding:
+            if mirror is not None:
+                self.mirror_step = mirror.begin(
+                    batch.request_ids, batch.seq_lens.tolist(), layer0, batch.block_tables,
+                    num_layers, compute_dtype)
+            if self.mirror_step is None:
+                self.decode = plan_decode(layer0, batch.block_tables, batch.seq_lens,
+                                          batch.max_seq_len)
         elif int(batch.seq_lens.sum()) == batch.num_tokens:  # every q_len == seq_len
             self.prompt_lens = batch.seq_lens.tolist()
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               kv_layer: torch.Tensor, scale: float) -> torch.Tensor:
-        """Stores k, v `[T, Hkv, D]` in `kv_layer`, returns q's `[T, Hq, D]` attention output."""
+               kv_layer: torch.Tensor, layer: int, scale: float) -> torch.Tensor:
+        """Stores k, v `[T, Hkv, D]` in `kv_layer` (layer number `layer`), returns q's
+        `[T, Hq, D]` attention output."""
         b = self.batch
         k_cache, v_cache = k.to(kv_layer.dtype), v.to(kv_layer.dtype)  # [T, Hkv, D]
         if self.k_rows is None:
             store_kv(k_cache, v_cache, kv_layer, b.slot_mapping)
         else:
             store_kv_rows(k_cache, v_cache, kv_layer, self.k_rows)
+        if self.mirror_step is not None and self.mirror is not None:
+            return self.mirror.attend(self.mirror_step, layer, q, k_cache.to(q.dtype),
+                                      v_cache.to(q.dtype), kv_layer, scale)
         if self.decode is not None:
             return paged_decode_torch(q, kv_layer, self.decode, scale)
         if self.prompt_lens is not None:

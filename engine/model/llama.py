@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.forward_batch import ForwardBatch
+from engine.kernels.decode_mirror import DecodeMirror
 from engine.kv_cache import kv_layer
 from engine.model.attention_step import AttentionStep
 from engine.model.rope import apply_rope, cos_sin_cache
@@ -38,10 +39,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, dtype: torch.dtype) -> None:
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, index: int) -> None:
         super().__init__()
         c = config
         self.config = c
+        self.index = index
         qkv_rows = (c.num_heads + 2 * c.num_kv_heads) * c.head_dim
         self.qkv_weight = nn.Parameter(torch.empty(qkv_rows, c.hidden_size, dtype=dtype),
                                        requires_grad=False)
@@ -69,7 +71,7 @@ class DecoderLayer(nn.Module):
         qk = apply_rope(qk, cos, sin)  # [T, Hq + Hkv, D]
         q, k = qk[:, :c.num_heads], qk[:, c.num_heads:]  # [T, Hq, D], [T, Hkv, D]
         v = qkv[:, q_size + kv_size:].view(num_tokens, c.num_kv_heads, c.head_dim)  # [T, Hkv, D]
-        attn = step.attend(q, k, v, kv_layer, self.scale)  # [T, Hq, D]
+        attn = step.attend(q, k, v, kv_layer, self.index, self.scale)  # [T, Hq, D]
         x = x + F.linear(attn.reshape(num_tokens, q_size), self.o_weight)  # [T, H]
         if num_tokens <= MLP_CHUNK_TOKENS:
             return self._mlp_residual(x)
@@ -79,7 +81,7 @@ class DecoderLayer(nn.Module):
         """x + MLP(norm(x)); x: [T, H]."""
         h = rms_norm(x, self.post_norm, self.config.rms_norm_eps)  # [T, H]
         gate, up = F.linear(h, self.gate_up_weight).chunk(2, dim=-1)  # [T, I] each
-        return x + F.linear(F.silu(gate) * up, self.down_weight)  # [T, H]
+        return x + F.linear(F.silu(gate).mul_(up), self.down_weight)  # [T, H]
 
 
 class LlamaModel(nn.Module):
@@ -92,7 +94,9 @@ class LlamaModel(nn.Module):
         self.compute_dtype = dtype  # of the weights as stored and the activations
         self.embed = nn.Parameter(torch.empty(config.vocab_size, config.hidden_size, dtype=dtype),
                                   requires_grad=False)
-        self.layers = nn.ModuleList(DecoderLayer(config, dtype) for _ in range(config.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, dtype, i)
+                                    for i in range(config.num_layers))
+        self.decode_mirror = DecodeMirror()  # the CPU path's dense K/V of a steady batch
         self.norm = nn.Parameter(torch.ones(config.hidden_size, dtype=dtype), requires_grad=False)
         self.lm_head = (self.embed if config.tie_word_embeddings else nn.Parameter(
             torch.empty(config.vocab_size, config.hidden_size, dtype=dtype), requires_grad=False))
@@ -122,7 +126,8 @@ class LlamaModel(nn.Module):
         x = F.embedding(batch.input_ids, self.embed)  # [T, H]
         cos = self.rope_cos[batch.positions].to(self.compute_dtype).unsqueeze(1)  # [T, 1, D]
         sin = self.rope_sin[batch.positions].to(self.compute_dtype).unsqueeze(1)  # [T, 1, D]
-        step = AttentionStep(batch, kv_cache)
+        step = AttentionStep(batch, kv_cache, len(self.layers), self.compute_dtype,
+                             self.decode_mirror)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, kv_layer(kv_cache, i), step)  # [T, H]
             if on_layer_done is not None:

@@ -58,6 +58,7 @@ def test_staggered_batch_with_shared_prefixes_matches_transformers(
     assert engine.block_manager.num_free_blocks == free_at_start
     # 61 + 40 tokens need chunking under a 48-token budget; prefixes of `base` were reused
     assert engine.block_manager.stats.prefix_hit_tokens >= 32 + 16
+    assert engine.runner.model.decode_mirror.gathers > 0  # steady decode steps were mirrored
 
 
 def test_prefix_hit_skips_computation_and_keeps_tokens(tiny_llama: Path) -> None:

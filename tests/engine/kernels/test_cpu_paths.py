@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.kernels import paged_attention_torch, store_kv_torch
+from engine.kernels import attention, paged_attention_torch, store_kv_torch
 from engine.kernels.attention import paged_decode_torch, plan_decode, prefill_attention
 from engine.kernels.kv_write import key_rows, store_kv_rows
 from engine.kv_cache import kv_layer
@@ -33,8 +33,11 @@ def test_float32_queries_over_a_bfloat16_cache(q_lens: list[int], seq_lens: list
     torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("tile", [128, 4])
 @pytest.mark.parametrize("seq_lens", [[12, 12, 12], [20, 7, 1]])
-def test_prefill_attention_is_causal_per_prompt(seq_lens: list[int]) -> None:
+def test_prefill_attention_is_causal_per_prompt(seq_lens: list[int], tile: int,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(attention, "CAUSAL_TILE", tile)  # 4: short prompts run in tiles too
     gen = torch.Generator().manual_seed(0)
     total, hq, hkv, d = sum(seq_lens), 8, 2, 16
     q = torch.randn(total, hq, d, generator=gen)  # [T, Hq, D]
@@ -49,6 +52,16 @@ def test_prefill_attention_is_causal_per_prompt(seq_lens: list[int]) -> None:
                 expected = p @ v[start:start + i + 1, h // (hq // hkv)]  # [D]
                 torch.testing.assert_close(out[start + i, h], expected, atol=1e-5, rtol=1e-5)
         start += n
+
+
+@pytest.mark.parametrize("length", [256, 300, 512, 777])
+def test_causal_attention_in_tiles_matches_one_call(length: int) -> None:
+    gen = torch.Generator().manual_seed(length)
+    q = torch.randn(2, 8, length, 32, generator=gen)  # [B, Hq, L, D]
+    k, v = torch.randn(2, 2, 4, length, 32, generator=gen)  # [B, Hkv, L, D] each
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, is_causal=True, enable_gqa=True)  # [B, Hq, L, D]
+    torch.testing.assert_close(attention.causal_attention(q, k, v, 32**-0.5), expected)
 
 
 def test_store_kv_rows_matches_store_kv() -> None:
