@@ -79,6 +79,9 @@ def add_worker_args(parser: argparse.ArgumentParser) -> None:
     add("--max-num-batched-tokens", type=int,
         default=int(_env("max_num_batched_tokens", "8192")))
     add("--num-threads", type=int, default=int(_env("num_threads", "0")) or None)
+    add("--kv-layer-group", type=int, default=int(_env("kv_layer_group", "0")) or None,
+        help="layers per KV cache group, a divisor of the model's layer count (default: auto, "
+             "see engine/kv_cache.py); prefill and decode workers must agree")
     add("--hash-seed", type=int, default=int(_env("hash_seed", "0")) or None)
     add("--shutdown-grace-s", type=float, default=float(_env("shutdown_grace_s", "10")))
     add("--metrics-listen", default=_env("metrics_listen", "127.0.0.1:0"),
@@ -94,7 +97,7 @@ def worker_config_from_args(role: Role, args: argparse.Namespace) -> WorkerConfi
         dtype=args.dtype, device=args.device, block_size=args.block_size,
         num_blocks=args.num_blocks, kv_cache_bytes=args.kv_cache_bytes,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-        num_threads=args.num_threads)
+        num_threads=args.num_threads, kv_layer_group=args.kv_layer_group)
     if args.hash_seed is not None:
         engine_kwargs["hash_seed"] = args.hash_seed
     return WorkerConfig(

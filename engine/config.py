@@ -37,6 +37,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     hash_seed: int = DEFAULT_HASH_SEED
     num_threads: int | None = None  # torch intra-op threads on CPU (None: torch's default)
+    kv_layer_group: int | None = None  # layers per KV cache group (None: auto; engine/kv_cache.py)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -54,6 +55,8 @@ class EngineConfig:
         if self.max_num_batched_tokens < 1:
             raise ValueError(
                 f"max_num_batched_tokens: must be >= 1, got {self.max_num_batched_tokens}")
+        if self.kv_layer_group is not None and self.kv_layer_group < 1:
+            raise ValueError(f"kv_layer_group: must be >= 1, got {self.kv_layer_group}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len: must be >= 2, got {self.max_model_len}")
 

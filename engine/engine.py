@@ -22,6 +22,7 @@ import torch
 from engine.block_manager import Allocation, BlockManager
 from engine.config import EngineConfig
 from engine.cpu_features import compute_dtype
+from engine.host_malloc import keep_freed_memory
 from engine.kv_cache import CacheShape, allocate_kv_cache, blocks_for_budget
 from engine.model.llama import LlamaModel
 from engine.model_config import ModelConfig
@@ -84,6 +85,8 @@ class Engine:
         if cfg.num_threads is not None:
             torch.set_num_threads(cfg.num_threads)
         self.device = torch.device(cfg.device)
+        if self.device.type == "cpu":
+            keep_freed_memory()  # no page faults on every step's activations
         self.max_model_len = min(cfg.max_model_len or mc.max_position_embeddings,
                                  mc.max_position_embeddings)
         model = LlamaModel(mc, cfg.torch_dtype, self.max_model_len)
@@ -95,8 +98,8 @@ class Engine:
         if compute != model.compute_dtype:
             model.use_compute_dtype(compute)
         self.num_blocks = self._num_blocks()
-        self.cache_shape = CacheShape(mc.num_layers, self.num_blocks, cfg.block_size,
-                                      mc.num_kv_heads, mc.head_dim, cfg.torch_dtype)
+        self.cache_shape = CacheShape.for_model(mc, self.num_blocks, cfg.block_size,
+                                                cfg.torch_dtype, cfg.kv_layer_group)
         kv_cache = allocate_kv_cache(self.cache_shape, self.device)
         self.block_manager = BlockManager(self.num_blocks, cfg.block_size,
                                           cfg.enable_prefix_caching)

@@ -1,4 +1,4 @@
-"""Moving paged KV blocks between worker processes (prefill → decode), layer by layer.
+"""Moving paged KV blocks between worker processes (prefill → decode), a layer group at a time.
 
 Start with `base.py` (the interface, config, events, errors), then `registry.create_agent`.
 Module map: spec (layout compatibility), handshake + control (peers, token, liveness),

@@ -92,7 +92,7 @@ class BaseAgent(ABC):
     def register_cache(self, kv_cache: torch.Tensor) -> None:
         if self._control is not None:
             raise RuntimeError("register_cache: the cache is already registered")
-        num_blocks = self.spec.check_tensor(kv_cache)  # kv_cache: [L, N, 2, bs, Hkv, D]
+        num_blocks = self.spec.check_tensor(kv_cache)  # kv_cache: [G, N, g, 2, bs, Hkv, D]
         with self._lock:
             backend_md = self._register(kv_cache, num_blocks)
         self._cache = kv_cache  # registered memory must outlive the agent, whoever else holds it

@@ -1,13 +1,13 @@
 """The KV transfer interface both workers use, its config, events and errors.
 
-The picture (push, layer-wise; see ARCHITECTURE.md):
+The picture (push, a layer group at a time; see kv_transfer/README.md):
 
     D: agent.register_cache(kv_cache); publish agent.metadata()        # once, at start-up
     D: agent.expect(request_id, timeout_s)                              # when it reserves blocks
     P: peer = agent.connect(d_metadata)                                 # once per decode worker
-    P: for l in layers: compute layer l;
-           agent.write(peer, request_id, src_blocks, dst_blocks, range(l, l + 1),
-                       last=(l == L - 1), trace_context=tp)            # one-sided, non-blocking
+    P: for each layer group k (g layers, spec.layer_group): compute its layers;
+           agent.write(peer, request_id, src_blocks, dst_blocks, range(k * g, k * g + g),
+                       last=(k == G - 1), trace_context=tp)            # one-sided, non-blocking
     P: agent.poll() -> WRITE_DONE / WRITE_FAILED events                # sender side
     D: agent.poll() -> REQUEST_COMPLETE / REQUEST_FAILED events        # receiver side
 
@@ -135,9 +135,10 @@ class KVTransferAgent(Protocol):
     stats: TransferStats
 
     def register_cache(self, kv_cache: torch.Tensor) -> None:
-        """Registers this worker's whole cache, `[L, N, 2, bs, Hkv, D]` (one allocation, see
-        engine/kv_cache.py), with the backend, once, and starts accepting peers. Raises
-        `ValueError` if the tensor does not match `spec`."""
+        """Registers this worker's whole cache, `[G, N, g, 2, bs, Hkv, D]` (one allocation in
+        groups of g = `spec.layer_group` layers, see engine/kv_cache.py), with the backend,
+        once, and starts accepting peers. Raises `ValueError` if the tensor does not match
+        `spec`."""
         ...
 
     def metadata(self) -> str:
@@ -164,8 +165,12 @@ class KVTransferAgent(Protocol):
     def write(self, peer: str, request_id: str, src_blocks: Sequence[int] | np.ndarray,
               dst_blocks: Sequence[int] | np.ndarray, layers: range, *, last: bool,
               trace_context: str = "") -> int:
-        """Posts a one-sided write of `kv_cache[l, src_blocks[i]]` into the peer's
-        `kv_cache[l, dst_blocks[i]]` for every `l` in `layers`, and returns a write id.
+        """Posts a one-sided write of `kv_layer(kv_cache, l)[src_blocks[i]]` into the peer's
+        `kv_layer(kv_cache, l)[dst_blocks[i]]` for every `l` in `layers`, and returns a write id.
+
+        Any layer range works; one that covers whole layer groups moves each group of a run of
+        blocks adjacent on both sides as one contiguous region (the fast case: send a group as
+        soon as its last layer is computed). Other ranges move smaller regions.
 
         Non-blocking: completion arrives as a WRITE_DONE / WRITE_FAILED event from `poll()`
         (failed after `config.write_timeout_s` at the latest). A notification travels with the
@@ -173,7 +178,7 @@ class KVTransferAgent(Protocol):
         blocks, this write's sequence number within the request, the opaque `trace_context`, and
         on the `last=True` write the total number of writes, so the receiver can mark the
         request complete whatever order the notifications arrive in. A request's writes may be
-        any mix of layer ranges and block lists (layer by layer, chunk by chunk).
+        any mix of layer ranges and block lists (group by group, chunk by chunk).
 
         Raises `ValueError` for block ids or layers out of range, `TransferError(PEER_LOST)` for
         a peer that is gone, `TransferError(ABORTED)` if the receiver already gave up on

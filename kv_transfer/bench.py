@@ -4,12 +4,21 @@ For each backend configuration, a receiver process and this (sender) process eac
 of several layouts; every case is timed end to end (first write posted → the receiver's
 REQUEST_COMPLETE seen by the sender over a pipe), median of `--repeat` runs after one warm-up,
 next to two limits measured in the same run: a single-buffer memcpy of the same size, and a
-single-buffer write of the same size through the same backend configuration.
+single-buffer write of the same size through the same backend configuration, between the same
+two caches and agents as the case (the first blocks of each, as one region). Same agents
+matters: with one agent per layout in each process, the same 256 MiB single-region write ran
+10-30% faster or slower depending on which agent pair carried it (in our runs the pair created
+last was the fastest), so a limit measured on another pair skewed the ratio.
 
 How "scattered" the block ids are (said in the table too): the destination ids are runs of
 random length 1–8 (mean 4.5 blocks) in random order, the source ids runs of 1–16, as a block
 allocator that hands out mostly-adjacent runs produces; rows marked "random permutation" use a
 random permutation (practically no adjacent pairs: the worst case).
+
+The 8B-shaped caches use the engine's layout, `[G, N, g, 2, bs, Hkv, D]` (engine/kv_cache.py):
+g = `auto_layer_group` (what a worker picks by default) unless `--layer-group` says otherwise,
+next to a g = 1 (layer-major) cache for comparison. "regions" counts what is really moved: the
+(layer, block) units of every write, coalesced where adjacent on both sides.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ from multiprocessing.connection import Connection
 import numpy as np
 import torch
 
+from engine.kv_cache import auto_layer_group
 from kv_transfer.agent import BaseAgent
 from kv_transfer.base import EventKind, TransferConfig
 from kv_transfer.registry import create_agent
@@ -35,8 +45,9 @@ from kv_transfer.ucxx_backend import coalesce
 MIB = 1 << 20
 TOKEN = "bench-token"
 LLAMA8B = KVLayoutSpec("llama-3-8b-shaped", "bfloat16", num_layers=32, num_kv_heads=8,
-                       head_dim=128, block_size=16)  # 64 KiB of K+V per block per layer
+                       head_dim=128, block_size=16)  # 64 KiB of K+V per block per layer, g = 1
 PROMPT_BLOCKS = 2048 // LLAMA8B.block_size  # a 2,048-token prompt: 128 blocks, 256 MiB
+DEFAULT_GROUP = auto_layer_group(LLAMA8B.num_layers, LLAMA8B.block_bytes)
 
 
 def flat_spec(block_bytes: int) -> KVLayoutSpec:
@@ -62,16 +73,26 @@ class Case:
     layout: str  # key into the layouts dict
     src: np.ndarray
     dst: np.ndarray
-    layers_per_write: int  # 1: layer by layer, as prefill sends
-    limit: str  # the single-buffer case of the same size
+    layers_per_write: int  # as prefill sends: the layer group
 
-    @property
-    def regions(self) -> int:
-        return len(coalesce(self.src, self.dst)) * self.num_layers
+    def nbytes(self, spec: KVLayoutSpec) -> int:
+        return len(self.src) * spec.num_layers * spec.block_bytes
 
-    @property
-    def num_layers(self) -> int:
-        return LLAMA8B.num_layers if self.layout == "8b" else 1
+    def single_buffer(self, spec: KVLayoutSpec) -> Case:
+        """The same bytes as one region: the first blocks of the same caches, in one write."""
+        ids = np.arange(len(self.src))
+        return Case(f"single buffer of {self.name}", self.layout, ids, ids, spec.num_layers)
+
+    def writes(self, spec: KVLayoutSpec) -> list[range]:
+        step = self.layers_per_write
+        return [range(lo, min(lo + step, spec.num_layers))
+                for lo in range(0, spec.num_layers, step)]
+
+    def regions(self, spec: KVLayoutSpec) -> int:
+        """Contiguous regions moved, over all writes (both caches sized for the case)."""
+        n = int(max(self.src.max(), self.dst.max())) + 1
+        return sum(len(coalesce(spec.unit_ids(lay, self.src, n), spec.unit_ids(lay, self.dst, n)))
+                   for lay in self.writes(spec))
 
 
 def run_ids(rng: np.random.Generator, n: int, max_run: int) -> np.ndarray:
@@ -81,53 +102,50 @@ def run_ids(rng: np.random.Generator, n: int, max_run: int) -> np.ndarray:
     return np.concatenate([runs[i] for i in rng.permutation(len(runs))])
 
 
-def layouts(quick: bool) -> dict[str, tuple[KVLayoutSpec, int]]:
+def layouts(quick: bool, group: int) -> dict[str, tuple[KVLayoutSpec, int]]:
     big = 256 if quick else 1024
-    return {"8b": (LLAMA8B, PROMPT_BLOCKS), "16k": (flat_spec(16 << 10), 256 * MIB >> 14),
+    return {"8b": (replace(LLAMA8B, layer_group=group), PROMPT_BLOCKS),
+            "8b-g1": (LLAMA8B, PROMPT_BLOCKS), "16k": (flat_spec(16 << 10), 256 * MIB >> 14),
             "256k": (flat_spec(256 << 10), 1024), "1m": (flat_spec(MIB), big)}
 
 
-def cases(quick: bool) -> list[Case]:
+def cases(quick: bool, group: int) -> list[Case]:
     rng = np.random.default_rng(0)
-    n8 = PROMPT_BLOCKS
+    n8, num_layers = PROMPT_BLOCKS, LLAMA8B.num_layers
+    src, dst = run_ids(rng, n8, 16), run_ids(rng, n8, 8)  # the same ids for the 8B rows
     out = [
-        Case("8B-shaped, 2,048 tokens, layer by layer (32 writes)", "8b", run_ids(rng, n8, 16),
-             run_ids(rng, n8, 8), 1, "single-256m"),
-        Case("8B-shaped, 2,048 tokens, one write of 32 layers", "8b", run_ids(rng, n8, 16),
-             run_ids(rng, n8, 8), 32, "single-256m"),
-        Case("8B-shaped, layer by layer, random permutation", "8b", np.arange(n8),
-             rng.permutation(n8), 1, "single-256m"),
+        Case(f"8B-shaped, 2,048 tokens, streamed in layer groups of {group} (as prefill "
+             f"sends)", "8b", src, dst, group),
+        Case(f"8B-shaped, 2,048 tokens, g={group}, one layer per write ({num_layers} writes)",
+             "8b", src, dst, 1),
+        Case(f"8B-shaped, 2,048 tokens, g={group}, one write of {num_layers} layers", "8b", src,
+             dst, num_layers),
+        Case(f"8B-shaped, 2,048 tokens, g=1 (layer-major), layer by layer ({num_layers} "
+             f"writes)", "8b-g1", src, dst, 1),
+        Case(f"8B-shaped, streamed in layer groups of {group}, random permutation", "8b",
+             np.arange(n8), rng.permutation(n8), group),
     ]
     for label, key, n in (("16 KiB", "16k", 16384), ("256 KiB", "256k", 1024),
                           ("1 MiB", "1m", 256)):
         out.append(Case(f"256 MiB in {label} blocks", key, run_ids(rng, n, 16),
-                        run_ids(rng, n, 8), 1, "single-256m"))
+                        run_ids(rng, n, 8), 1))
     out.append(Case("256 MiB in 16 KiB blocks, random permutation", "16k", np.arange(16384),
-                    rng.permutation(16384), 1, "single-256m"))
+                    rng.permutation(16384), 1))
     if not quick:
         out.append(Case("1 GiB in 1 MiB blocks", "1m", run_ids(rng, 1024, 16),
-                        run_ids(rng, 1024, 8), 1, "single-1g"))
-    return out
-
-
-def limits(quick: bool) -> dict[str, Case]:
-    out = {"single-256m": Case("single 256 MiB buffer", "1m", np.arange(256), np.arange(256),
-                               1, "")}
-    if not quick:
-        out["single-1g"] = Case("single 1 GiB buffer", "1m", np.arange(1024), np.arange(1024),
-                                1, "")
+                        run_ids(rng, 1024, 8), 1))
     return out
 
 
 # --- the receiver process ------------------------------------------------------------------
 
 
-def _receiver_main(conn: Connection, config: TransferConfig, quick: bool) -> None:
+def _receiver_main(conn: Connection, config: TransferConfig, quick: bool, group: int) -> None:
     os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
     agents = {}
-    for key, (spec, n) in layouts(quick).items():
+    for key, (spec, n) in layouts(quick, group).items():
         agent = create_agent(spec, config)
-        agent.register_cache(torch.zeros(_dims(spec, n), dtype=spec.torch_dtype))
+        agent.register_cache(torch.zeros(spec.dims(n), dtype=spec.torch_dtype))
         agents[key] = agent
     conn.send({key: a.metadata() for key, a in agents.items()})
     while True:  # busy: the receiver's poll is on the data path for ucxx
@@ -142,21 +160,16 @@ def _receiver_main(conn: Connection, config: TransferConfig, quick: bool) -> Non
             return
 
 
-def _dims(spec: KVLayoutSpec, n: int) -> tuple[int, ...]:
-    return (spec.num_layers, n, 2, spec.block_size, spec.num_kv_heads, spec.head_dim)
-
-
 # --- the sender side -----------------------------------------------------------------------
 
 
 def time_case(agent: BaseAgent, peer: str, conn: Connection, case: Case, rid: str) -> float:
     """Seconds from the first write posted to the receiver's REQUEST_COMPLETE."""
-    step = case.layers_per_write
+    writes = case.writes(agent.spec)
     t0 = time.perf_counter()
-    for start in range(0, case.num_layers, step):
-        agent.write(peer, rid, case.src, case.dst, range(start, start + step),
-                    last=start + step >= case.num_layers)
-    pending, landed = case.num_layers // step, False
+    for i, layers in enumerate(writes):
+        agent.write(peer, rid, case.src, case.dst, layers, last=i == len(writes) - 1)
+    pending, landed = len(writes), False
     deadline = time.monotonic() + 120
     while pending or not landed:
         for ev in agent.poll():
@@ -183,30 +196,30 @@ def memcpy_gbps(nbytes: int, repeat: int) -> float:
     return nbytes / statistics.median(times) / 1e9
 
 
-def bench_config(label: str, config: TransferConfig, quick: bool,
-                 repeat: int) -> dict[str, tuple[float, float]]:
+def bench_config(label: str, config: TransferConfig, quick: bool, repeat: int,
+                 group: int) -> dict[str, tuple[float, float]]:
     ctx = mp.get_context("spawn")
     conn, child = ctx.Pipe()
-    proc = ctx.Process(target=_receiver_main, args=(child, config, quick), daemon=True)
+    proc = ctx.Process(target=_receiver_main, args=(child, config, quick, group), daemon=True)
     proc.start()
     if not conn.poll(120):
         raise TimeoutError("the receiver process did not start")
     metadata = conn.recv()
     senders, peers = {}, {}
-    for key, (spec, n) in layouts(quick).items():
-        cache = torch.empty(_dims(spec, n), dtype=spec.torch_dtype)  # [L, N, 2, bs, Hkv, D]
+    for key, (spec, n) in layouts(quick, group).items():
+        cache = torch.empty(spec.dims(n), dtype=spec.torch_dtype)  # [G, N, g, 2, bs, Hkv, D]
         cache.view(torch.uint8).fill_(7)  # touch the pages once, outside the timings
         senders[key] = create_agent(spec, config)
         senders[key].register_cache(cache)
         peers[key] = senders[key].connect(metadata[key])
     gbps: dict[str, tuple[float, float]] = {}  # case → (its GB/s, its limit's GB/s)
-    lim = limits(quick)
     request_ids = itertools.count()
     try:
-        for case in cases(quick):
+        for case in cases(quick, group):
             # The case and its single-buffer limit alternate, so that both see the same load
-            # on this shared machine; the first pair warms up.
-            pair = (case, lim[case.limit])
+            # on this shared machine; the first pair warms up. The limit uses the same caches
+            # and agents as the case (see the module docstring).
+            pair = (case, case.single_buffer(senders[case.layout].spec))
             times: dict[str, list[float]] = {c.name: [] for c in pair}
             for i in range(repeat + 1):
                 for c in pair:
@@ -214,10 +227,10 @@ def bench_config(label: str, config: TransferConfig, quick: bool,
                     t = time_case(senders[c.layout], peers[c.layout], conn, c, rid)
                     if i:
                         times[c.name].append(t)
-            rates = [len(c.src) * c.num_layers * senders[c.layout].spec.block_bytes
-                     / statistics.median(times[c.name]) / 1e9 for c in pair]
+            rates = [c.nbytes(senders[c.layout].spec) / statistics.median(times[c.name]) / 1e9
+                     for c in pair]
             gbps[case.name] = (rates[0], rates[1])
-            print(f"  {label:30s} {case.name:52s} {rates[0]:6.2f} GB/s "
+            print(f"  {label:30s} {case.name:72s} {rates[0]:6.2f} GB/s "
                   f"(single buffer {rates[1]:.2f})", flush=True)
     finally:
         for agent in senders.values():
@@ -235,24 +248,31 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="skip the 1 GiB case")
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--layer-group", type=int, default=DEFAULT_GROUP,
+                        help=f"g of the 8B-shaped cache (default: auto, {DEFAULT_GROUP})")
     args = parser.parse_args()
+    group = args.layer_group
     os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
-    memcpy = {"single-256m": memcpy_gbps(256 * MIB, args.repeat)}
+    memcpy = {256 * MIB: memcpy_gbps(256 * MIB, args.repeat)}
     if not args.quick:
-        memcpy["single-1g"] = memcpy_gbps(1024 * MIB, args.repeat)
-    print(f"memcpy: {', '.join(f'{k} {v:.2f} GB/s' for k, v in memcpy.items())}", flush=True)
-    results = {label: bench_config(label, replace(CONFIGS[label]), args.quick, args.repeat)
-               for label in args.configs}
+        memcpy[1024 * MIB] = memcpy_gbps(1024 * MIB, args.repeat)
+    print(f"memcpy: {', '.join(f'{k >> 20} MiB {v:.2f} GB/s' for k, v in memcpy.items())}",
+          flush=True)
+    results = {label: bench_config(label, replace(CONFIGS[label]), args.quick, args.repeat,
+                                   group) for label in args.configs}
+    specs = {key: spec for key, (spec, _) in layouts(args.quick, group).items()}
     print("\n| backend | case | regions | GB/s | single buffer GB/s | ratio | memcpy GB/s |"
           " vs memcpy |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for label, gbps in results.items():
-        for case in cases(args.quick):
+        for case in cases(args.quick, group):
             rate, single = gbps[case.name]
-            print(f"| {label} | {case.name} | {case.regions} | {rate:.2f} | "
-                  f"{single:.2f} | {rate / single:.0%} | {memcpy[case.limit]:.2f} | "
-                  f"{rate / memcpy[case.limit]:.0%} |")
-    print("\nregions: descriptors after coalescing adjacent blocks (per write × writes).")
+            spec = specs[case.layout]
+            copy = memcpy[case.nbytes(spec)]
+            print(f"| {label} | {case.name} | {case.regions(spec)} | {rate:.2f} | "
+                  f"{single:.2f} | {rate / single:.0%} | {copy:.2f} | {rate / copy:.0%} |")
+    print("\nregions: contiguous regions moved (adjacent (layer, block) units coalesced), summed "
+          "over the writes.")
 
 
 if __name__ == "__main__":

@@ -3,10 +3,12 @@ receiver's reserved blocks, zero-copy on both sides (single-copy CMA between pro
 host, RDMA across hosts), with NIXL's notification delivered after the bytes.
 
 Descriptor lists are prepared once: the local cache at `register_cache`, each peer's cache at
-`connect`, both as one descriptor per (layer, block) in layer-major order. A write is then one
-`make_prepped_xfer` with two index arrays. NIXL merges descriptors that are adjacent on both
-sides when it builds the request (its telemetry reports one descriptor for a run of adjacent
-blocks), so runs of adjacent block ids cost one descriptor without any work here.
+`connect`, both as one descriptor per (layer, block) unit in memory order (kv_transfer/spec.py).
+A write is then one `make_prepped_xfer` with two index arrays, listed in memory order
+(`spec.unit_ids`). NIXL merges consecutive descriptors that are adjacent on both sides when it
+builds the request (its telemetry, `descCount`, reports one descriptor per merged region), so a
+write of whole layer groups costs one descriptor per (group, run of blocks adjacent on both
+sides), and any other layer range still works, with smaller regions.
 """
 
 from __future__ import annotations
@@ -29,12 +31,13 @@ log = logging.getLogger(__name__)
 @dataclass
 class _Remote:
     nixl_name: str
-    dlist: Any  # nixl_prepped_dlist_handle over the peer's [L * N_peer] (layer, block) regions
+    dlist: Any  # nixl_prepped_dlist_handle over the peer's L * N_peer (layer, block) units
     num_blocks: int
 
 
 def _block_descs(base: int, count: int, block_bytes: int) -> np.ndarray:
-    """[count, 3] (address, length, device id) rows, one per (layer, block) in cache order."""
+    """[count, 3] (address, length, device id) rows, one per (layer, block) unit in memory
+    order."""
     addrs = base + np.arange(count, dtype=np.uint64) * np.uint64(block_bytes)  # [count]
     descs = np.zeros((count, 3), dtype=np.uint64)  # [count, 3]
     descs[:, 0] = addrs
@@ -61,11 +64,11 @@ class NixlAgent(BaseAgent):
             enable_prog_thread=config.nixl_progress_thread, enable_listen_thread=False,
             backends=["UCX"]))
         self._reg: Any = None
-        self._local: Any = None  # prepped dlist over our [L * N] (layer, block) regions
+        self._local: Any = None  # prepped dlist over our L * N (layer, block) units
         self._remotes: dict[str, _Remote] = {}
 
     def _register(self, kv_cache: torch.Tensor, num_blocks: int) -> dict[str, Any]:
-        self._reg = self._nixl.register_memory(kv_cache)  # the whole [L, N, 2, bs, Hkv, D]
+        self._reg = self._nixl.register_memory(kv_cache)  # the whole [G, N, g, 2, bs, Hkv, D]
         count = self.spec.num_layers * num_blocks
         self._local = self._nixl.prep_xfer_dlist(
             "NIXL_INIT_AGENT", _block_descs(kv_cache.data_ptr(), count, self.spec.block_bytes),
@@ -95,9 +98,8 @@ class NixlAgent(BaseAgent):
     def _post_write(self, peer: str, src: np.ndarray, dst: np.ndarray, layers: range,
                     notif: bytes) -> Any:
         remote = self._remotes[peer]
-        lay = np.arange(layers.start, layers.stop, dtype=np.int64)[:, None]  # [nl, 1]
-        local_idx = (lay * self._num_blocks + src[None, :]).ravel().astype(np.int32)  # [nl*n]
-        remote_idx = (lay * remote.num_blocks + dst[None, :]).ravel().astype(np.int32)  # [nl*n]
+        local_idx = self.spec.unit_ids(layers, src, self._num_blocks).astype(np.int32)  # [nl*n]
+        remote_idx = self.spec.unit_ids(layers, dst, remote.num_blocks).astype(np.int32)  # [nl*n]
         try:
             xfer = self._nixl.make_prepped_xfer("WRITE", self._local, local_idx, remote.dlist,
                                                 remote_idx, notif)

@@ -1,24 +1,32 @@
-"""The KV compatibility descriptor two workers compare before any byte moves.
+"""The KV compatibility descriptor two workers compare before any byte moves, and where its
+(layer, block) units lie in a cache of that layout.
 
 Two workers may exchange KV blocks only if every field below agrees: a block written by one must
 mean exactly the same thing in the other's cache. `num_blocks` is deliberately absent (prefill and
 decode pools differ in size); the transfer layer checks block ids against the peer's count instead.
+
+Units. The cache `[G, N, g, 2, bs, Hkv, D]` (engine/kv_cache.py) is a flat array of
+`G * N * g` units of `block_bytes` each, one per (layer, block): unit
+`((l // g) * N + b) * g + l % g`. `unit_ids` lists a write's units in memory order (group by
+group, then block by block, then layer by layer) so that a run of blocks adjacent on both sides
+and a whole group of layers come out as consecutive unit ids: one region.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from typing import Any
 
+import numpy as np
 import torch
 
-from engine.kv_cache import LAYOUT_NAME, CacheShape
+from engine.kv_cache import CacheShape, layout_name
 
 SPEC_FIELDS = ("model_name", "dtype", "num_layers", "num_kv_heads", "head_dim", "block_size",
-               "layout")
+               "layer_group", "layout")
 
 
 @dataclass(frozen=True)
@@ -31,14 +39,19 @@ class KVLayoutSpec:
     num_kv_heads: int
     head_dim: int
     block_size: int
-    layout: str = LAYOUT_NAME
+    layer_group: int = 1  # g: layers stored block-major together (1: layer-major)
+    layout: str = field(init=False)  # the layout's name with g, from engine/kv_cache.py
 
     def __post_init__(self) -> None:
-        for name in ("num_layers", "num_kv_heads", "head_dim", "block_size"):
+        for name in ("num_layers", "num_kv_heads", "head_dim", "block_size", "layer_group"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.num_layers % self.layer_group:
+            raise ValueError(f"layer_group: must divide num_layers ({self.num_layers}), got "
+                             f"{self.layer_group}")
         if not isinstance(getattr(torch, self.dtype, None), torch.dtype):
             raise ValueError(f"dtype: {self.dtype!r} is not a torch dtype name")
+        object.__setattr__(self, "layout", layout_name(self.layer_group))
 
     @classmethod
     def from_cache_shape(cls, shape: CacheShape, model_name: str) -> KVLayoutSpec:
@@ -50,6 +63,7 @@ class KVLayoutSpec:
             num_kv_heads=shape.num_kv_heads,
             head_dim=shape.head_dim,
             block_size=shape.block_size,
+            layer_group=shape.layer_group,
         )
 
     @cached_property
@@ -78,19 +92,41 @@ class KVLayoutSpec:
         mine = self.to_dict()
         return [name for name in SPEC_FIELDS if other.get(name) != mine[name]]
 
+    @property
+    def num_groups(self) -> int:
+        return self.num_layers // self.layer_group
+
+    def dims(self, num_blocks: int) -> tuple[int, int, int, int, int, int, int]:
+        """A cache of this layout with `num_blocks` blocks: [G, N, g, 2, bs, Hkv, D]."""
+        return (self.num_groups, num_blocks, self.layer_group, 2, self.block_size,
+                self.num_kv_heads, self.head_dim)
+
+    def unit_ids(self, layers: range, blocks: np.ndarray, num_blocks: int) -> np.ndarray:
+        """The (layer, block) units of `layers` x `blocks` in a cache of `num_blocks` blocks, in
+        memory order: group by group, block by block (in `blocks` order), layer by layer.
+        `[len(layers) * len(blocks)]` int64."""
+        g = self.layer_group
+        parts = []
+        for group in range(layers.start // g, (layers.stop - 1) // g + 1):
+            lo, hi = max(layers.start, group * g), min(layers.stop, (group + 1) * g)
+            inner = np.arange(lo - group * g, hi - group * g, dtype=np.int64)  # [nl]
+            first = (group * num_blocks + blocks.astype(np.int64)) * g  # [n]
+            parts.append((first[:, None] + inner[None, :]).ravel())  # [n * nl]
+        return np.concatenate(parts)
+
     def check_tensor(self, kv_cache: torch.Tensor) -> int:
         """Checks that `kv_cache` has this layout and returns its number of blocks."""
-        if kv_cache.dim() != 6:
-            raise ValueError(f"kv_cache: expected 6 dims [L, N, 2, bs, Hkv, D], got "
+        if kv_cache.dim() != 7:
+            raise ValueError(f"kv_cache: expected 7 dims [G, N, g, 2, bs, Hkv, D], got "
                              f"{tuple(kv_cache.shape)}")
-        layers, num_blocks, two, block_size, heads, head_dim = kv_cache.shape
-        want = (self.num_layers, 2, self.block_size, self.num_kv_heads, self.head_dim)
-        if (layers, two, block_size, heads, head_dim) != want:
+        num_blocks = int(kv_cache.shape[1])
+        if tuple(kv_cache.shape) != self.dims(num_blocks):
+            g = self.layer_group
             raise ValueError(f"kv_cache: shape {tuple(kv_cache.shape)} does not match spec "
-                             f"[{self.num_layers}, N, 2, {self.block_size}, "
-                             f"{self.num_kv_heads}, {self.head_dim}]")
+                             f"[{self.num_groups}, N, {g}, 2, {self.block_size}, "
+                             f"{self.num_kv_heads}, {self.head_dim}] (groups of {g} layers)")
         if kv_cache.dtype != self.torch_dtype:
             raise ValueError(f"kv_cache: dtype {kv_cache.dtype} does not match spec {self.dtype}")
         if not kv_cache.is_contiguous():
             raise ValueError("kv_cache: must be one contiguous allocation")
-        return int(num_blocks)
+        return num_blocks

@@ -1,7 +1,8 @@
 """The second backend: `ucxx` (the maintained successor of ucx-py), two-sided.
 
 ucxx's Python API has no one-sided put, so a write is a header message followed by one tag
-message per contiguous region (a run of blocks adjacent on both sides, in one layer). The
+message per contiguous region: a run of (layer, block) units adjacent in memory on both sides
+(kv_transfer/spec.py; a whole layer group of a run of adjacent blocks is one region). The
 receiver's `poll()` reads the header and posts a receive for each region directly into the
 reserved blocks of its registered cache: zero-copy on both sides, no staging buffer, but the
 receiver must call `poll()` for bytes to move. The notification is the header; the message
@@ -43,7 +44,8 @@ def _tag(conn_id: int, seq: int, region: int) -> int:
 
 
 def coalesce(src: np.ndarray, dst: np.ndarray) -> list[tuple[int, int, int]]:
-    """(src start, dst start, length) runs of block pairs adjacent on both sides, in order."""
+    """(src start, dst start, length) runs of id pairs adjacent on both sides, in order (ids of
+    blocks or of (layer, block) units)."""
     brk = np.flatnonzero((np.diff(src) != 1) | (np.diff(dst) != 1)) + 1  # run starts after 0
     starts = np.concatenate(([0], brk))
     lengths = np.diff(np.concatenate((starts, [len(src)])))
@@ -61,6 +63,7 @@ class _OutWrite:
 class _Outbound:
     endpoint: Any
     conn_id: int
+    num_blocks: int  # the peer's
     next_seq: int = 0
 
 
@@ -93,13 +96,13 @@ class UcxxAgent(BaseAgent):
         self._ucx, self._Array = ucx, Array
         self._context = ucx.UCXContext({}, feature_flags=(ucx.Feature.TAG,))
         self._worker = ucx.UCXWorker(self._context)
-        self._cache_u8: np.ndarray | None = None  # [L, N, block_bytes] view of the cache
+        self._cache_u8: np.ndarray | None = None  # [L * N, block_bytes]: the cache's units
         self._out: dict[str, _Outbound] = {}
         self._in: dict[int, _Inbound] = {}
 
     def _register(self, kv_cache: torch.Tensor, num_blocks: int) -> dict[str, Any]:
-        flat = kv_cache.view(torch.uint8).view(self.spec.num_layers, num_blocks, -1)
-        self._cache_u8 = flat.numpy()  # [L, N, block_bytes], shares memory with kv_cache
+        flat = kv_cache.view(torch.uint8).view(self.spec.num_layers * num_blocks, -1)
+        self._cache_u8 = flat.numpy()  # [L * N, block_bytes], shares memory with kv_cache
         address = self._worker.address
         return {"ucx_address": base64.b64encode(bytes(address)).decode(),
                 "block_bytes": self.spec.block_bytes}
@@ -110,7 +113,7 @@ class UcxxAgent(BaseAgent):
             base64.b64decode(backend_md["ucx_address"]))
         endpoint = self._worker.create_endpoint_from_worker_address(
             address, self.config.ucxx_error_handling)
-        self._out[peer] = _Outbound(endpoint, conn_id)
+        self._out[peer] = _Outbound(endpoint, conn_id, int(backend_md["num_blocks"]))
 
     def _close_peer(self, peer: str) -> None:
         # Only drop the reference: ucxx's destructor closes the endpoint safely, while an
@@ -121,12 +124,12 @@ class UcxxAgent(BaseAgent):
                     notif: bytes) -> Any:
         assert self._cache_u8 is not None
         out = self._out[peer]
-        runs = coalesce(src, dst)
-        if len(runs) * len(layers) > _MAX_REGIONS:
+        regions = coalesce(self.spec.unit_ids(layers, src, self._num_blocks),
+                           self.spec.unit_ids(layers, dst, out.num_blocks))
+        if len(regions) > _MAX_REGIONS:
             raise ValueError(f"one write may carry at most {_MAX_REGIONS} regions")
-        regions = [(layer, s, d, n) for layer in layers for s, d, n in runs]
         header = np.frombuffer(bytearray(json.dumps(
-            {"n": notif.decode(), "r": [[layer, d, n] for layer, _, d, n in regions]}).encode()),
+            {"n": notif.decode(), "r": [[d, n] for _, d, n in regions]}).encode()),
             dtype=np.uint8)
         seq = out.next_seq
         out.next_seq += 1
@@ -134,8 +137,8 @@ class UcxxAgent(BaseAgent):
         try:
             reqs = [out.endpoint.tag_send(self._Array(header), ucx.UCXXTag(_tag(out.conn_id, seq,
                                                                                  0)))]
-            for i, (layer, s, _, n) in enumerate(regions, start=1):
-                region = self._cache_u8[layer, s:s + n].reshape(-1)  # [n * block_bytes], a view
+            for i, (s, _, n) in enumerate(regions, start=1):
+                region = self._cache_u8[s:s + n].reshape(-1)  # [n * block_bytes], a view
                 reqs.append(out.endpoint.tag_send(self._Array(region),
                                                   ucx.UCXXTag(_tag(out.conn_id, seq, i))))
             self._worker.progress()
@@ -209,12 +212,12 @@ class UcxxAgent(BaseAgent):
     def _post_receives(self, conn_id: int, inb: _Inbound, seq: int, raw: bytes) -> None:
         assert self._cache_u8 is not None
         header = json.loads(raw)
-        num_layers, num_blocks, _ = self._cache_u8.shape
+        num_units = self._cache_u8.shape[0]
         reqs = []
-        for i, (layer, d, n) in enumerate(header["r"], start=1):
-            if not (0 <= layer < num_layers and d >= 0 and d + n <= num_blocks and n > 0):
-                raise ValueError(f"region {(layer, d, n)} outside the cache")
-            region = self._cache_u8[layer, d:d + n].reshape(-1)  # [n * block_bytes], a view
+        for i, (d, n) in enumerate(header["r"], start=1):
+            if not (d >= 0 and n > 0 and d + n <= num_units):
+                raise ValueError(f"region {(d, n)} outside the cache")
+            region = self._cache_u8[d:d + n].reshape(-1)  # [n * block_bytes], a view
             reqs.append(self._worker.tag_recv(self._Array(region),
                                               self._ucx.UCXXTag(_tag(conn_id, seq, i))))
         inb.messages.append(_InMsg(str(header["n"]).encode(), reqs))

@@ -1,13 +1,15 @@
-"""Prefill-side request handling: compute the prompt, push its KV layer by layer.
+"""Prefill-side request handling: compute the prompt, push its KV a layer group at a time.
 
 `prefill` registers a push plan (the decode worker's agent, its reserved block ids, how many
 leading blocks it already holds) and queues the prompt in the engine, where it is batched
-and chunked with other prompts. As each layer of a step finishes, `on_layer_done` (engine
-thread) posts one write of that layer's blocks touched by the step — blocks the decode worker
-lacks, including ones this worker had cached and did not recompute. The write of the last
-layer of the last chunk is marked `last`, so the decode side knows when the request is
-complete. `prefill` returns the first sampled token once every write has landed, then frees
-the blocks (they stay in this worker's prefix cache).
+and chunked with other prompts. As the last layer of each layer group of a step finishes
+(groups of g layers: the cache layout, engine/kv_cache.py), `on_layer_done` (engine thread)
+posts one write of that group's blocks touched by the step — blocks the decode worker lacks,
+including ones this worker had cached and did not recompute — so each block's group is one
+contiguous region and the transfer of a group overlaps the compute of the next ones. The
+write of the last group of the last chunk is marked `last`, so the decode side knows when the
+request is complete. `prefill` returns the first sampled token once every write has landed,
+then frees the blocks (they stay in this worker's prefix cache).
 """
 
 from __future__ import annotations
@@ -174,8 +176,13 @@ class PrefillWorker:
     # ---- engine thread -------------------------------------------------------------------
 
     def on_layer_done(self, layer: int, batch: ScheduledBatch) -> None:
-        """Posts this layer's writes for every planned request in the step."""
+        """After the last layer of a layer group: posts the group's writes for every planned
+        request in the step."""
         engine = self.loop.engine
+        group = engine.cache_shape.layer_group
+        if (layer + 1) % group:
+            return  # the group's other layers are still to come
+        layers = range(layer + 1 - group, layer + 1)
         bs = engine.config.block_size
         last_layer = engine.model_config.num_layers - 1
         for request, num_new in zip(batch.requests, batch.num_new_tokens, strict=True):
@@ -193,7 +200,7 @@ class PrefillWorker:
             try:
                 write_id = self.agent.write(
                     plan.peer, request.request_id, src, plan.dst_blocks[first_block:end_block],
-                    range(layer, layer + 1), last=is_last, trace_context=plan.trace_context)
+                    layers, last=is_last, trace_context=plan.trace_context)
             except (TransferError, ValueError) as error:
                 self._fail(plan, str(error))
                 continue

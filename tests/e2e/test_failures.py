@@ -2,7 +2,9 @@
 killed, a prefill worker whose KV layout does not match. Real processes, real signals.
 
 Workers here run with an injected per-step delay (`--step-delay-ms`, a fault-injection flag)
-so that requests are reliably in flight when a process is killed.
+so that requests are reliably in flight when a process is killed, and with one layer per KV
+cache group (`--kv-layer-group 1`; the tiny model's default puts both layers in one group) so
+that prefill streams several writes per chunk, as it does for real models.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ def slow_cluster(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory,
     logs = tmp_path_factory.mktemp("slow-cluster-logs")
     with LocalCluster(tiny_llama, prefill=2, decode=2, log_dir=logs,
                       worker_args=["--num-blocks", "192", "--step-delay-ms", "150",
-                                   "--max-num-batched-tokens", "64",
+                                   "--max-num-batched-tokens", "64", "--kv-layer-group", "1",
                                    "--shutdown-grace-s", "2"]) as running:
         yield running
 
@@ -159,6 +161,22 @@ async def test_mismatched_prefill_worker_is_never_used(slow_cluster: LocalCluste
             result = await client.complete(token_ids=prompt(300 + i), max_tokens=2,
                                            ignore_eos=True)
             assert result.token_ids == expected(tiny_llama, prompt(300 + i), 2)
+    assert (await counters(odd)).get("prefill_requests", 0) == 0
+
+
+async def test_prefill_worker_with_other_layer_groups_is_never_used(
+        slow_cluster: LocalCluster, tiny_llama: Path) -> None:
+    odd = slow_cluster.spawn("prefill", ["--kv-layer-group", "2"])  # the others: 1
+    slow_cluster.wait_ready(odd)
+    async with RouterClient(slow_cluster.router_address) as client:
+        async def listed() -> bool:
+            status = await client.status()
+            return any(e.prefill_worker_id == odd.worker_id for e in status.pair_errors)
+        await wait_until(listed, what="the pair error in cluster status")
+        for i in range(4):
+            result = await client.complete(token_ids=prompt(400 + i), max_tokens=2,
+                                           ignore_eos=True)
+            assert result.token_ids == expected(tiny_llama, prompt(400 + i), 2)
     assert (await counters(odd)).get("prefill_requests", 0) == 0
 
 

@@ -12,6 +12,7 @@ import torch
 
 from engine.config import EngineConfig
 from engine.engine import Engine
+from engine.kv_cache import kv_layer
 from engine.sampling import SamplingParams
 from engine.scheduler import ScheduledBatch
 from tests.engine.hf_reference import hf_greedy
@@ -40,8 +41,8 @@ def disaggregated(prefill: Engine, decode: Engine, rid: str, prompt: list[int],
             last = -(-(request.num_computed_tokens + num_new) // BS)
             p_blocks = prefill.block_manager.block_ids(request.request_id)
             for i in range(first, last):
-                decode.runner.kv_cache[layer, d_blocks[i]] = prefill.runner.kv_cache[
-                    layer, p_blocks[i]]
+                kv_layer(decode.runner.kv_cache, layer)[d_blocks[i]] = kv_layer(
+                    prefill.runner.kv_cache, layer)[p_blocks[i]]
                 copied.add(i)
 
     first_token = None
@@ -52,6 +53,7 @@ def disaggregated(prefill: Engine, decode: Engine, rid: str, prompt: list[int],
     p_blocks = prefill.block_manager.block_ids(rid)
     for i in range(d_cached_blocks, len(d_blocks)):
         if i not in copied:
+            # [G, N, g, ...]: block i of every layer group
             decode.runner.kv_cache[:, d_blocks[i]] = prefill.runner.kv_cache[:, p_blocks[i]]
             copied.add(i)
     assert prefill.release(rid)

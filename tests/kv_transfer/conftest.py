@@ -26,7 +26,7 @@ def make_agent() -> Iterator[Callable[..., tuple[BaseAgent, Any]]]:
     def make(backend: str, spec: KVLayoutSpec = SPEC, num_blocks: int = 64, seed: int = 0,
              **config: Any) -> tuple[BaseAgent, Any]:
         agent = create_agent(spec, replace(CONFIG, backend=backend, **config))
-        cache = random_cache(spec, num_blocks, seed)  # [L, N, 2, bs, Hkv, D]
+        cache = random_cache(spec, num_blocks, seed)  # [G, N, g, 2, bs, Hkv, D]
         agent.register_cache(cache)
         agents.append(agent)
         return agent, cache

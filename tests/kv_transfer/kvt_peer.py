@@ -27,16 +27,15 @@ CONFIG = TransferConfig(token=TOKEN, connect_timeout_s=20.0, write_timeout_s=20.
 
 
 def random_cache(spec: KVLayoutSpec, num_blocks: int, seed: int) -> torch.Tensor:
-    """[L, N, 2, bs, Hkv, D] of random values, reproducible from `seed`."""
+    """[G, N, g, 2, bs, Hkv, D] of random values, reproducible from `seed`."""
     g = torch.Generator().manual_seed(seed)
-    shape = (spec.num_layers, num_blocks, 2, spec.block_size, spec.num_kv_heads, spec.head_dim)
-    return torch.randn(shape, generator=g).to(spec.torch_dtype)  # [L, N, 2, bs, Hkv, D]
+    return torch.randn(spec.dims(num_blocks), generator=g).to(spec.torch_dtype)
 
 
 def peer_main(conn: Connection, spec: KVLayoutSpec, config: TransferConfig, num_blocks: int,
               seed: int) -> None:
     agent = create_agent(spec, config)
-    cache = random_cache(spec, num_blocks, seed)  # [L, N, 2, bs, Hkv, D]
+    cache = random_cache(spec, num_blocks, seed)  # [G, N, g, 2, bs, Hkv, D]
     agent.register_cache(cache)
     conn.send(("ready", agent.metadata(), agent.name))
     events: list[Any] = []

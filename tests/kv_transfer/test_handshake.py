@@ -24,6 +24,7 @@ def nixl_receiver():
     ("dtype", replace(SPEC, dtype="bfloat16"), {}),
     ("num_kv_heads", replace(SPEC, num_kv_heads=1), {}),
     ("model_name", replace(SPEC, model_name="other-model"), {}),
+    ("layer_group", replace(SPEC, layer_group=2), {}),
     ("token", SPEC, {"token": "not-the-cluster-token"}),
 ])
 def test_mismatch_refused_naming_the_field(make_agent, nixl_receiver, field, spec,

@@ -1,5 +1,6 @@
 """Two real processes on loopback: every byte lands in the right destination block, nothing
-else changes, for both backends and both dtypes, one request or many interleaved."""
+else changes, for both backends and both dtypes, caches in layer groups of 1, 2 and all layers,
+writes of whole groups or of any other layer range, one request or many interleaved."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 from conftest import poll_until, scattered_ids
 from kvt_peer import SPEC, Peer, random_cache
 
+from engine.kv_cache import kv_layer
 from kv_transfer import EventKind
 
 BACKENDS = ["nixl", "ucxx"]
@@ -22,12 +24,13 @@ def as_bits(t: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize(("dtype", "group"), [("float32", 1), ("bfloat16", 2), ("float32", 4)])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_layerwise_scattered_blocks_land_exactly(make_agent, backend: str, dtype: str) -> None:
-    spec = replace(SPEC, dtype=dtype)
+def test_groupwise_scattered_blocks_land_exactly(make_agent, backend: str, dtype: str,
+                                                 group: int) -> None:
+    spec = replace(SPEC, dtype=dtype, layer_group=group)
     receiver, cache = make_agent(backend, spec, num_blocks=64, seed=11)
-    before = cache.clone()  # [L, N, 2, bs, Hkv, D]
+    before = cache.clone()  # [G, N, g, 2, bs, Hkv, D]
     sender = Peer(backend, spec=spec, num_blocks=48, seed=22)
     try:
         peer = sender.call("connect", receiver.metadata())
@@ -35,18 +38,19 @@ def test_layerwise_scattered_blocks_land_exactly(make_agent, backend: str, dtype
         src = scattered_ids(rng, 20, 48)
         dst = scattered_ids(rng, 20, 64)
         receiver.expect("req-A", 20.0)
-        # Layer by layer, as prefill computes them; the last write says "4 writes in all".
-        plan = [(peer, "req-A", src, dst, (layer, layer + 1), layer == spec.num_layers - 1)
-                for layer in range(spec.num_layers)]
+        # A layer group at a time, as prefill sends them; the last write says how many in all.
+        num_writes = spec.num_layers // group
+        plan = [(peer, "req-A", src, dst, (lo, lo + group), lo + group == spec.num_layers)
+                for lo in range(0, spec.num_layers, group)]
         sender.call("write", plan)
         [done] = poll_until(receiver, 1, 20.0)
         assert done.kind == EventKind.REQUEST_COMPLETE, done
         assert done.nbytes == 20 * spec.num_layers * spec.block_bytes
-        writes = sender.wait_events(spec.num_layers, 20.0)
-        assert [e.kind for e in writes] == [EventKind.WRITE_DONE] * spec.num_layers
+        writes = sender.wait_events(num_writes, 20.0)
+        assert [e.kind for e in writes] == [EventKind.WRITE_DONE] * num_writes
 
         expected = before.clone()
-        expected[:, dst] = random_cache(spec, 48, 22)[:, src]  # [L, 20, 2, bs, Hkv, D]
+        expected[:, dst] = random_cache(spec, 48, 22)[:, src]  # blocks dst of every layer
         assert torch.equal(as_bits(cache), as_bits(expected))
         assert not torch.equal(as_bits(cache), as_bits(before))  # the test can fail
         assert receiver.stats.snapshot()["bytes_received"] == done.nbytes
@@ -56,10 +60,41 @@ def test_layerwise_scattered_blocks_land_exactly(make_agent, backend: str, dtype
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_layer_ranges_across_groups_land_exactly(make_agent, backend: str) -> None:
+    """Writes whose layers are not whole groups: (0, 3) is group 0 and half of group 1; a
+    write of layer 1 alone leaves layer 0 of the same blocks (the same group) untouched."""
+    spec = replace(SPEC, layer_group=2)
+    receiver, cache = make_agent(backend, spec, num_blocks=40, seed=3)
+    before = cache.clone()  # [G, N, g, 2, bs, Hkv, D]
+    sender = Peer(backend, spec=spec, num_blocks=32, seed=4)
+    try:
+        peer = sender.call("connect", receiver.metadata())
+        rng = np.random.default_rng(2)
+        src, dst = scattered_ids(rng, 16, 32), scattered_ids(rng, 16, 40)
+        src_a, dst_a, src_b, dst_b = src[:10], dst[:10], src[10:], dst[10:]
+        sender.call("write", [(peer, "A", src_a, dst_a, (0, 3), False),
+                              (peer, "A", src_a, dst_a, (3, 4), True),
+                              (peer, "B", src_b, dst_b, (1, 2), True)])
+        events = poll_until(receiver, 2, 20.0)
+        assert sorted((e.request_id, e.kind) for e in events) == [
+            ("A", EventKind.REQUEST_COMPLETE), ("B", EventKind.REQUEST_COMPLETE)]
+        theirs = random_cache(spec, 32, 4)
+        expected = before.clone()
+        expected[:, dst_a] = theirs[:, src_a]
+        kv_layer(expected, 1)[dst_b] = kv_layer(theirs, 1)[src_b]
+        assert torch.equal(cache, expected)
+        assert torch.equal(kv_layer(cache, 0)[dst_b], kv_layer(before, 0)[dst_b])
+    finally:
+        sender.stop()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_many_interleaved_requests(make_agent, backend: str) -> None:
-    receiver, cache = make_agent(backend, num_blocks=128, seed=5)
+    spec = replace(SPEC, layer_group=2)  # two-layer writes are whole groups, one-layer not
+    receiver, cache = make_agent(backend, spec, num_blocks=128, seed=5)
     before = cache.clone()
-    sender = Peer(backend, num_blocks=96, seed=6)
+    sender = Peer(backend, spec=spec, num_blocks=96, seed=6)
     try:
         peer = sender.call("connect", receiver.metadata())
         rng = np.random.default_rng(1)
@@ -87,7 +122,7 @@ def test_many_interleaved_requests(make_agent, backend: str) -> None:
         assert sorted(e.request_id for e in events) == sorted(reqs)
         assert all(e.kind == EventKind.REQUEST_COMPLETE for e in events), events
         expected = before.clone()
-        theirs = random_cache(SPEC, 96, 6)
+        theirs = random_cache(spec, 96, 6)
         expected[:, dst_all] = theirs[:, src_all]
         assert torch.equal(cache, expected)
     finally:

@@ -3,13 +3,14 @@ checks, coalescing and stats."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
-from engine.kv_cache import LAYOUT_NAME, CacheShape
+from engine.kv_cache import CacheShape, allocate_kv_cache, kv_layer
 from kv_transfer import EventKind, FailureReason, HandshakeError, KVLayoutSpec, TransferConfig
 from kv_transfer.handshake import make_hello, make_welcome, new_nonce, verify
 from kv_transfer.stats import TransferStats
@@ -18,17 +19,56 @@ from kv_transfer.ucxx_backend import coalesce
 from kv_transfer.wire import Notification, encode_frame, split_frames
 
 SHAPE = CacheShape(num_layers=32, num_blocks=100, block_size=16, num_kv_heads=8, head_dim=128,
-                   dtype=torch.bfloat16)
+                   dtype=torch.bfloat16, layer_group=8)
 
 
 def test_spec_from_cache_shape() -> None:
     spec = KVLayoutSpec.from_cache_shape(SHAPE, "llama-3-8b")
-    assert spec.dtype == "bfloat16" and spec.layout == LAYOUT_NAME
+    assert spec.dtype == "bfloat16" and spec.layout == SHAPE.layout_name == "GBgTSHD/g=8"
     assert spec.block_bytes == SHAPE.block_bytes_per_layer == 64 * 1024
+    assert spec.layer_group == 8 and spec.dims(100) == SHAPE.dims
     assert spec.compat_hash == KVLayoutSpec.from_cache_shape(SHAPE, "llama-3-8b").compat_hash
     other = KVLayoutSpec.from_cache_shape(SHAPE, "llama-3-8b-instruct")
     assert other.compat_hash != spec.compat_hash
     assert spec.differing_fields(other.to_dict()) == ["model_name"]
+
+
+def test_spec_layer_group_is_part_of_the_hash() -> None:
+    spec = KVLayoutSpec.from_cache_shape(SHAPE, "llama-3-8b")
+    other = replace(spec, layer_group=4)
+    assert other.layout == "GBgTSHD/g=4" and other.compat_hash != spec.compat_hash
+    assert spec.differing_fields(other.to_dict()) == ["layer_group", "layout"]
+    with pytest.raises(ValueError, match="^layer_group: must divide num_layers"):
+        replace(spec, layer_group=3)
+
+
+@pytest.mark.parametrize("group", [1, 2, 4])
+def test_unit_ids_address_the_layer_views(group: int) -> None:
+    """Unit u of the flat cache is the block `kv_layer(cache, l)[b]` that `unit_ids` says."""
+    spec = KVLayoutSpec("m", "float32", 4, 2, 3, 2, layer_group=group)
+    cache = torch.randn(spec.dims(5))  # [G, N, g, 2, bs, Hkv, D]
+    units = cache.view(-1, spec.block_bytes // 4)  # [L * N, unit]
+    for layer in range(4):
+        ids = spec.unit_ids(range(layer, layer + 1), np.array([3, 0, 4]), 5)
+        assert torch.equal(units[ids].view(3, 2, 2, 2, 3), kv_layer(cache, layer)[[3, 0, 4]])
+
+
+def test_unit_ids_coalesce_per_group_and_block_run() -> None:
+    spec = KVLayoutSpec("m", "bfloat16", 8, 1, 64, 16, layer_group=4)  # 2 groups
+    src, dst = np.array([0, 1, 2, 9, 5]), np.array([4, 5, 6, 7, 1])  # runs: [0:3], [9], [5]
+    whole = spec.unit_ids(range(0, 8), src, 16)
+    assert len(whole) == 8 * 5
+    # one region per (group, run of blocks adjacent on both sides): 2 groups x 3 runs
+    assert len(coalesce(whole, spec.unit_ids(range(0, 8), dst, 16))) == 6
+    assert len(coalesce(spec.unit_ids(range(4, 8), src, 16),
+                        spec.unit_ids(range(4, 8), dst, 16))) == 3
+    # a range that is not whole groups: layers 2-3 of group 0, all of group 1
+    part = coalesce(spec.unit_ids(range(2, 8), src, 16), spec.unit_ids(range(2, 8), dst, 16))
+    assert len(part) == 5 + 3  # layers 2-3 of each block of group 0, then group 1's runs
+    assert sum(n for _, _, n in part) == 6 * 5
+    g1 = replace(spec, layer_group=1)  # layer-major: one region per (layer, run)
+    assert len(coalesce(g1.unit_ids(range(0, 8), src, 16),
+                        g1.unit_ids(range(0, 8), dst, 16))) == 8 * 3
 
 
 def test_spec_validates() -> None:
@@ -36,12 +76,20 @@ def test_spec_validates() -> None:
         KVLayoutSpec("m", "float32", 1, 1, 1, 0)
     with pytest.raises(ValueError, match="dtype"):
         KVLayoutSpec("m", "float33", 1, 1, 1, 1)
+    with pytest.raises(ValueError, match="layer_group"):
+        KVLayoutSpec("m", "float32", 4, 1, 1, 1, layer_group=0)
     spec = KVLayoutSpec("m", "float32", 2, 1, 4, 2)
-    assert spec.check_tensor(torch.zeros(2, 7, 2, 2, 1, 4)) == 7
+    assert spec.check_tensor(torch.zeros(2, 7, 1, 2, 2, 1, 4)) == 7
     with pytest.raises(ValueError, match="shape"):
-        spec.check_tensor(torch.zeros(2, 7, 2, 3, 1, 4))
+        spec.check_tensor(torch.zeros(2, 7, 1, 2, 3, 1, 4))
+    with pytest.raises(ValueError, match="shape"):  # the same bytes in groups of 2 layers
+        spec.check_tensor(torch.zeros(1, 7, 2, 2, 2, 1, 4))
+    with pytest.raises(ValueError, match="7 dims"):  # the old layer-major [L, N, ...] cache
+        spec.check_tensor(torch.zeros(2, 7, 2, 2, 1, 4))
     with pytest.raises(ValueError, match="dtype"):
-        spec.check_tensor(torch.zeros(2, 7, 2, 2, 1, 4, dtype=torch.float16))
+        spec.check_tensor(torch.zeros(2, 7, 1, 2, 2, 1, 4, dtype=torch.float16))
+    shape = CacheShape(4, 7, 2, 1, 4, torch.float32, layer_group=2)
+    assert replace(spec, num_layers=4, layer_group=2).check_tensor(allocate_kv_cache(shape)) == 7
 
 
 def test_config_validates() -> None:
@@ -115,7 +163,7 @@ def test_handshake_verify_names_the_field() -> None:
         ("backend", dict(backend="ucxx")),
         ("block_size", dict(spec=KVLayoutSpec("m", "bfloat16", 4, 2, 16, 32))),
         ("dtype", dict(spec=KVLayoutSpec("m", "float16", 4, 2, 16, 16))),
-        ("layout", dict(spec=KVLayoutSpec("m", "bfloat16", 4, 2, 16, 16, layout="LBHTSD"))),
+        ("layer_group", dict(spec=KVLayoutSpec("m", "bfloat16", 4, 2, 16, 16, layer_group=2))),
     ]
     for field, change in cases:
         kwargs: dict[str, Any] = {"token": "tok", "backend": "nixl", "spec": spec, **change}

@@ -30,7 +30,8 @@ def our_logits(model_dir: Path, prompt: list[int], dtype: torch.dtype,
     num_blocks = -(-n // BLOCK)
     blocks = list(range(2 * num_blocks - 1, -1, -2))  # reversed, with holes
     cache = allocate_kv_cache(CacheShape(config.num_layers, 2 * num_blocks, BLOCK,
-                                         config.num_kv_heads, config.head_dim, dtype))
+                                         config.num_kv_heads, config.head_dim, dtype,
+                                         layer_group=config.num_layers))
     slots = [blocks[p // BLOCK] * BLOCK + p % BLOCK for p in range(n)]
     batch = ForwardBatch(
         input_ids=torch.tensor(prompt), positions=torch.arange(n),
