@@ -38,6 +38,9 @@ class EngineConfig:
     hash_seed: int = DEFAULT_HASH_SEED
     num_threads: int | None = None  # torch intra-op threads on CPU (None: torch's default)
     kv_layer_group: int | None = None  # layers per KV cache group (None: auto; engine/kv_cache.py)
+    # CPU only: memory for the dense K/V copy of a steady decode batch, on top of the KV cache
+    # (engine/kernels/decode_mirror.py); 0 turns it off
+    decode_mirror_bytes: int = 1 << 30
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -57,6 +60,8 @@ class EngineConfig:
                 f"max_num_batched_tokens: must be >= 1, got {self.max_num_batched_tokens}")
         if self.kv_layer_group is not None and self.kv_layer_group < 1:
             raise ValueError(f"kv_layer_group: must be >= 1, got {self.kv_layer_group}")
+        if self.decode_mirror_bytes < 0:
+            raise ValueError(f"decode_mirror_bytes: must be >= 0, got {self.decode_mirror_bytes}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len: must be >= 2, got {self.max_model_len}")
 

@@ -90,6 +90,7 @@ class Engine:
         self.max_model_len = min(cfg.max_model_len or mc.max_position_embeddings,
                                  mc.max_position_embeddings)
         model = LlamaModel(mc, cfg.torch_dtype, self.max_model_len)
+        model.decode_mirror.max_bytes = cfg.decode_mirror_bytes
         model.load_weights(iter_weights(model_dir, cfg.torch_dtype))
         model.to(self.device)
         # bf16 on a CPU without bf16 matmuls computes in float32 (engine.cpu_features): widen

@@ -12,7 +12,9 @@ first one gathers as usual; the second gathers with headroom; later ones append)
 other forward pass — a prefill or mixed step, a changed batch, a longer sequence than the
 headroom — which drops it. So what it holds always equals what the cache holds (values
 rounded to the cache dtype, stored in the compute dtype). A batch whose mirror would exceed
-`max_bytes` just gathers. The paged cache stays the source of truth: the mirror is a copy.
+`max_bytes` (`EngineConfig.decode_mirror_bytes`, 1 GiB by default, 0: off) just gathers.
+The paged cache stays the source of truth: the mirror is a copy, and only the CPU path has
+one (the Triton kernels read the paged cache directly).
 """
 
 from __future__ import annotations

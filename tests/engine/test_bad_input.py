@@ -64,6 +64,7 @@ def test_engine_keeps_serving_after_bad_input(engine: Engine, tiny_llama: Path) 
     ({"dtype": "int8"}, "dtype"), ({"block_size": 12}, "block_size"),
     ({"num_blocks": 0}, "num_blocks"), ({"kv_cache_fraction": 0.0}, "kv_cache_fraction"),
     ({"max_num_seqs": 0}, "max_num_seqs"), ({"kv_layer_group": 0}, "kv_layer_group"),
+    ({"decode_mirror_bytes": -1}, "decode_mirror_bytes"),
 ])
 def test_invalid_config_names_the_field(kwargs: dict[str, object], field: str) -> None:
     with pytest.raises(ValueError, match=f"^{field}:"):

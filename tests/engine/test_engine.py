@@ -146,3 +146,12 @@ def test_bfloat16_engine_runs_and_mostly_agrees(tiny_llama: Path) -> None:
     tokens = make_engine(tiny_llama, dtype="bfloat16").generate([prompt], GREEDY)[0]
     assert len(tokens) == NEW
     assert tokens[:2] == hf_greedy(tiny_llama, prompt, NEW)[:2]
+
+
+def test_decode_mirror_off_gives_the_same_tokens(tiny_llama: Path) -> None:
+    """The CPU decode mirror is only a copy of the cache: on or off, the same greedy tokens."""
+    prompts = [random_prompt(n, 20 + n) for n in (5, 18, 31)]
+    on, off = make_engine(tiny_llama), make_engine(tiny_llama, decode_mirror_bytes=0)
+    assert on.generate(prompts, GREEDY) == off.generate(prompts, GREEDY)
+    assert on.runner.model.decode_mirror.gathers > 0
+    assert off.runner.model.decode_mirror.gathers == 0
