@@ -45,4 +45,5 @@ def worker_status(runtime: WorkerRuntime, role: Role,
         counters={**base, **counters},
         compat_hash=runtime.agent.spec.compat_hash,
         block_size=engine.config.block_size,
-        hash_seed=engine.config.hash_seed)
+        hash_seed=engine.config.hash_seed,
+        kv_layout={name: str(value) for name, value in runtime.agent.spec.to_dict().items()})

@@ -103,10 +103,7 @@ class WorkerPool:
             for d in decode:
                 assert p.status is not None and d.status is not None
                 if p.status.compat_hash != d.status.compat_hash:
-                    pairs[(p.worker_id, d.worker_id)] = (
-                        f"KV layouts differ (block size {p.status.block_size} vs "
-                        f"{d.status.block_size}, compat hash {p.status.compat_hash[:12]} vs "
-                        f"{d.status.compat_hash[:12]})")
+                    pairs[(p.worker_id, d.worker_id)] = layout_mismatch(p.status, d.status)
         return pairs
 
     def config_errors(self) -> dict[str, str]:
@@ -199,3 +196,13 @@ class WorkerPool:
 async def _close_later(channel: aio.Channel) -> None:
     await asyncio.sleep(CLOSE_DELAY_S)
     await channel.close()
+
+
+def layout_mismatch(prefill: common_pb2.WorkerStatus, decode: common_pb2.WorkerStatus) -> str:
+    """Why two workers' KV layouts differ, naming the fields (prefill's value first)."""
+    p, d = prefill.kv_layout, decode.kv_layout
+    fields = [f"{name} {p.get(name, '?')} vs {d.get(name, '?')}"
+              for name in sorted(set(p) | set(d)) if p.get(name) != d.get(name)]
+    detail = ", ".join(fields) or (
+        f"compat hash {prefill.compat_hash[:12]} vs {decode.compat_hash[:12]}")
+    return f"KV layouts differ: {detail}"

@@ -173,6 +173,9 @@ async def test_prefill_worker_with_other_layer_groups_is_never_used(
             status = await client.status()
             return any(e.prefill_worker_id == odd.worker_id for e in status.pair_errors)
         await wait_until(listed, what="the pair error in cluster status")
+        errors = [e.message for e in (await client.status()).pair_errors
+                  if e.prefill_worker_id == odd.worker_id]
+        assert errors and all("layer_group 2 vs 1" in m for m in errors), errors
         for i in range(4):
             result = await client.complete(token_ids=prompt(400 + i), max_tokens=2,
                                            ignore_eos=True)

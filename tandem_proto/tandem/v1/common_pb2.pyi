@@ -98,7 +98,7 @@ class WorkerLoad(_message.Message):
     def __init__(self, running: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., queued_prompt_tokens: _Optional[int] = ..., max_running: _Optional[int] = ...) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("worker_id", "role", "address", "load", "load_unix_ms", "publishes_prefix_events", "counters", "compat_hash", "block_size", "hash_seed")
+    __slots__ = ("worker_id", "role", "address", "load", "load_unix_ms", "publishes_prefix_events", "counters", "compat_hash", "block_size", "hash_seed", "kv_layout")
     class CountersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -106,6 +106,13 @@ class WorkerStatus(_message.Message):
         key: str
         value: float
         def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class KvLayoutEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -116,6 +123,7 @@ class WorkerStatus(_message.Message):
     COMPAT_HASH_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     HASH_SEED_FIELD_NUMBER: _ClassVar[int]
+    KV_LAYOUT_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: WorkerRole
     address: str
@@ -126,7 +134,8 @@ class WorkerStatus(_message.Message):
     compat_hash: str
     block_size: int
     hash_seed: int
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[WorkerRole, str]] = ..., address: _Optional[str] = ..., load: _Optional[_Union[WorkerLoad, _Mapping]] = ..., load_unix_ms: _Optional[int] = ..., publishes_prefix_events: _Optional[bool] = ..., counters: _Optional[_Mapping[str, float]] = ..., compat_hash: _Optional[str] = ..., block_size: _Optional[int] = ..., hash_seed: _Optional[int] = ...) -> None: ...
+    kv_layout: _containers.ScalarMap[str, str]
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[WorkerRole, str]] = ..., address: _Optional[str] = ..., load: _Optional[_Union[WorkerLoad, _Mapping]] = ..., load_unix_ms: _Optional[int] = ..., publishes_prefix_events: _Optional[bool] = ..., counters: _Optional[_Mapping[str, float]] = ..., compat_hash: _Optional[str] = ..., block_size: _Optional[int] = ..., hash_seed: _Optional[int] = ..., kv_layout: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
     __slots__ = ()
