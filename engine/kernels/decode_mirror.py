@@ -1,20 +1,28 @@
-"""Dense K/V of a steady decode batch, kept from step to step (the CPU engine's decode path).
+"""Dense K/V of the running decode batch, kept from step to step (the CPU engine's decode path).
 
 `paged_decode_torch` gathers every sequence's K/V out of the paged cache on every step: at
 batch 128 with ~170 tokens that is ~5.5 ms per layer on one AVX2 core, more than the attention
-itself (~3 ms). When consecutive forward passes decode the same requests (a steady batch),
-all but one token per sequence are what the previous step gathered. So the mirror keeps the
-gathered K/V `[2, S, Hkv, W, D]` of each layer, with `HEADROOM` spare positions, and a steady
-step only writes its new token into it (~0.07 ms).
+itself (~3 ms). But between two consecutive decode steps a running sequence changes by one
+token. So the mirror keeps each running request's gathered K/V in a slot of a dense buffer
+`[2, slots, Hkv, W, D]` per layer (W: the longest sequence plus `HEADROOM` positions), and a
+decode step only
 
-When it holds anything: from the second consecutive decode step of the same requests (the
-first one gathers as usual; the second gathers with headroom; later ones append) until any
-other forward pass — a prefill or mixed step, a changed batch, a longer sequence than the
-headroom — which drops it. So what it holds always equals what the cache holds (values
-rounded to the cache dtype, stored in the compute dtype). A batch whose mirror would exceed
-`max_bytes` (`EngineConfig.decode_mirror_bytes`, 1 GiB by default, 0: off) just gathers.
-The paged cache stays the source of truth: the mirror is a copy, and only the CPU path has
-one (the Triton kernels read the paged cache directly).
+- appends the new token of each request it already holds (~0.07 ms for 128 of them),
+- gathers the requests it does not hold (new arrivals, or any whose blocks or length are not
+  exactly what it holds), into free slots,
+- moves a few slots down when requests leave, so the batch's slots stay `0..S-1`,
+
+then attends over the first S slots (queries permuted into slot order and back).
+
+What it holds always equals what the cache holds (values rounded to the cache dtype, stored in
+the compute dtype): a request is kept only if it was in the previous forward pass, which was a
+decode step, with one token fewer and the same blocks under the positions held. Any other
+forward pass (a prefill or mixed step) drops everything, and a longer sequence than the
+buffer's width, or more requests than its slots, starts it over. A batch whose buffer would
+exceed `max_bytes` (`EngineConfig.decode_mirror_bytes`, 1 GiB by default, 0: off) just gathers.
+The paged cache stays the source of truth and only the CPU path has a mirror (the Triton
+kernels read the paged cache directly). Request ids must not be reused by a new request in the
+decode step right after the old one's last.
 """
 
 from __future__ import annotations
@@ -26,17 +34,25 @@ import torch
 
 from engine.kernels.attention import DecodePlan, decode_sdpa, gather_decode_kv, plan_decode
 
-HEADROOM = 64  # positions gathered past the longest sequence: steps until the next gather
+HEADROOM = 64  # positions past the longest sequence: steps until the buffer is rebuilt wider
+SLOT_ROUND = 32  # slots are allocated in multiples of this
 DEFAULT_MAX_BYTES = 1 << 30
 
 
 @dataclass(frozen=True)
 class MirrorStep:
-    """What one steady decode step does to the mirror; the same for every layer."""
+    """What one decode step does to the mirror; the same for every layer."""
 
-    gather: DecodePlan | None  # gather everything (with headroom), else append the new token
-    positions: torch.Tensor  # [S] int64: each sequence's new token's position
-    mask: torch.Tensor | None  # [S, 1, 1, L] additive float32; None: all of length L
+    num_seqs: int  # S
+    moves: tuple[torch.Tensor, torch.Tensor] | None  # [M] source and destination slots
+    fresh_slots: torch.Tensor | None  # [F] slots of the requests gathered this step
+    fresh_plan: DecodePlan | None  # their gather (width: their longest sequence)
+    kept_rows: torch.Tensor | None  # [K] batch rows of the requests held: append their token
+    kept_slots: torch.Tensor | None  # [K] their slots
+    kept_positions: torch.Tensor | None  # [K] their new token's position
+    row_of_slot: torch.Tensor | None  # [S] batch row in each slot; None: slot s is row s
+    slot_of_row: torch.Tensor | None  # [S] its inverse
+    mask: torch.Tensor | None  # [S, 1, 1, L] additive float32 in slot order; None: no padding
     length: int  # L, the longest sequence
 
 
@@ -46,91 +62,139 @@ class DecodeMirror:
     def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
         self.max_bytes = max_bytes
         self._buffers: dict[int, torch.Tensor] = {}  # layer -> flat buffer, kept and grown
-        self._request_ids: tuple[str, ...] = ()  # the previous decode step's batch
-        self._seq_lens: list[int] = []
-        self._block_tables: torch.Tensor | None = None  # [S, nb] int32 of the previous step
-        self._width = 0  # W of the held K/V; 0: holds nothing
-        self.gathers = 0  # full gathers into the mirror (for tests and stats)
+        self._slot_of: dict[str, int] = {}  # request id -> slot, for the previous step's batch
+        self._held: list[int] = []  # per slot: positions held (its sequence length)
+        self._tables: list[list[int]] = []  # per slot: its block table row
+        self._width = 0  # W; 0: holds nothing
+        self._slots = 0  # slots allocated
+        self.gathered_rows = 0  # sequences gathered into the mirror (for tests and stats)
+        self.appended_rows = 0  # sequences that only appended their token
 
     def forget(self) -> None:
-        """Called for every forward pass that is not a mirrored decode step."""
-        self._request_ids, self._seq_lens, self._width = (), [], 0
-        self._block_tables = None
+        """Called for every forward pass that is not a decode step on the torch path."""
+        self._slot_of, self._held, self._tables, self._width = {}, [], [], 0
 
     def release(self) -> None:
         """Frees the buffers (e.g. after a one-off huge batch)."""
         self.forget()
         self._buffers.clear()
+        self._slots = 0
 
     def begin(self, request_ids: Sequence[str], seq_lens: list[int], layer0: torch.Tensor,
               block_tables: torch.Tensor, num_layers: int,
               dtype: torch.dtype) -> MirrorStep | None:
-        """Plans a decode-only step; None: gather as usual (not steady yet, or too big).
+        """Plans a decode step; None: too big for the budget (gather as usual).
 
         layer0: any layer of the cache `[N, 2, bs, Hkv, D]` (all share strides); dtype: the
-        compute dtype the mirror holds.
+        compute dtype the mirror holds; request_ids: the batch's, unique.
         """
-        ids = tuple(request_ids)
-        steady = (bool(ids) and ids == self._request_ids
-                  and all(n == p + 1 for n, p in zip(seq_lens, self._seq_lens, strict=True))
-                  and self._same_blocks(block_tables, layer0.shape[2]))
-        self._request_ids, self._seq_lens, self._block_tables = ids, seq_lens, block_tables
-        if not steady:
-            self._width = 0
-            return None
-        length = max(seq_lens)
-        lens = torch.tensor(seq_lens, device=block_tables.device)  # [S]
-        positions = lens - 1  # [S]
-        if self._width >= length:
-            return MirrorStep(None, positions, _padding_mask(lens, length), length)
-        width = length + HEADROOM
-        num_kv_heads, head_dim = layer0.shape[3], layer0.shape[4]
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        if num_layers * 2 * len(ids) * num_kv_heads * width * head_dim * itemsize > self.max_bytes:
-            self._width = 0
-            return None
-        self._width = width
-        self.gathers += 1
-        plan = plan_decode(layer0, block_tables, lens.to(torch.int32), length, width)
-        return MirrorStep(plan, positions, plan.mask, length)
+        num_seqs, length = len(request_ids), max(seq_lens)
+        block_size, num_kv_heads, head_dim = layer0.shape[2], layer0.shape[3], layer0.shape[4]
+        tables: list[list[int]] = block_tables.tolist()
+        if length > self._width or num_seqs > self._slots:  # start over, bigger
+            slots = max(self._slots, -(-num_seqs // SLOT_ROUND) * SLOT_ROUND)
+            width = length + HEADROOM
+            itemsize = torch.empty((), dtype=dtype).element_size()
+            if num_layers * 2 * slots * num_kv_heads * width * head_dim * itemsize > self.max_bytes:
+                self.forget()
+                return None
+            self.forget()
+            self._slots, self._width = slots, width
+        kept: dict[int, int] = {}  # batch row -> its slot
+        for row, (rid, n) in enumerate(zip(request_ids, seq_lens, strict=True)):
+            slot = self._slot_of.get(rid)
+            if slot is not None and n == self._held[slot] + 1:
+                used = -(-self._held[slot] // block_size)
+                if tables[row][:used] == self._tables[slot][:used]:
+                    kept[row] = slot
+        # Slots 0..S-1 for the batch: kept requests below S stay, the others move down into
+        # free slots, and fresh ones take the free slots left.
+        taken = {slot for slot in kept.values() if slot < num_seqs}
+        free = iter(sorted(set(range(num_seqs)) - taken))
+        slot_of_row: list[int] = [0] * num_seqs
+        moves: list[tuple[int, int]] = []
+        for row, slot in kept.items():
+            if slot >= num_seqs:
+                dest = next(free)
+                moves.append((slot, dest))
+                slot = dest
+            slot_of_row[row] = slot
+        fresh_rows = [row for row in range(num_seqs) if row not in kept]
+        for row in fresh_rows:
+            slot_of_row[row] = next(free)
+        self._slot_of = {rid: slot_of_row[row] for row, rid in enumerate(request_ids)}
+        self._held, self._tables = [0] * num_seqs, [[] for _ in range(num_seqs)]
+        for row, slot in enumerate(slot_of_row):
+            self._held[slot], self._tables[slot] = seq_lens[row], tables[row]
+        self.gathered_rows += len(fresh_rows)
+        self.appended_rows += len(kept)
+        return self._plan(layer0, block_tables, seq_lens, slot_of_row, kept, fresh_rows, moves)
 
-    def _same_blocks(self, block_tables: torch.Tensor, block_size: int) -> bool:
-        """Every block the previous step read is still where it was in the block tables."""
-        prev = self._block_tables
-        if prev is None or prev.shape[0] != block_tables.shape[0]:
-            return False
-        width = min(prev.shape[1], block_tables.shape[1])
-        lens = torch.tensor(self._seq_lens, device=prev.device)  # [S]
-        used = torch.arange(width, device=prev.device)[None, :] * block_size < lens[:, None]
-        same = (prev[:, :width] == block_tables[:, :width]) | ~used  # [S, width]
-        return bool(same.all())
+    def _plan(self, layer0: torch.Tensor, block_tables: torch.Tensor, seq_lens: list[int],
+              slot_of_row: list[int], kept: dict[int, int], fresh_rows: list[int],
+              moves: list[tuple[int, int]]) -> MirrorStep:
+        device = block_tables.device
+        num_seqs, length = len(seq_lens), max(seq_lens)
+
+        def index(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.int64, device=device)
+
+        fresh_slots = fresh_plan = None
+        if fresh_rows:
+            rows = index(fresh_rows)  # [F]
+            lens = index([seq_lens[r] for r in fresh_rows]).to(torch.int32)  # [F]
+            longest = int(lens.max())
+            fresh_plan = plan_decode(layer0, block_tables[rows], lens, longest, longest)
+            fresh_slots = index([slot_of_row[r] for r in fresh_rows])
+        kept_rows = kept_slots = kept_positions = None
+        if kept:
+            kept_rows = index(list(kept))  # [K]
+            kept_slots = index([slot_of_row[r] for r in kept])
+            kept_positions = index([seq_lens[r] - 1 for r in kept])
+        row_of_slot = slot_index = None
+        if slot_of_row != list(range(num_seqs)):
+            order = [0] * num_seqs
+            for row, slot in enumerate(slot_of_row):
+                order[slot] = row
+            row_of_slot, slot_index = index(order), index(slot_of_row)
+        lens_by_slot = torch.tensor(self._held[:num_seqs], device=device)  # [S]
+        mask = None
+        if bool((lens_by_slot < length).any()):
+            pos = torch.arange(length, device=device)  # [L]
+            mask = torch.zeros(num_seqs, length, device=device)  # [S, L]
+            mask = mask.masked_fill_(pos[None, :] >= lens_by_slot[:, None],
+                                     float("-inf"))[:, None, None]  # [S, 1, 1, L]
+        move_index = None
+        if moves:
+            move_index = (index([m[0] for m in moves]), index([m[1] for m in moves]))
+        return MirrorStep(num_seqs, move_index, fresh_slots, fresh_plan, kept_rows, kept_slots,
+                          kept_positions, row_of_slot, slot_index, mask, length)
 
     def attend(self, step: MirrorStep, layer: int, q: torch.Tensor, k: torch.Tensor,
                v: torch.Tensor, kv_layer: torch.Tensor, scale: float) -> torch.Tensor:
         """Attention of q `[S, Hq, D]` for `layer`; k, v `[S, Hkv, D]` are the new tokens' K/V
         as the cache holds them (already stored there), in q's dtype."""
-        num_seqs = q.shape[0]
         num_kv_heads, head_dim = kv_layer.shape[3], kv_layer.shape[4]
-        shape = (2, num_seqs, num_kv_heads, self._width, head_dim)
-        numel = 2 * num_seqs * num_kv_heads * self._width * head_dim
+        shape = (2, self._slots, num_kv_heads, self._width, head_dim)
+        numel = 2 * self._slots * num_kv_heads * self._width * head_dim
         buffer = self._buffers.get(layer)
         if buffer is None or buffer.numel() < numel or buffer.dtype != q.dtype:
             buffer = torch.empty(numel, dtype=q.dtype, device=q.device)
             self._buffers[layer] = buffer
-        kv = buffer[:numel].view(shape)  # [2, S, Hkv, W, D]
-        if step.gather is not None:
-            gather_decode_kv(kv_layer, step.gather, num_seqs, q.dtype, out=kv)
-        else:
-            seqs = torch.arange(num_seqs, device=q.device)  # [S]
-            kv[0, seqs, :, step.positions] = k  # [S, Hkv, D]
-            kv[1, seqs, :, step.positions] = v  # [S, Hkv, D]
-        return decode_sdpa(q, kv, step.mask, step.length, scale)  # [S, Hq, D]
-
-
-def _padding_mask(seq_lens: torch.Tensor, length: int) -> torch.Tensor | None:
-    """`[S, 1, 1, L]` additive mask of positions past each sequence; None if none are."""
-    if bool((seq_lens == length).all()):
-        return None
-    pos = torch.arange(length, device=seq_lens.device)  # [L]
-    mask = torch.zeros(seq_lens.shape[0], length, device=seq_lens.device)  # [S, L]
-    return mask.masked_fill_(pos[None, :] >= seq_lens[:, None], float("-inf"))[:, None, None]
+        kv = buffer[:numel].view(shape)  # [2, slots, Hkv, W, D]
+        if step.moves is not None:
+            source, dest = step.moves
+            kv[:, dest] = kv[:, source]  # [2, M, Hkv, W, D]
+        if step.fresh_plan is not None and step.fresh_slots is not None:
+            fresh = step.fresh_slots.shape[0]
+            gathered = gather_decode_kv(kv_layer, step.fresh_plan, fresh, q.dtype)
+            kv[:, step.fresh_slots, :, :step.fresh_plan.width] = gathered  # [2, F, Hkv, Wf, D]
+        if step.kept_rows is not None:
+            kv[0, step.kept_slots, :, step.kept_positions] = k[step.kept_rows]  # [K, Hkv, D]
+            kv[1, step.kept_slots, :, step.kept_positions] = v[step.kept_rows]  # [K, Hkv, D]
+        num_seqs = step.num_seqs
+        if step.row_of_slot is None or step.slot_of_row is None:
+            return decode_sdpa(q, kv[:, :num_seqs], step.mask, step.length, scale)
+        out = decode_sdpa(q[step.row_of_slot], kv[:, :num_seqs], step.mask, step.length,
+                          scale)  # [S, Hq, D] in slot order
+        return out[step.slot_of_row]  # [S, Hq, D] in batch order

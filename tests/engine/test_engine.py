@@ -58,7 +58,7 @@ def test_staggered_batch_with_shared_prefixes_matches_transformers(
     assert engine.block_manager.num_free_blocks == free_at_start
     # 61 + 40 tokens need chunking under a 48-token budget; prefixes of `base` were reused
     assert engine.block_manager.stats.prefix_hit_tokens >= 32 + 16
-    assert engine.runner.model.decode_mirror.gathers > 0  # steady decode steps were mirrored
+    assert engine.runner.model.decode_mirror.appended_rows > 0  # decode steps were mirrored
 
 
 def test_prefix_hit_skips_computation_and_keeps_tokens(tiny_llama: Path) -> None:
@@ -153,5 +153,5 @@ def test_decode_mirror_off_gives_the_same_tokens(tiny_llama: Path) -> None:
     prompts = [random_prompt(n, 20 + n) for n in (5, 18, 31)]
     on, off = make_engine(tiny_llama), make_engine(tiny_llama, decode_mirror_bytes=0)
     assert on.generate(prompts, GREEDY) == off.generate(prompts, GREEDY)
-    assert on.runner.model.decode_mirror.gathers > 0
-    assert off.runner.model.decode_mirror.gathers == 0
+    assert on.runner.model.decode_mirror.appended_rows > 0
+    assert off.runner.model.decode_mirror.gathered_rows == 0

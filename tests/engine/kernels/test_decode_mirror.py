@@ -1,4 +1,4 @@
-"""DecodeMirror: steady decode steps append to a dense copy and attend exactly as a gather does."""
+"""DecodeMirror: decode steps keep, append, move and gather rows, and attend exactly as a gather."""
 
 from __future__ import annotations
 
@@ -8,93 +8,109 @@ from engine.kernels import store_kv_torch
 from engine.kernels.attention import paged_decode_torch, plan_decode
 from engine.kernels.decode_mirror import HEADROOM, DecodeMirror
 
-BS, HKV, HQ, D, NUM_BLOCKS = 4, 2, 4, 8, 64
+BS, HKV, HQ, D, NUM_BLOCKS, MAX_BLOCKS = 4, 2, 4, 8, 1280, 24
 
 
-class Batch:
-    """A decode batch over a random one-layer cache; `step()` adds one token per sequence."""
+class Cache:
+    """A one-layer cache and running requests; `step(ids)` decodes one token for each."""
 
-    def __init__(self, seq_lens: list[int], cache_dtype: torch.dtype, seed: int = 0) -> None:
+    def __init__(self, cache_dtype: torch.dtype = torch.float32, seed: int = 0) -> None:
         self.gen = torch.Generator().manual_seed(seed)
         self.cache_dtype = cache_dtype
         self.kv_layer = torch.randn(NUM_BLOCKS, 2, BS, HKV, D, generator=self.gen).to(
             cache_dtype)  # [N, 2, bs, Hkv, D]
-        free = torch.randperm(NUM_BLOCKS, generator=self.gen).tolist()
-        self.tables = [[free.pop() for _ in range(NUM_BLOCKS // len(seq_lens))]
-                       for _ in seq_lens]
-        self.seq_lens = list(seq_lens)
-        self.ids = tuple(f"r{i}" for i in range(len(seq_lens)))
+        self.free = torch.randperm(NUM_BLOCKS, generator=self.gen).tolist()
+        self.tables: dict[str, list[int]] = {}
+        self.lens: dict[str, int] = {}
 
-    @property
-    def block_tables(self) -> torch.Tensor:
-        width = max(-(-n // BS) for n in self.seq_lens)
-        return torch.tensor([t[:width] for t in self.tables], dtype=torch.int32)  # [S, nb]
+    def add(self, rid: str, length: int) -> None:
+        """A request holding `length` tokens (random K/V already in its blocks)."""
+        self.tables[rid] = [self.free.pop() for _ in range(MAX_BLOCKS)]
+        self.lens[rid] = length
 
-    def step(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One more token each: its K/V stored in the cache; returns q, k, v (cache values)."""
-        self.seq_lens = [n + 1 for n in self.seq_lens]
-        slots = torch.tensor([t[(n - 1) // BS] * BS + (n - 1) % BS
-                              for t, n in zip(self.tables, self.seq_lens, strict=True)])  # [S]
-        num = len(self.seq_lens)
-        k, v = torch.randn(2, num, HKV, D, generator=self.gen).to(self.cache_dtype)
+    def step(self, ids: list[str], mirror: DecodeMirror) -> bool:
+        """One decode step of `ids` (in that batch order); checks the mirror against a gather.
+
+        Returns whether the mirror served it."""
+        for rid in ids:
+            self.lens[rid] += 1
+        lens = [self.lens[r] for r in ids]
+        slots = torch.tensor([self.tables[r][(n - 1) // BS] * BS + (n - 1) % BS
+                              for r, n in zip(ids, lens, strict=True)])  # [S]
+        k, v = torch.randn(2, len(ids), HKV, D, generator=self.gen).to(self.cache_dtype)
         store_kv_torch(k, v, self.kv_layer, slots)
-        q = torch.randn(num, HQ, D, generator=self.gen)  # [S, Hq, D] float32
-        return q, k.float(), v.float()
-
-    def expected(self, q: torch.Tensor) -> torch.Tensor:
-        lens = torch.tensor(self.seq_lens, dtype=torch.int32)
-        plan = plan_decode(self.kv_layer, self.block_tables, lens, max(self.seq_lens))
-        return paged_decode_torch(q, self.kv_layer, plan, D**-0.5)  # [S, Hq, D]
-
-    def mirrored(self, mirror: DecodeMirror, q: torch.Tensor, k: torch.Tensor,
-                 v: torch.Tensor) -> torch.Tensor | None:
-        step = mirror.begin(self.ids, self.seq_lens, self.kv_layer, self.block_tables, 1,
-                            torch.float32)
+        q = torch.randn(len(ids), HQ, D, generator=self.gen)  # [S, Hq, D] float32
+        width = max(-(-n // BS) for n in lens)
+        tables = torch.tensor([self.tables[r][:width] for r in ids], dtype=torch.int32)
+        plan = plan_decode(self.kv_layer, tables, torch.tensor(lens, dtype=torch.int32),
+                           max(lens))
+        expected = paged_decode_torch(q, self.kv_layer, plan, D**-0.5)  # [S, Hq, D]
+        step = mirror.begin(ids, lens, self.kv_layer, tables, 1, torch.float32)
         if step is None:
-            return None
-        return mirror.attend(step, 0, q, k, v, self.kv_layer, D**-0.5)
+            return False
+        got = mirror.attend(step, 0, q, k.float(), v.float(), self.kv_layer, D**-0.5)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)  # other order: ulps
+        return True
 
 
-def run_steps(batch: Batch, mirror: DecodeMirror, steps: int) -> list[bool]:
-    """Runs decode steps; each must equal the gather's result. Returns which were mirrored."""
-    used = []
-    for _ in range(steps):
-        q, k, v = batch.step()
-        got = batch.mirrored(mirror, q, k, v)
-        used.append(got is not None)
-        if got is not None:
-            torch.testing.assert_close(got, batch.expected(q), rtol=0, atol=0)
-    return used
+def counts(mirror: DecodeMirror) -> tuple[int, int]:
+    return mirror.gathered_rows, mirror.appended_rows
 
 
-def test_steady_steps_append_and_match_the_gather_exactly() -> None:
+def test_a_steady_batch_gathers_once_then_appends() -> None:
     for dtype in (torch.float32, torch.bfloat16):
-        batch, mirror = Batch([3, 9, 14], dtype), DecodeMirror()
-        used = run_steps(batch, mirror, 12)
-        assert used == [False] + [True] * 11  # the first step of a batch gathers as usual
-        assert mirror.gathers == 1  # one gather with headroom, then appends
+        cache, mirror = Cache(dtype), DecodeMirror()
+        ids = ["a", "b", "c"]
+        for rid, n in zip(ids, (3, 9, 14), strict=True):
+            cache.add(rid, n)
+        assert all(cache.step(ids, mirror) for _ in range(12))
+        assert counts(mirror) == (3, 3 * 11)
 
 
-def test_running_out_of_headroom_gathers_again() -> None:
-    batch, mirror = Batch([2, 5], torch.float32), DecodeMirror()
-    used = run_steps(batch, mirror, HEADROOM + 4)
-    assert all(used[1:]) and mirror.gathers == 2
+def test_requests_leaving_joining_and_reordering_keep_the_others() -> None:
+    cache, mirror = Cache(), DecodeMirror()
+    for rid, n in zip("abcdef", (3, 9, 14, 5, 20, 7), strict=True):
+        cache.add(rid, n)
+    assert cache.step(list("abcde"), mirror)  # 5 gathered
+    assert cache.step(list("acde"), mirror)  # b left: e moves into its slot
+    assert cache.step(list("acdef"), mirror)  # f joins
+    assert cache.step(list("fedca"), mirror)  # another order
+    assert cache.step(list("fa"), mirror)  # most leave
+    assert counts(mirror) == (6, 4 + 4 + 5 + 2)
 
 
-def test_any_change_to_the_batch_drops_the_mirror() -> None:
-    batch, mirror = Batch([3, 9, 14], torch.float32), DecodeMirror()
-    run_steps(batch, mirror, 3)
-    batch.ids = ("r0", "r1", "other")  # a different request in the same place
-    assert run_steps(batch, mirror, 2) == [False, True]
+def test_rows_that_do_not_match_are_gathered_again() -> None:
+    cache, mirror = Cache(), DecodeMirror()
+    for rid, n in zip("abc", (3, 9, 14), strict=True):
+        cache.add(rid, n)
+    cache.step(list("abc"), mirror)
+    cache.tables["b"][0], cache.tables["b"][1] = cache.tables["b"][1], cache.tables["b"][0]
+    assert cache.step(list("abc"), mirror)  # a block b had read moved: b is gathered again
+    cache.lens["c"] += 1  # c skipped a token (a step the mirror did not see)
+    assert cache.step(list("abc"), mirror)
+    assert counts(mirror) == (3 + 1 + 1, 2 + 2)
     mirror.forget()  # a prefill or mixed forward pass in between
-    assert run_steps(batch, mirror, 2) == [False, True]
-    batch.tables[1][0], batch.tables[1][-1] = batch.tables[1][-1], batch.tables[1][0]
-    assert run_steps(batch, mirror, 2) == [False, True]  # a block that was read moved
-    q, k, v = batch.step()
-    batch.seq_lens[0] += 1  # not exactly one more token
-    assert batch.mirrored(mirror, q, k, v) is None
+    assert cache.step(list("abc"), mirror)
+    assert counts(mirror) == (3 + 1 + 1 + 3, 2 + 2)
+
+
+def test_running_out_of_width_or_slots_starts_over() -> None:
+    cache, mirror = Cache(), DecodeMirror()
+    cache.add("a", 2)
+    cache.add("b", 5)
+    assert all(cache.step(["a", "b"], mirror) for _ in range(HEADROOM + 2))
+    assert mirror.gathered_rows == 4  # the longest outgrew the headroom once
+    many = [f"r{i}" for i in range(40)]  # more than the 32 slots first allocated
+    for rid in many:
+        cache.add(rid, 3)
+    assert cache.step(["a", "b", *many], mirror)
+    assert mirror.gathered_rows == 4 + 42
 
 
 def test_a_batch_over_the_byte_budget_just_gathers() -> None:
-    batch, mirror = Batch([3, 9, 14], torch.float32), DecodeMirror(max_bytes=1024)
-    assert run_steps(batch, mirror, 4) == [False] * 4
+    cache, mirror = Cache(), DecodeMirror(max_bytes=1024)
+    cache.add("a", 3)
+    assert not cache.step(["a"], mirror)
+    assert DecodeMirror(max_bytes=0).begin(["a"], [4], cache.kv_layer,
+                                            torch.zeros(1, 1, dtype=torch.int32), 1,
+                                            torch.float32) is None
