@@ -47,9 +47,9 @@ class MirrorStep:
     moves: tuple[torch.Tensor, torch.Tensor] | None  # [M] source and destination slots
     fresh_slots: torch.Tensor | None  # [F] slots of the requests gathered this step
     fresh_plan: DecodePlan | None  # their gather (width: their longest sequence)
-    kept_rows: torch.Tensor | None  # [K] batch rows of the requests held: append their token
-    kept_slots: torch.Tensor | None  # [K] their slots
-    kept_positions: torch.Tensor | None  # [K] their new token's position
+    kept_rows: torch.Tensor | None  # [K] batch rows of the requests held; None: all, in order
+    append_rows: torch.Tensor | None  # [2 * K * Hkv] rows of the buffer as [-1, D] where their
+    # new tokens' K then V go; None: no request held
     row_of_slot: torch.Tensor | None  # [S] batch row in each slot; None: slot s is row s
     slot_of_row: torch.Tensor | None  # [S] its inverse
     mask: torch.Tensor | None  # [S, 1, 1, L] additive float32 in slot order; None: no padding
@@ -146,11 +146,17 @@ class DecodeMirror:
             longest = int(lens.max())
             fresh_plan = plan_decode(layer0, block_tables[rows], lens, longest, longest)
             fresh_slots = index([slot_of_row[r] for r in fresh_rows])
-        kept_rows = kept_slots = kept_positions = None
+        kept_rows = append_rows = None
         if kept:
-            kept_rows = index(list(kept))  # [K]
-            kept_slots = index([slot_of_row[r] for r in kept])
-            kept_positions = index([seq_lens[r] - 1 for r in kept])
+            if list(kept) != list(range(num_seqs)):
+                kept_rows = index(list(kept))  # [K]
+            slots = index([slot_of_row[r] for r in kept])  # [K]
+            positions = index([seq_lens[r] - 1 for r in kept])  # [K]
+            num_kv_heads, width = layer0.shape[3], self._width
+            heads = torch.arange(num_kv_heads, device=device)  # [Hkv]
+            k_rows = (slots[:, None] * num_kv_heads + heads[None, :]) * width + positions[:, None]
+            v_offset = self._slots * num_kv_heads * width
+            append_rows = torch.stack((k_rows, k_rows + v_offset)).view(-1)  # [2 * K * Hkv]
         row_of_slot = slot_index = None
         if slot_of_row != list(range(num_seqs)):
             order = [0] * num_seqs
@@ -167,8 +173,8 @@ class DecodeMirror:
         move_index = None
         if moves:
             move_index = (index([m[0] for m in moves]), index([m[1] for m in moves]))
-        return MirrorStep(num_seqs, move_index, fresh_slots, fresh_plan, kept_rows, kept_slots,
-                          kept_positions, row_of_slot, slot_index, mask, length)
+        return MirrorStep(num_seqs, move_index, fresh_slots, fresh_plan, kept_rows, append_rows,
+                          row_of_slot, slot_index, mask, length)
 
     def attend(self, step: MirrorStep, layer: int, q: torch.Tensor, k: torch.Tensor,
                v: torch.Tensor, kv_layer: torch.Tensor, scale: float) -> torch.Tensor:
@@ -189,9 +195,11 @@ class DecodeMirror:
             fresh = step.fresh_slots.shape[0]
             gathered = gather_decode_kv(kv_layer, step.fresh_plan, fresh, q.dtype)
             kv[:, step.fresh_slots, :, :step.fresh_plan.width] = gathered  # [2, F, Hkv, Wf, D]
-        if step.kept_rows is not None:
-            kv[0, step.kept_slots, :, step.kept_positions] = k[step.kept_rows]  # [K, Hkv, D]
-            kv[1, step.kept_slots, :, step.kept_positions] = v[step.kept_rows]  # [K, Hkv, D]
+        if step.append_rows is not None:
+            new = torch.stack((k, v))  # [2, S, Hkv, D]
+            if step.kept_rows is not None:
+                new = new[:, step.kept_rows]  # [2, K, Hkv, D]
+            kv.view(-1, head_dim).index_copy_(0, step.append_rows, new.view(-1, head_dim))
         num_seqs = step.num_seqs
         if step.row_of_slot is None or step.slot_of_row is None:
             return decode_sdpa(q, kv[:, :num_seqs], step.mask, step.length, scale)
