@@ -204,7 +204,10 @@ def _scratch(numel: int, dtype: torch.dtype, device: torch.device,
     """A 1-D scratch tensor of `numel` elements, valid until this thread's next call."""
     key = (name, dtype, device)
     buffer = _workspace.buffers.get(key)
-    if buffer is None or buffer.numel() < numel:
+    # a buffer made under inference mode cannot be written outside it (tests call the kernels
+    # both ways in one process)
+    stale = buffer is not None and buffer.is_inference() and not torch.is_inference_mode_enabled()
+    if buffer is None or buffer.numel() < numel or stale:
         buffer = torch.empty(numel, dtype=dtype, device=device)
         _workspace.buffers[key] = buffer
     return buffer[:numel]

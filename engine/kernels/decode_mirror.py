@@ -185,7 +185,9 @@ class DecodeMirror:
         numel = 2 * self._slots * num_kv_heads * self._width * head_dim
         buffer = self._buffers.get(layer)
         if buffer is None or buffer.numel() < numel or buffer.dtype != q.dtype:
-            buffer = torch.empty(numel, dtype=q.dtype, device=q.device)
+            # zeroed: a slot's positions past its sequence are masked, but still read, and
+            # garbage there (NaN or inf bit patterns) would poison the softmax
+            buffer = torch.zeros(numel, dtype=q.dtype, device=q.device)
             self._buffers[layer] = buffer
         kv = buffer[:numel].view(shape)  # [2, slots, Hkv, W, D]
         if step.moves is not None:

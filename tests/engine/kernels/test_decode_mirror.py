@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import pytest
 import torch
 
 from engine.kernels import store_kv_torch
@@ -77,6 +80,23 @@ def test_requests_leaving_joining_and_reordering_keep_the_others() -> None:
     assert cache.step(list("fedca"), mirror)  # another order
     assert cache.step(list("fa"), mirror)  # most leave
     assert counts(mirror) == (6, 4 + 4 + 5 + 2)
+
+
+def test_fresh_memory_content_never_leaks_into_attention(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Masked positions are still read: the mirror must not rely on what new memory holds."""
+    real_empty = torch.empty
+
+    def nan_empty(*args: Any, **kwargs: Any) -> torch.Tensor:
+        out = real_empty(*args, **kwargs)
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+    cache, mirror = Cache(), DecodeMirror()
+    for rid, n in zip("abc", (30, 3, 9), strict=True):
+        cache.add(rid, n)
+    assert cache.step(list("ab"), mirror)  # b's slot: 4 positions of 35 written
+    assert cache.step(list("abc"), mirror)  # c joins: 10 of its slot's positions written
 
 
 def test_rows_that_do_not_match_are_gathered_again() -> None:
