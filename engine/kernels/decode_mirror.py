@@ -43,7 +43,6 @@ DEFAULT_MAX_BYTES = 1 << 30
 class MirrorStep:
     """What one decode step does to the mirror; the same for every layer."""
 
-    num_seqs: int  # S
     moves: tuple[torch.Tensor, torch.Tensor] | None  # [M] source and destination slots
     fresh_slots: torch.Tensor | None  # [F] slots of the requests gathered this step
     fresh_plan: DecodePlan | None  # their gather (width: their longest sequence)
@@ -74,12 +73,6 @@ class DecodeMirror:
         """Called for every forward pass that is not a decode step on the torch path."""
         self._slot_of, self._held, self._tables, self._width = {}, [], [], 0
 
-    def release(self) -> None:
-        """Frees the buffers (e.g. after a one-off huge batch)."""
-        self.forget()
-        self._buffers.clear()
-        self._slots = 0
-
     def begin(self, request_ids: Sequence[str], seq_lens: list[int], layer0: torch.Tensor,
               block_tables: torch.Tensor, num_layers: int,
               dtype: torch.dtype) -> MirrorStep | None:
@@ -95,10 +88,9 @@ class DecodeMirror:
             slots = max(self._slots, -(-num_seqs // SLOT_ROUND) * SLOT_ROUND)
             width = length + HEADROOM
             itemsize = torch.empty((), dtype=dtype).element_size()
-            if num_layers * 2 * slots * num_kv_heads * width * head_dim * itemsize > self.max_bytes:
-                self.forget()
-                return None
             self.forget()
+            if num_layers * 2 * slots * num_kv_heads * width * head_dim * itemsize > self.max_bytes:
+                return None
             self._slots, self._width = slots, width
         kept: dict[int, int] = {}  # batch row -> its slot
         for row, (rid, n) in enumerate(zip(request_ids, seq_lens, strict=True)):
@@ -173,7 +165,7 @@ class DecodeMirror:
         move_index = None
         if moves:
             move_index = (index([m[0] for m in moves]), index([m[1] for m in moves]))
-        return MirrorStep(num_seqs, move_index, fresh_slots, fresh_plan, kept_rows, append_rows,
+        return MirrorStep(move_index, fresh_slots, fresh_plan, kept_rows, append_rows,
                           row_of_slot, slot_index, mask, length)
 
     def attend(self, step: MirrorStep, layer: int, q: torch.Tensor, k: torch.Tensor,
@@ -202,7 +194,7 @@ class DecodeMirror:
             if step.kept_rows is not None:
                 new = new[:, step.kept_rows]  # [2, K, Hkv, D]
             kv.view(-1, head_dim).index_copy_(0, step.append_rows, new.view(-1, head_dim))
-        num_seqs = step.num_seqs
+        num_seqs = q.shape[0]
         if step.row_of_slot is None or step.slot_of_row is None:
             return decode_sdpa(q, kv[:, :num_seqs], step.mask, step.length, scale)
         out = decode_sdpa(q[step.row_of_slot], kv[:, :num_seqs], step.mask, step.length,

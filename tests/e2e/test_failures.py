@@ -10,7 +10,7 @@ that prefill streams several writes per chunk, as it does for real models.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -19,6 +19,7 @@ import torch
 
 from cluster.local_cluster import LocalCluster
 from cluster.router_client import Completion, RouterClient
+from tandem_proto.tandem.v1 import router_pb2
 from tests.e2e.helpers import all_counters, blocks_all_free, counters, expected, wait_until
 
 pytestmark = pytest.mark.timeout(300)
@@ -146,41 +147,41 @@ async def test_decode_worker_killed_fails_only_its_requests(slow_cluster: LocalC
     await wait_until(survivors_clean, what="no blocks leaked on the surviving workers")
 
 
-async def test_mismatched_prefill_worker_is_never_used(slow_cluster: LocalCluster,
-                                                       tiny_llama: Path) -> None:
-    odd = slow_cluster.spawn("prefill", ["--block-size", "32"])
-    slow_cluster.wait_ready(odd)
-    async with RouterClient(slow_cluster.router_address) as client:
+async def odd_prefill_worker_is_listed_and_unused(
+        cluster: LocalCluster, tiny_llama: Path, args: list[str], first_prompt: int,
+        check_status: Callable[[router_pb2.GetClusterStatusResponse, str], None]) -> None:
+    """Spawns a prefill worker with `args`: it must show up in the pair errors (then
+    `check_status(status, its id)`), requests must still succeed, and it must prefill none."""
+    odd = cluster.spawn("prefill", args)
+    cluster.wait_ready(odd)
+    async with RouterClient(cluster.router_address) as client:
         async def listed() -> bool:
             status = await client.status()
             return any(e.prefill_worker_id == odd.worker_id for e in status.pair_errors)
         await wait_until(listed, what="the pair error in cluster status")
-        status = await client.status()
-        assert "block size 32" in status.worker_errors[odd.worker_id]
-        for i in range(4):
-            result = await client.complete(token_ids=prompt(300 + i), max_tokens=2,
-                                           ignore_eos=True)
-            assert result.token_ids == expected(tiny_llama, prompt(300 + i), 2)
+        check_status(await client.status(), odd.worker_id)
+        for i in range(first_prompt, first_prompt + 4):
+            result = await client.complete(token_ids=prompt(i), max_tokens=2, ignore_eos=True)
+            assert result.token_ids == expected(tiny_llama, prompt(i), 2)
     assert (await counters(odd)).get("prefill_requests", 0) == 0
+
+
+async def test_mismatched_prefill_worker_is_never_used(slow_cluster: LocalCluster,
+                                                       tiny_llama: Path) -> None:
+    def check(status: router_pb2.GetClusterStatusResponse, odd_id: str) -> None:
+        assert "block size 32" in status.worker_errors[odd_id]
+    await odd_prefill_worker_is_listed_and_unused(slow_cluster, tiny_llama,
+                                                  ["--block-size", "32"], 300, check)
 
 
 async def test_prefill_worker_with_other_layer_groups_is_never_used(
         slow_cluster: LocalCluster, tiny_llama: Path) -> None:
-    odd = slow_cluster.spawn("prefill", ["--kv-layer-group", "2"])  # the others: 1
-    slow_cluster.wait_ready(odd)
-    async with RouterClient(slow_cluster.router_address) as client:
-        async def listed() -> bool:
-            status = await client.status()
-            return any(e.prefill_worker_id == odd.worker_id for e in status.pair_errors)
-        await wait_until(listed, what="the pair error in cluster status")
-        errors = [e.message for e in (await client.status()).pair_errors
-                  if e.prefill_worker_id == odd.worker_id]
+    def check(status: router_pb2.GetClusterStatusResponse, odd_id: str) -> None:
+        errors = [e.message for e in status.pair_errors if e.prefill_worker_id == odd_id]
         assert errors and all("layer_group 2 vs 1" in m for m in errors), errors
-        for i in range(4):
-            result = await client.complete(token_ids=prompt(400 + i), max_tokens=2,
-                                           ignore_eos=True)
-            assert result.token_ids == expected(tiny_llama, prompt(400 + i), 2)
-    assert (await counters(odd)).get("prefill_requests", 0) == 0
+    # the cluster's other workers run --kv-layer-group 1
+    await odd_prefill_worker_is_listed_and_unused(slow_cluster, tiny_llama,
+                                                  ["--kv-layer-group", "2"], 400, check)
 
 
 async def test_sigterm_finishes_in_flight_requests_then_deregisters(

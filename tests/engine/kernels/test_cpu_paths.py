@@ -64,13 +64,22 @@ def test_causal_attention_in_tiles_matches_one_call(length: int) -> None:
     torch.testing.assert_close(attention.causal_attention(q, k, v, 32**-0.5), expected)
 
 
-def test_store_kv_rows_matches_store_kv() -> None:
+STORE_BS = 4  # block size of the store_kv cases
+
+
+def _store_case() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """slots `[T]`, key and value `[T, Hkv, D]`, and a 6-block layer that store_kv filled."""
     gen = torch.Generator().manual_seed(0)
-    num_blocks, bs, hkv, d = 6, 4, 2, 8
     slots = torch.tensor([3, 22, 9, 0, 17])  # [T]
-    key, value = torch.randn(2, 5, hkv, d, generator=gen)  # [T, Hkv, D] each
-    expected = torch.zeros(num_blocks, 2, bs, hkv, d)
+    key, value = torch.randn(2, 5, 2, 8, generator=gen)  # [T, Hkv, D] each
+    expected = torch.zeros(6, 2, STORE_BS, 2, 8)  # [N, 2, bs, Hkv, D]
     store_kv_torch(key, value, expected, slots)
+    return slots, key, value, expected
+
+
+def test_store_kv_rows_matches_store_kv() -> None:
+    slots, key, value, expected = _store_case()
+    bs = STORE_BS
     got = torch.zeros_like(expected)
     store_kv_rows(key, value, got, key_rows(slots, bs, 2 * bs))
     assert torch.equal(got, expected)
@@ -102,12 +111,8 @@ def test_attention_over_a_layer_group_cache(q_lens: list[int], seq_lens: list[in
 
 
 def test_store_kv_into_a_layer_group_cache_leaves_other_layers() -> None:
-    gen = torch.Generator().manual_seed(0)
-    num_blocks, bs, hkv, d = 6, 4, 2, 8
-    slots = torch.tensor([3, 22, 9, 0, 17])  # [T]
-    key, value = torch.randn(2, 5, hkv, d, generator=gen)  # [T, Hkv, D] each
-    expected = torch.zeros(num_blocks, 2, bs, hkv, d)
-    store_kv_torch(key, value, expected, slots)
+    slots, key, value, expected = _store_case()
+    num_blocks, _, bs, hkv, d = expected.shape
     cache = torch.zeros(2, num_blocks, 4, 2, bs, hkv, d)  # [G, N, g, 2, bs, Hkv, D]
     store_kv_torch(key, value, kv_layer(cache, 6), slots)
     assert torch.equal(kv_layer(cache, 6), expected)
