@@ -1,1 +1,2 @@
-"""Shared plumbing for the cluster's processes."""
+"""Plumbing every cluster process shares: gRPC server and error mapping, protobuf conversions,
+the worker runtime and configuration."""

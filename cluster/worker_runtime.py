@@ -19,18 +19,18 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from cluster.grpc_server import GrpcServer, ServiceBinding, start_server
-from cluster.metrics import MetricsServer, serve_metrics
-from cluster.metrics_worker import WorkerMetrics, WorkerSources
-from cluster.prefix_index import PrefixIndexWriter
-from cluster.redis_client import RedisConfig, connect
-from cluster.registry import Heartbeat, LoadReport, WorkerRecord, WorkerRegistry
 from cluster.worker_config import WorkerConfig
 from engine.block_manager import BlockEvent
 from engine.engine import Engine, StepLayerCallback
 from engine.engine_loop import EngineLoop
+from index.prefix_index import PrefixIndexWriter
+from index.redis_client import RedisConfig, connect
+from index.registry import Heartbeat, LoadReport, WorkerRecord, WorkerRegistry
 from kv_transfer.base import KVTransferAgent, TransferConfig, TransferEvent
 from kv_transfer.registry import create_agent
 from kv_transfer.spec import KVLayoutSpec
+from observability.metrics import MetricsServer, serve_metrics
+from observability.metrics_worker import WorkerMetrics, WorkerSources
 
 log = logging.getLogger(__name__)
 

@@ -8,13 +8,13 @@ import logging
 import sys
 
 from cluster.grpc_server import ServiceBinding
-from cluster.logging_setup import setup_logging
 from cluster.roles import Role
-from cluster.tracing import setup_tracing
 from cluster.worker_config import add_worker_args, worker_config_from_args
 from cluster.worker_runtime import WorkerRuntime
 from decode_worker.service import DecodeServicer
 from decode_worker.worker import DecodeWorker
+from observability.logging_setup import setup_logging
+from observability.tracing import setup_tracing
 from tandem_proto.tandem.v1 import decode_pb2_grpc
 
 log = logging.getLogger("decode_worker")

@@ -8,11 +8,11 @@ from grpc import aio
 
 from cluster.convert import sampling_from_pb
 from cluster.roles import Role
-from cluster.tracing import server_span, set_request_id
 from cluster.worker_pb import transfer_endpoint, worker_status
 from cluster.worker_runtime import WorkerRuntime
 from decode_worker.worker import DecodeWorker
 from engine.request import FinishReason
+from observability.tracing import server_span, set_request_id
 from tandem_proto.tandem.v1 import common_pb2, decode_pb2, decode_pb2_grpc
 
 FINISH_REASONS = {

@@ -30,12 +30,12 @@ from dataclasses import dataclass, field
 from opentelemetry.trace import SpanKind
 
 from cluster.errors import NoCapacity, UnknownRequest
-from cluster.tracing import record_span, span
 from engine.engine import Engine, RequestOutput
 from engine.engine_loop import EngineLoop
 from engine.request import FinishReason
 from engine.sampling import SamplingParams
 from kv_transfer.base import EventKind, KVTransferAgent, TransferEvent
+from observability.tracing import record_span, span
 
 log = logging.getLogger(__name__)
 

@@ -7,11 +7,11 @@ import asyncio
 import sys
 
 from cluster.grpc_server import ServiceBinding
-from cluster.logging_setup import setup_logging
 from cluster.roles import Role
-from cluster.tracing import setup_tracing
 from cluster.worker_config import add_worker_args, worker_config_from_args
 from cluster.worker_runtime import WorkerRuntime
+from observability.logging_setup import setup_logging
+from observability.tracing import setup_tracing
 from prefill_worker.service import PrefillServicer
 from prefill_worker.worker import PrefillWorker
 from tandem_proto.tandem.v1 import prefill_pb2_grpc

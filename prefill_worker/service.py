@@ -6,9 +6,9 @@ from grpc import aio
 
 from cluster.convert import sampling_from_pb
 from cluster.roles import Role
-from cluster.tracing import server_span, set_request_id
 from cluster.worker_pb import transfer_endpoint, worker_status
 from cluster.worker_runtime import WorkerRuntime
+from observability.tracing import server_span, set_request_id
 from prefill_worker.worker import PrefillWorker
 from tandem_proto.tandem.v1 import common_pb2, prefill_pb2, prefill_pb2_grpc
 

@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from cluster.errors import HandshakeMismatch, InvalidRequest, TransferFailed
-from cluster.tracing import span, traceparent_of, tracer
 from engine.engine import Engine
 from engine.engine_loop import EngineLoop
 from engine.request import Request
@@ -35,6 +34,7 @@ from kv_transfer.base import (
     TransferError,
     TransferEvent,
 )
+from observability.tracing import span, traceparent_of, tracer
 
 log = logging.getLogger(__name__)
 

@@ -8,13 +8,13 @@ import logging
 import signal
 
 from cluster.grpc_server import ServiceBinding, start_server
-from cluster.logging_setup import setup_logging
-from cluster.metrics import serve_metrics
-from cluster.prefix_index import PrefixIndexReader
-from cluster.prefix_tail import PrefixIndexTail
-from cluster.redis_client import RedisConfig, connect
-from cluster.registry import WorkerRegistry
-from cluster.tracing import setup_tracing
+from index.prefix_index import PrefixIndexReader
+from index.prefix_tail import PrefixIndexTail
+from index.redis_client import RedisConfig, connect
+from index.registry import WorkerRegistry
+from observability.logging_setup import setup_logging
+from observability.metrics import serve_metrics
+from observability.tracing import setup_tracing
 from router.config import RouterConfig, add_router_args, router_config_from_args
 from router.prefix import IndexSource, PrefixLookup, TailSource
 from router.router import Router

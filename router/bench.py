@@ -28,12 +28,12 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-from cluster.prefix_index import PrefixIndexReader, PrefixIndexWriter
-from cluster.prefix_tail import PrefixIndexTail
-from cluster.redis_client import RedisConfig, connect
-from cluster.redis_server import LocalRedisServer
+from cli.redis_server import LocalRedisServer
 from cluster.roles import Role
 from engine.block_hash import hash_prompt_blocks
+from index.prefix_index import PrefixIndexReader, PrefixIndexWriter
+from index.prefix_tail import PrefixIndexTail
+from index.redis_client import RedisConfig, connect
 from router.decide import Decider
 from router.load import InFlightTracker, WorkerLoad
 from router.policies import make_policy

@@ -15,8 +15,8 @@ from collections.abc import Callable, Collection, Sequence
 from typing import Protocol
 
 from cluster.errors import IndexUnavailable
-from cluster.prefix_tail import PrefixIndexTail
 from engine.block_hash import BlockHash
+from index.prefix_tail import PrefixIndexTail
 
 log = logging.getLogger(__name__)
 

@@ -32,13 +32,13 @@ from prometheus_client import CollectorRegistry
 from cluster.convert import sampling_to_pb
 from cluster.errors import InvalidRequest, NoCapacity, NoWorker
 from cluster.grpc_errors import status_for
-from cluster.metrics import RouterMetrics
 from cluster.roles import Role
-from cluster.tracing import inject_metadata, record_span, span
 from engine.block_hash import hash_prompt_blocks
 from engine.model_config import ModelConfig
 from engine.sampling import SamplingParams
 from engine.tokenizer import Tokenizer
+from observability.metrics import RouterMetrics
+from observability.tracing import inject_metadata, record_span, span
 from router.admission import Admission
 from router.config import RouterConfig
 from router.decide import PREFIX_POLICIES, Decider

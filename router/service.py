@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from grpc import aio
 
 from cluster.convert import sampling_from_pb
-from cluster.tracing import server_span, set_request_id
+from observability.tracing import server_span, set_request_id
 from router.prefix import IndexMode
 from router.router import Delta, GenerateInput, Router
 from tandem_proto.tandem.v1 import common_pb2, router_pb2, router_pb2_grpc

@@ -18,8 +18,8 @@ import grpc
 from grpc import aio
 
 from cluster.errors import IndexUnavailable
-from cluster.registry import WorkerRegistry
 from cluster.roles import Role
+from index.registry import WorkerRegistry
 from router.load import WorkerLoad
 from tandem_proto.tandem.v1 import common_pb2, decode_pb2_grpc, prefill_pb2_grpc
 

@@ -1,4 +1,4 @@
-"""Writes the Grafana dashboard, built by `cluster/metrics_dashboard.py`, to deploy/grafana/.
+"""Writes the Grafana dashboard, built by `observability/dashboard.py`, to deploy/grafana/.
 
     python3 scripts/gen_dashboard.py             # rewrite deploy/grafana/tandem-dashboard.json
     python3 scripts/gen_dashboard.py --check     # exit 1 if the checked-in file is stale
@@ -14,7 +14,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run as a script from anywhere
 
-from cluster.metrics_dashboard import render  # noqa: E402
+from observability.dashboard import render  # noqa: E402
 
 DASHBOARD = REPO / "deploy" / "grafana" / "tandem-dashboard.json"
 

@@ -1,9 +1,11 @@
-"""The import rules of ARCHITECTURE.md, checked in fresh interpreters.
+"""The import rules of docs/architecture.md, checked in fresh interpreters.
 
 - the router never loads torch or kv_transfer (nor the workers);
 - engine/ loads no network code, no protobuf, no other Tandem package;
-- kv_transfer/ knows no roles: no workers, no router;
+- kv_transfer/ knows no roles: no workers, no router, no cluster plumbing;
 - the two workers never import each other;
+- observability/ and index/ load no torch and no service;
+- cluster/ is plumbing: it imports none of the services that use it, nor the CLI;
 - the block hash and tokenizer (shared with the router) load no torch.
 """
 
@@ -14,8 +16,7 @@ import sys
 
 import pytest
 
-TANDEM = ("engine", "kv_transfer", "cluster", "router", "prefill_worker", "decode_worker",
-          "tandem_proto")
+SERVICES = {"router", "prefill_worker", "decode_worker"}
 
 
 def loaded_after(imports: list[str]) -> set[str]:
@@ -27,15 +28,20 @@ def loaded_after(imports: list[str]) -> set[str]:
 
 
 @pytest.mark.parametrize(("imports", "forbidden"), [
-    (["router.__main__", "router.bench"], {"torch", "kv_transfer", "prefill_worker",
-                                           "decode_worker"}),
+    (["router.__main__"], {"torch", "kv_transfer", "cli", "prefill_worker", "decode_worker"}),
+    (["router.bench"], {"torch", "kv_transfer", "prefill_worker", "decode_worker"}),
     (["engine.engine", "engine.engine_loop", "engine.bench.__main__"],
-     {"grpc", "google", "redis", "kv_transfer", "cluster", "router", "prefill_worker",
-      "decode_worker", "tandem_proto"}),
-    (["kv_transfer", "kv_transfer.bench"], {"router", "prefill_worker", "decode_worker",
-                                            "cluster"}),
-    (["prefill_worker.__main__"], {"decode_worker", "router"}),
-    (["decode_worker.__main__"], {"prefill_worker", "router"}),
+     {"grpc", "google", "redis", "kv_transfer", "cluster", "observability", "index", "cli",
+      "tandem_proto", *SERVICES}),
+    (["kv_transfer", "kv_transfer.bench"], {"cluster", "index", "cli", *SERVICES}),
+    (["prefill_worker.__main__"], {"decode_worker", "router", "cli"}),
+    (["decode_worker.__main__"], {"prefill_worker", "router", "cli"}),
+    (["observability.tracing", "observability.metrics", "observability.metrics_worker",
+      "observability.dashboard", "observability.logging_setup"],
+     {"torch", "engine", "kv_transfer", "cluster", "index", "cli", *SERVICES}),
+    (["index.prefix_index", "index.prefix_tail", "index.registry"],
+     {"torch", "kv_transfer", "cli", *SERVICES}),
+    (["cluster.grpc_server", "cluster.worker_runtime", "cluster.convert"], {"cli", *SERVICES}),
     (["engine.block_hash", "engine.tokenizer", "engine.sampling", "engine.model_config"],
      {"torch"}),
 ])

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from cluster.prometheus_server import LocalPrometheus
 from tests.deploy.fakes import FakeCluster
+from tests.support.prometheus_server import LocalPrometheus
 
 REPO = Path(__file__).resolve().parents[2]
 ALERTS = REPO / "deploy" / "prometheus" / "alerts.yaml"

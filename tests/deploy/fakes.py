@@ -11,16 +11,16 @@ from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, generate_latest
 
-from cluster.metrics import (
-    MetricsServer,
-    RouterMetrics,
-    serve_metrics,
-)
-from cluster.metrics_worker import KVBlockCounts, RequestCounts, WorkerMetrics, WorkerSources
 from decode_worker.worker import DecodeStats
 from engine.block_manager import BlockManagerStats
 from engine.engine import EngineStats
 from kv_transfer.stats import TransferStats
+from observability.metrics import (
+    MetricsServer,
+    RouterMetrics,
+    serve_metrics,
+)
+from observability.metrics_worker import KVBlockCounts, RequestCounts, WorkerMetrics, WorkerSources
 from prefill_worker.worker import PrefillStats
 
 

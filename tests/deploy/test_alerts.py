@@ -11,9 +11,9 @@ from typing import Any
 
 import yaml
 
-from cluster.prometheus_server import LocalPrometheus, promtool
 from tests.deploy.conftest import ALERTS, ALERTS_TEST
 from tests.deploy.fakes import FakeCluster
+from tests.support.prometheus_server import LocalPrometheus, promtool
 
 REQUIRED = {"TandemHighTTFT", "TandemHighITL", "TandemHighErrorRate", "TandemKVCacheNearlyFull",
             "TandemKVTransferFailures", "TandemRouterDegraded", "TandemWorkerDown"}

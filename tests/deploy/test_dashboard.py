@@ -12,15 +12,15 @@ from typing import Any
 
 import pytest
 
-from cluster.metrics_dashboard import (
+from observability.dashboard import (
     DEFAULT_VARIABLES,
     TTFT_SLO_OPTIONS,
     dashboard_exprs,
     render,
 )
-from cluster.prometheus_server import LocalPrometheus, PromQLError
 from tests.deploy.conftest import DASHBOARD, REPO
 from tests.deploy.fakes import FakeCluster
+from tests.support.prometheus_server import LocalPrometheus, PromQLError
 
 ROWS = ["Service level", "Router", "Prefill", "Decode", "KV transfer"]
 # What the issue asks the dashboard to show, by the metric that shows it.

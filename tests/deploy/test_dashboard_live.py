@@ -3,7 +3,7 @@ local cluster (redis-server, a prefill and a decode worker, the router) on loopb
 some traffic, every dashboard expression is valid and returns data, the main series count
 what the traffic did, and each process's `/metrics` passes `promtool check metrics`.
 
-Needs the services wired to `cluster.metrics`: `LocalCluster(..., metrics=True)` starts each
+Needs the services wired to `observability.metrics`: `LocalCluster(..., metrics=True)` starts each
 process with a `/metrics` endpoint and sets `ServiceProcess.metrics_address` ("host:port").
 """
 
@@ -19,11 +19,11 @@ from pathlib import Path
 import grpc
 import pytest
 
-from cluster.local_cluster import LocalCluster
-from cluster.metrics_dashboard import dashboard_exprs
-from cluster.prometheus_server import LocalPrometheus, PromQLError, promtool
-from cluster.router_client import RouterClient
+from cli.local_cluster import LocalCluster
+from cli.router_client import RouterClient
+from observability.dashboard import dashboard_exprs
 from tests.deploy.conftest import ALERTS, DASHBOARD
+from tests.support.prometheus_server import LocalPrometheus, PromQLError, promtool
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 

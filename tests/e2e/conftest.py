@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.local_cluster import LocalCluster
+from cli.local_cluster import LocalCluster
 
 
 @pytest.fixture(scope="module")

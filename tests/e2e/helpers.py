@@ -9,7 +9,7 @@ from pathlib import Path
 
 from grpc import aio
 
-from cluster.local_cluster import LocalCluster, ServiceProcess
+from cli.local_cluster import LocalCluster, ServiceProcess
 from tandem_proto.tandem.v1 import common_pb2, decode_pb2_grpc, prefill_pb2_grpc
 from tests.engine.hf_reference import hf_greedy
 

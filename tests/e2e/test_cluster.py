@@ -13,8 +13,8 @@ import grpc
 import pytest
 import torch
 
-from cluster.local_cluster import LocalCluster
-from cluster.router_client import RouterClient
+from cli.local_cluster import LocalCluster
+from cli.router_client import RouterClient
 from tests.e2e.helpers import all_counters, blocks_all_free, expected, wait_until
 
 pytestmark = pytest.mark.timeout(300)
@@ -125,12 +125,12 @@ def test_tandem_generate_streams_to_the_terminal(cluster: LocalCluster) -> None:
     import subprocess
     import sys
 
-    done = subprocess.run([sys.executable, "-m", "cluster.cli", "generate", "The quick brown",
+    done = subprocess.run([sys.executable, "-m", "cli.main", "generate", "The quick brown",
                            "--router", cluster.router_address, "--max-tokens", "5",
                            "--ignore-eos"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.rstrip().endswith("[length, 5 tokens]")
-    bad = subprocess.run([sys.executable, "-m", "cluster.cli", "generate", "x", "--router",
+    bad = subprocess.run([sys.executable, "-m", "cli.main", "generate", "x", "--router",
                           cluster.router_address, "--max-tokens", "0"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and "INVALID_ARGUMENT: sampling.max_tokens" in bad.stderr

@@ -17,8 +17,8 @@ import grpc
 import pytest
 import torch
 
-from cluster.local_cluster import LocalCluster
-from cluster.router_client import Completion, RouterClient
+from cli.local_cluster import LocalCluster
+from cli.router_client import Completion, RouterClient
 from tandem_proto.tandem.v1 import router_pb2
 from tests.e2e.helpers import all_counters, blocks_all_free, counters, expected, wait_until
 

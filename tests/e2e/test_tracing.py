@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from cluster.local_cluster import LocalCluster
-from cluster.otlp_receiver import OtlpReceiver, ReceivedSpan, tree_problems
-from cluster.router_client import RouterClient
+from cli.local_cluster import LocalCluster
+from cli.router_client import RouterClient
+from tests.support.otlp_receiver import OtlpReceiver, ReceivedSpan, tree_problems
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -16,7 +16,7 @@ def test_tandem_up_demo_serves_and_leaves_nothing_behind(tiny_llama: Path,
                                                          tmp_path: Path) -> None:
     logs = tmp_path / "logs"
     done = subprocess.run(
-        [sys.executable, "-m", "cluster.cli", "up", "--demo", "--exit", "--port", "0",
+        [sys.executable, "-m", "cli.main", "up", "--demo", "--exit", "--port", "0",
          "--prefill", "1", "--decode", "1", "--model", str(tiny_llama), "--log-dir", str(logs)],
         capture_output=True, text=True, timeout=240, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert done.returncode == 0, done.stdout + done.stderr
@@ -31,7 +31,7 @@ def test_tandem_up_demo_serves_and_leaves_nothing_behind(tiny_llama: Path,
 
 def test_tandem_up_without_redis_says_how_to_install(tmp_path: Path) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "cluster.cli", "up", "--exit", "--model", str(tmp_path)],
+        [sys.executable, "-m", "cli.main", "up", "--exit", "--model", str(tmp_path)],
         capture_output=True, text=True, timeout=60, env={**os.environ, "PATH": "/nonexistent"})
     assert done.returncode == 2
     assert "redis-server not found" in done.stderr and "apt-get install redis-server" in \

@@ -15,7 +15,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.trace import SpanKind, Status, StatusCode, set_span_in_context
 from opentelemetry.util.types import AttributeValue
 
-from cluster.otlp_receiver import OtlpReceiver, ReceivedSpan, ancestors, tree_problems
+from tests.support.otlp_receiver import OtlpReceiver, ReceivedSpan, ancestors, tree_problems
 
 
 @pytest.fixture

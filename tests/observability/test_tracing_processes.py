@@ -17,14 +17,14 @@ from pathlib import Path
 
 import pytest
 
-from cluster.otlp_receiver import OtlpReceiver, ReceivedSpan
+from tests.support.otlp_receiver import OtlpReceiver, ReceivedSpan
 
 ROOT = Path(__file__).resolve().parents[2]
 
 SENDER = """
 import logging, sys
-from cluster import tracing
-from cluster.logging_setup import setup_logging
+from observability import tracing
+from observability.logging_setup import setup_logging
 setup_logging()
 on = tracing.setup_tracing("proc-a", attributes={"service.instance.id": "a-1"})
 with tracing.set_request_id("req-7"), \\
@@ -37,8 +37,8 @@ print("ON", on, flush=True)
 
 RECEIVER = """
 import logging, sys
-from cluster import tracing
-from cluster.logging_setup import setup_logging
+from observability import tracing
+from observability.logging_setup import setup_logging
 setup_logging()
 on = tracing.setup_tracing("proc-b")
 carried = sys.argv[1]
@@ -53,7 +53,7 @@ print("ON", on, flush=True)
 
 ONE_SPAN = """
 import sys
-from cluster import tracing
+from observability import tracing
 on = tracing.setup_tracing("fallback-name")
 with tracing.span(sys.argv[1]):
     pass
@@ -62,7 +62,7 @@ print("ON", on, flush=True)
 
 SLOW_EXIT = """
 import time
-from cluster import tracing
+from observability import tracing
 assert tracing.setup_tracing("slow")
 with tracing.span("never-delivered"):
     pass

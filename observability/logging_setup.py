@@ -1,8 +1,8 @@
 """Process-wide logging: one format for every Tandem process (`TANDEM_LOG_LEVEL`).
 
 Every line carries the request id and the trace id of the request it belongs to
-(`[req=<id> trace=<32 hex>]`, "-" when absent), added by `cluster.tracing.RequestLogFilter`
-from the current context: bind the id with `cluster.tracing.set_request_id`. Lines logged from
+(`[req=<id> trace=<32 hex>]`, "-" when absent), added by `observability.tracing.RequestLogFilter`
+from the current context: bind the id with `observability.tracing.set_request_id`. Lines logged from
 threads that did not inherit the request's context (the engine thread) show "-".
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 
-from cluster.tracing import RequestLogFilter
+from observability.tracing import RequestLogFilter
 
 LOG_FORMAT = ("%(asctime)s %(levelname)s %(processName)s %(name)s "
               "[req=%(request_id)s trace=%(trace_id)s]: %(message)s")

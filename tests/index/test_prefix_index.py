@@ -6,10 +6,10 @@ from typing import Any, cast
 
 from redis.asyncio import Redis
 
-from cluster.prefix_index import PrefixIndexReader, PrefixIndexWriter
-from cluster.prefix_keys import PrefixKeys
-from cluster.redis_client import RedisConfig
 from engine.block_hash import BlockHash, hash_prompt_blocks, hash_to_hex
+from index.prefix_index import PrefixIndexReader, PrefixIndexWriter
+from index.prefix_keys import PrefixKeys
+from index.redis_client import RedisConfig
 
 BLOCK = 4
 PROMPT = list(range(1000, 1000 + 40 * BLOCK))  # 40 full blocks

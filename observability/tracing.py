@@ -30,7 +30,7 @@ How context travels (W3C Trace Context, `traceparent`):
     KV      sender: agent.write(..., trace_context=traceparent_of(send_span))
             receiver: record_span("kv.receive", parent=event.trace_context, duration_s=...)
 
-Log lines: `RequestLogFilter` (installed by `cluster.logging_setup.setup_logging`) adds
+Log lines: `RequestLogFilter` (installed by `observability.logging_setup.setup_logging`) adds
 `request_id` (from `set_request_id`) and `trace_id` (from the current span) to every record.
 Both live in `contextvars`, so they follow a request into the asyncio tasks it creates, but NOT
 into threads: lines logged by the engine thread (or from `loop.run_in_executor`) carry "-"

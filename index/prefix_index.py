@@ -23,7 +23,7 @@ pipelines `SMEMBERS blk:{hash}` in growing chunks (16, 32, ... 256 hashes per ro
 stops after the first chunk where no worker is left holding every block so far. A miss on the
 first block costs one round trip; a 4,000-block hit costs ~5.
 
-Every Redis operation is bounded (`cluster.redis_client.bounded`): Redis down means
+Every Redis operation is bounded (`index.redis_client.bounded`): Redis down means
 `IndexUnavailable` within the configured timeout, which the router turns into degraded mode.
 """
 
@@ -38,9 +38,9 @@ from collections.abc import Collection, Iterable, Sequence
 from redis.asyncio import Redis
 
 from cluster.errors import IndexUnavailable
-from cluster.prefix_keys import PrefixKeys
-from cluster.redis_client import RedisConfig, bounded
 from engine.block_hash import BlockHash, hash_to_hex
+from index.prefix_keys import PrefixKeys
+from index.redis_client import RedisConfig, bounded
 
 logger = logging.getLogger(__name__)
 

@@ -12,13 +12,13 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
+from cli.redis_server import LocalRedisServer
 from cluster.errors import IndexUnavailable
-from cluster.prefix_index import PrefixIndexReader, PrefixIndexWriter
-from cluster.redis_client import RedisConfig
-from cluster.redis_server import LocalRedisServer
-from cluster.registry import WorkerRecord, WorkerRegistry
 from cluster.roles import Role
 from engine.block_hash import hash_prompt_blocks
+from index.prefix_index import PrefixIndexReader, PrefixIndexWriter
+from index.redis_client import RedisConfig
+from index.registry import WorkerRecord, WorkerRegistry
 
 HASHES = hash_prompt_blocks(list(range(64)), 4)  # 16 blocks
 # Bounded means: the configured op timeout (1 s in conftest), plus scheduling slack on a busy

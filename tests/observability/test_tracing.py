@@ -1,4 +1,4 @@
-"""Unit tests of `cluster.tracing`: spans recorded in memory through an injected provider (the
+"""Unit tests of `observability.tracing`: spans recorded in memory through an injected provider (the
 global one can be installed only once per process, so no test here installs it)."""
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from cluster import tracing
-from cluster.logging_setup import LOG_FORMAT
+from observability import tracing
+from observability.logging_setup import LOG_FORMAT
 
 # flags: sampled (01), plus "random trace id" (02) from W3C Trace Context level 2
 TRACEPARENT_RE = re.compile(r"^00-[0-9a-f]{32}-[0-9a-f]{16}-0[13]$")

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
-from cluster import cli_cluster
+from cli import commands
 
 
 class Subcommand(NamedTuple):
@@ -47,15 +47,15 @@ SUBCOMMANDS: dict[str, Subcommand] = {
         "write a small random-weight HF checkpoint with a tokenizer, for tests and demos",
         _add_make_tiny_model, _make_tiny_model),
     "up": Subcommand("start a local cluster: redis, prefill and decode workers, router",
-                     cli_cluster.add_up, cli_cluster.up),
+                     commands.add_up, commands.up),
     "generate": Subcommand("stream a completion from a running router",
-                           cli_cluster.add_generate, cli_cluster.generate),
+                           commands.add_generate, commands.generate),
     "router": Subcommand("run the router (flags: tandem router --help)",
-                         *cli_cluster.passthrough("router")),
+                         *commands.passthrough("router")),
     "prefill": Subcommand("run a prefill worker (flags: tandem prefill --help)",
-                          *cli_cluster.passthrough("prefill_worker")),
+                          *commands.passthrough("prefill_worker")),
     "decode": Subcommand("run a decode worker (flags: tandem decode --help)",
-                         *cli_cluster.passthrough("decode_worker")),
+                         *commands.passthrough("decode_worker")),
 }
 
 

@@ -18,10 +18,10 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode, format_trace_id
 
-from cluster import tracing
 from cluster.errors import NoCapacity
 from cluster.grpc_server import GrpcServer, ServiceBinding, service_name, start_server
-from cluster.logging_setup import LOG_FORMAT
+from observability import tracing
+from observability.logging_setup import LOG_FORMAT
 from tandem_proto.tandem.v1 import common_pb2, decode_pb2, decode_pb2_grpc
 
 DECODE = service_name(decode_pb2.DESCRIPTOR, "Decode")

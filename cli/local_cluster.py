@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
-from cluster.redis_server import LocalRedisServer
+from cli.redis_server import LocalRedisServer
 
 READY_PREFIX = "TANDEM_READY"
 METRICS_PREFIX = "TANDEM_METRICS"

@@ -9,7 +9,7 @@ A worker's counters and gauges already live in plain stats objects (`EngineStats
 them at every scrape (counters as Prometheus counters, the transfer histograms as cumulative
 histograms), so the services keep no extra bookkeeping. Every series carries `worker` and
 `role` labels. The stats objects are read through Protocols: no service (nor torch) import.
-Names, buckets and shared label values live in `cluster.metrics`.
+Names, buckets and shared label values live in `observability.metrics`.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from prometheus_client.metrics_core import (
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from cluster.metrics import (
+from observability.metrics import (
     BATCH_SEQ_BUCKETS,
     BATCH_TOKEN_BUCKETS,
     ROLES,

@@ -1,4 +1,4 @@
-"""cluster.cli: the `tandem` console script and its make-tiny-model subcommand."""
+"""cli.main: the `tandem` console script and its make-tiny-model subcommand."""
 
 from __future__ import annotations
 
@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from cluster import cli
+from cli import main as cli
 from engine.tiny_model import make_tiny_model
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _tandem(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "cluster.cli", *args], cwd=REPO_ROOT,
+    return subprocess.run([sys.executable, "-m", "cli.main", *args], cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=120)
 
 
@@ -60,6 +60,6 @@ def test_main_in_process(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
 
 def test_console_script_points_at_main() -> None:
     (script,) = [e for e in entry_points(group="console_scripts") if e.name == "tandem"]
-    assert script.value == "cluster.cli:main"
+    assert script.value == "cli.main:main"
     assert script.load() is cli.main
     assert "make-tiny-model" in cli.SUBCOMMANDS

@@ -6,13 +6,13 @@ Each process builds its own `CollectorRegistry` (never the global default one), 
 build several in one process:
 
     registry = CollectorRegistry()
-    metrics = RouterMetrics(registry)          # the router; workers: cluster.metrics_worker
+    metrics = RouterMetrics(registry)          # the router; workers: observability.metrics_worker
     port = start_metrics_server(registry, "127.0.0.1", 0)
 
 The router records request-level events as they happen (histograms, counters, gauges). The
-workers' metrics (`cluster.metrics_worker.WorkerMetrics`) are read from their stats objects
+workers' metrics (`observability.metrics_worker.WorkerMetrics`) are read from their stats objects
 at scrape time. All metric names are here or there; the dashboard
-(`cluster.metrics_dashboard`) and the alert rules (`deploy/prometheus/alerts.yaml`) use them,
+(`observability.dashboard`) and the alert rules (`deploy/prometheus/alerts.yaml`) use them,
 and tests check that every name they use is exported. No torch import: the router uses this.
 """
 

@@ -1,4 +1,5 @@
-"""`cluster.metrics`: names, labels and values of the exposition, and `promtool check metrics`.
+"""`observability.metrics`: names, labels and values of the exposition, and
+`promtool check metrics`.
 
 The workers' series come from the real stats dataclasses (filled by hand); the router's from
 its event methods. Each process's text is parsed back with prometheus_client's parser and
@@ -15,7 +16,9 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from cluster.metrics import (
+from engine.block_manager import BlockManager
+from engine.scheduler import Scheduler
+from observability.metrics import (
     ITL_BUCKETS_S,
     OUTCOMES,
     TRANSFER_FAILURE_REASONS,
@@ -25,11 +28,9 @@ from cluster.metrics import (
     serve_metrics,
     start_metrics_server,
 )
-from cluster.metrics_worker import KVBlockCounts, WorkerMetrics, WorkerSources
-from cluster.prometheus_server import promtool
-from engine.block_manager import BlockManager
-from engine.scheduler import Scheduler
+from observability.metrics_worker import KVBlockCounts, WorkerMetrics, WorkerSources
 from tests.deploy.fakes import FakeCluster
+from tests.support.prometheus_server import promtool
 
 Key = tuple[str, tuple[tuple[str, str], ...]]
 
@@ -304,7 +305,8 @@ def test_metrics_modules_stay_free_of_torch() -> None:
     import subprocess
     import sys
 
-    code = ("import sys, cluster.metrics, cluster.metrics_worker, cluster.metrics_dashboard; "
+    code = ("import sys, observability.metrics, observability.metrics_worker, "
+            "observability.dashboard; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr

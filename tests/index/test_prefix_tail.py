@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from redis.asyncio import Redis
 
-from cluster.prefix_index import PrefixIndexReader, PrefixIndexWriter
-from cluster.prefix_keys import PrefixKeys
-from cluster.prefix_tail import PrefixIndexTail
-from cluster.redis_client import RedisConfig
-from cluster.redis_server import LocalRedisServer
+from cli.redis_server import LocalRedisServer
 from engine.block_hash import hash_prompt_blocks
+from index.prefix_index import PrefixIndexReader, PrefixIndexWriter
+from index.prefix_keys import PrefixKeys
+from index.prefix_tail import PrefixIndexTail
+from index.redis_client import RedisConfig
 
 HASHES = hash_prompt_blocks(list(range(128)), 4)  # 32 blocks
 

@@ -6,10 +6,10 @@ import asyncio
 
 from redis.asyncio import Redis
 
-from cluster.redis_client import RedisConfig
-from cluster.redis_server import LocalRedisServer
-from cluster.registry import Heartbeat, LoadReport, WorkerRecord, WorkerRegistry
+from cli.redis_server import LocalRedisServer
 from cluster.roles import Role
+from index.redis_client import RedisConfig
+from index.registry import Heartbeat, LoadReport, WorkerRecord, WorkerRegistry
 
 METADATA = bytes(range(256))  # opaque, not UTF-8
 

@@ -8,8 +8,8 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 from redis.asyncio import Redis
 
-from cluster.redis_client import RedisConfig, connect
-from cluster.redis_server import LocalRedisServer
+from cli.redis_server import LocalRedisServer
+from index.redis_client import RedisConfig, connect
 
 
 @pytest.fixture

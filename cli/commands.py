@@ -1,4 +1,4 @@
-"""`tandem up`, `tandem generate` and `tandem router|prefill|decode` (see cluster/cli.py)."""
+"""`tandem up`, `tandem generate` and `tandem router|prefill|decode` (see cli/main.py)."""
 
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def add_up(parser: argparse.ArgumentParser) -> None:
 
 
 def up(args: argparse.Namespace) -> int:
-    from cluster.local_cluster import LocalCluster
+    from cli.local_cluster import LocalCluster
 
     if args.prefill < 1 or args.decode < 1:
         raise ValueError("prefill/decode: need at least one worker of each role")
@@ -87,7 +87,7 @@ def up(args: argparse.Namespace) -> int:
 
 
 async def _demo(address: str) -> None:
-    from cluster.router_client import RouterClient
+    from cli.router_client import RouterClient
 
     async with RouterClient(address) as client:
         for prompt in DEFAULT_PROMPTS:
@@ -119,7 +119,7 @@ def add_generate(parser: argparse.ArgumentParser) -> None:
 def generate(args: argparse.Namespace) -> int:
     import grpc
 
-    from cluster.router_client import RouterClient
+    from cli.router_client import RouterClient
 
     async def run() -> None:
         async with RouterClient(args.router) as client:

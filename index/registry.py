@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from redis.asyncio import Redis
 
 from cluster.errors import IndexUnavailable
-from cluster.redis_client import RedisConfig, bounded
 from cluster.roles import Role
+from index.redis_client import RedisConfig, bounded
 
 logger = logging.getLogger(__name__)
 

@@ -19,9 +19,9 @@ from typing import Any, cast
 
 from redis.asyncio import Redis
 
-from cluster.prefix_keys import PrefixKeys
-from cluster.redis_client import RedisConfig, bounded
 from engine.block_hash import BlockHash, hash_from_hex
+from index.prefix_keys import PrefixKeys
+from index.redis_client import RedisConfig, bounded
 
 _Entry = tuple[bytes, dict[bytes, bytes]]  # a stream entry: (id, fields)
 

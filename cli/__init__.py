@@ -1,0 +1,1 @@
+"""The `tandem` command: subcommands, the local cluster launcher, the router client."""
