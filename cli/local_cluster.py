@@ -1,10 +1,11 @@
 """A whole Tandem cluster on one machine, as real processes: `tandem up` and the e2e tests.
 
 Starts a private `redis-server` on a free loopback port, then prefill workers, decode workers
-and the router, each as `python -m <package>` with its output in a log file; a process is
-ready when it prints its `TANDEM_READY role id address` line. `stop()` sends SIGTERM to every
-process (SIGKILL after a grace period) and stops Redis, leaving nothing behind. Individual
-processes can be killed and new ones started, to test failures.
+and the router, each as `python -m <package>` with its output in a log file, on loopback ports
+chosen here (gRPC and /metrics); a process is ready when its `grpc.health.v1` service answers
+SERVING, as a Kubernetes probe would ask. `stop()` sends SIGTERM to every process (SIGKILL after
+a grace period) and stops Redis, leaving nothing behind. Individual processes can be killed and
+new ones started, to test failures.
 """
 
 from __future__ import annotations
@@ -21,10 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
-from cli.redis_server import LocalRedisServer
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-READY_PREFIX = "TANDEM_READY"
-METRICS_PREFIX = "TANDEM_METRICS"
+from cli.redis_server import LocalRedisServer
+from cluster.addresses import free_port
+
 MODULES = {"prefill": "prefill_worker", "decode": "decode_worker", "router": "router"}
 REDIS_HINT = ("redis-server not found on PATH: install it (Debian/Ubuntu: "
               "`apt-get install redis-server`), or run scripts/setup.sh")
@@ -35,12 +38,15 @@ class ServiceProcess:
     """One started process of the cluster."""
 
     role: str
-    name: str
+    name: str  # also its worker id
     popen: subprocess.Popen[bytes]
     log_path: Path
-    address: str = ""
-    worker_id: str = ""
-    metrics_address: str = ""  # host:port of its /metrics
+    address: str  # gRPC host:port
+    metrics_address: str = ""  # host:port of its /metrics ("" when off)
+
+    @property
+    def worker_id(self) -> str:
+        return self.name
 
     @property
     def alive(self) -> bool:
@@ -104,14 +110,16 @@ class LocalCluster:
     def spawn(self, role: str, extra_args: Sequence[str] = ()) -> ServiceProcess:
         """Starts one process of `role` ("prefill", "decode" or "router"); not yet ready."""
         self._counter += 1
-        name = f"{role}-{self._counter}"
-        common = ["--model", str(self.model), "--redis-url", self.redis.url,
-                  "--metrics-listen", "127.0.0.1:0" if self.metrics else ""]
+        name = role if role == "router" else f"{role}-{self._counter}"
+        port = self.router_port if role == "router" and self.router_port else free_port()
+        metrics = f"127.0.0.1:{free_port()}" if self.metrics else ""
+        args = ["--model", str(self.model), "--redis-url", self.redis.url,
+                "--listen", f"127.0.0.1:{port}", "--metrics-listen", metrics]
         if role == "router":
-            args = [*common, "--listen", f"127.0.0.1:{self.router_port}", *self.router_args]
+            args += self.router_args
         else:
-            args = [*common, "--worker-id", name, "--num-threads",
-                    str(self.threads_per_worker), *self.worker_args]
+            args += ["--worker-id", name, "--num-threads", str(self.threads_per_worker),
+                     *self.worker_args]
         assert self.log_dir is not None
         log_path = self.log_dir / f"{name}.log"
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "UCX_WARN_UNUSED_ENV_VARS": "n"}
@@ -119,25 +127,29 @@ class LocalCluster:
             popen = subprocess.Popen(
                 [sys.executable, "-m", MODULES[role], *args, *extra_args],
                 stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        process = ServiceProcess(role, name, popen, log_path)
+        process = ServiceProcess(role, name, popen, log_path, f"127.0.0.1:{port}", metrics)
         self.processes.append(process)
         return process
 
     def wait_ready(self, process: ServiceProcess, timeout_s: float | None = None) -> None:
-        """Waits for the process's ready line; raises with its log if it dies or stalls."""
-        deadline = time.monotonic() + (timeout_s or self.start_timeout_s)
-        while time.monotonic() < deadline:
-            for line in process.log().splitlines():
-                if line.startswith(METRICS_PREFIX):
-                    process.metrics_address = line.split()[1]
-                if line.startswith(READY_PREFIX):
-                    _, _role, process.worker_id, process.address = line.split()
-                    return
-            if not process.alive:
-                raise RuntimeError(f"{process.name} exited with {process.popen.returncode}:\n"
-                                   f"{process.log()[-4000:]}")
-            time.sleep(0.05)
-        raise TimeoutError(f"{process.name} not ready after {timeout_s} s:\n"
+        """Waits until the process's health service answers SERVING; raises with its log if it
+        dies or stalls."""
+        timeout = timeout_s or self.start_timeout_s
+        deadline = time.monotonic() + timeout
+        with grpc.insecure_channel(process.address) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            while time.monotonic() < deadline:
+                if not process.alive:
+                    raise RuntimeError(f"{process.name} exited with {process.popen.returncode}:"
+                                       f"\n{process.log()[-4000:]}")
+                try:
+                    reply = health.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.RpcError:
+                    pass  # not listening yet
+                time.sleep(0.05)
+        raise TimeoutError(f"{process.name} not ready after {timeout} s:\n"
                            f"{process.log()[-4000:]}")
 
     def wait_for_workers(self, count: int, timeout_s: float = 60.0) -> None:

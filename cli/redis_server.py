@@ -16,14 +16,9 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+from cluster.addresses import free_port
+
 _START_TIMEOUT_S = 10.0
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nobody listens on right now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 def _ping(host: str, port: int, timeout_s: float = 0.2) -> bool:

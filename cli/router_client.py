@@ -14,11 +14,8 @@ from types import TracebackType
 
 from grpc import aio
 
+from cluster.convert import FINISH_FROM_PB
 from tandem_proto.tandem.v1 import common_pb2, router_pb2, router_pb2_grpc
-
-FINISH_NAMES = {common_pb2.FINISH_REASON_STOP: "stop", common_pb2.FINISH_REASON_LENGTH: "length",
-                common_pb2.FINISH_REASON_CANCELLED: "cancelled",
-                common_pb2.FINISH_REASON_ERROR: "error"}
 
 
 @dataclass
@@ -84,7 +81,7 @@ class RouterClient:
             request.cache_salt = cache_salt
         async for message in self.stub.Generate(request, timeout=timeout):
             yield Chunk(message.request_id, list(message.token_ids), message.text,
-                        FINISH_NAMES.get(message.finish_reason),
+                        FINISH_FROM_PB.get(message.finish_reason),
                         message.usage.prompt_tokens, message.usage.cached_tokens,
                         message.usage.completion_tokens)
 

@@ -7,6 +7,16 @@ from engine.sampling import SamplingParams
 from tandem_proto.tandem.v1 import common_pb2
 
 DEFAULT_MAX_TOKENS = 16
+DEFAULT_TEMPERATURE = 0.0  # greedy, as tandem.v1.SamplingParams documents
+
+# Finish reasons by the names the engine (`engine.request.FinishReason` values), the router,
+# the metrics and the client use.
+FINISH_TO_PB: dict[str, common_pb2.FinishReason] = {
+    "stop": common_pb2.FINISH_REASON_STOP,
+    "length": common_pb2.FINISH_REASON_LENGTH,
+    "cancelled": common_pb2.FINISH_REASON_CANCELLED,
+}
+FINISH_FROM_PB: dict[int, str] = {value: name for name, value in FINISH_TO_PB.items()}
 
 
 def sampling_from_pb(pb: common_pb2.SamplingParams,
@@ -15,7 +25,7 @@ def sampling_from_pb(pb: common_pb2.SamplingParams,
     try:
         return SamplingParams(
             max_tokens=pb.max_tokens if pb.HasField("max_tokens") else default_max_tokens,
-            temperature=pb.temperature if pb.HasField("temperature") else 0.0,
+            temperature=pb.temperature if pb.HasField("temperature") else DEFAULT_TEMPERATURE,
             top_p=pb.top_p if pb.HasField("top_p") else 1.0,
             top_k=pb.top_k if pb.HasField("top_k") else 0,
             seed=pb.seed if pb.HasField("seed") else None,

@@ -1,6 +1,7 @@
 """Builds the grpc.aio server every Tandem service runs in.
 
-Each server gets the error-mapping interceptor (`cluster.grpc_errors`), the standard
+Each server gets the gRPC tracing interceptor when tracing is on
+(`observability.grpc_tracing`), the error-mapping interceptor (`cluster.grpc_errors`), the standard
 `grpc.health.v1` health service (every registered service, and "", report SERVING once started
 and NOT_SERVING as soon as shutdown begins) and server reflection (so `grpcurl` can list and call
 the services), and stops gracefully: health flips first, then in-flight calls get `grace`
@@ -18,7 +19,9 @@ from grpc_health.v1 import health as grpc_health
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from cluster.addresses import split_host_port
 from cluster.grpc_errors import ErrorMappingInterceptor
+from observability.grpc_tracing import server_interceptors
 
 # Large prompts travel as token-id lists and transfer metadata as bytes: 64 MiB is far above
 # any real message yet still bounds a runaway one.
@@ -75,8 +78,10 @@ async def start_server(services: Sequence[ServiceBinding], address: str = "127.0
                        interceptors: Sequence[aio.ServerInterceptor] = (),
                        options: Sequence[tuple[str, Any]] = ()) -> GrpcServer:
     """Builds, binds and starts a server for `services` on `address` ("host:0" picks a port)."""
-    server = aio.server(interceptors=[ErrorMappingInterceptor(), *interceptors],
-                        options=[*_DEFAULT_OPTIONS, *options])
+    host, _ = split_host_port(address, "listen")
+    server = aio.server(
+        interceptors=[*server_interceptors(), ErrorMappingInterceptor(), *interceptors],
+        options=[*_DEFAULT_OPTIONS, *options])
     for binding in services:
         binding.add_to_server(binding.servicer, server)
     health = grpc_health.aio.HealthServicer()
@@ -89,7 +94,6 @@ async def start_server(services: Sequence[ServiceBinding], address: str = "127.0
     if port == 0:
         raise OSError(f"cannot bind gRPC server to {address}")
     await server.start()
-    host = address.rsplit(":", 1)[0]
     started = GrpcServer(server, port, host, health, names)
     await started.set_serving(True)
     return started

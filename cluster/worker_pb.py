@@ -19,19 +19,23 @@ def transfer_endpoint(runtime: WorkerRuntime) -> common_pb2.TransferEndpoint:
         compat_hash=runtime.agent.spec.compat_hash, handshake_version=PROTOCOL_VERSION)
 
 
-def worker_status(runtime: WorkerRuntime, role: Role,
-                  counters: Mapping[str, float]) -> common_pb2.WorkerStatus:
+def worker_status(runtime: WorkerRuntime, role: Role, counters: Mapping[str, float],
+                  gauges: Mapping[str, float]) -> common_pb2.WorkerStatus:
+    """The worker's status: the engine's counters and gauges, then the role's."""
     load = runtime.load()
     engine = runtime.engine
-    base = {
-        "kv_blocks_free": engine.block_manager.num_free_blocks,
-        "kv_blocks_total": engine.num_blocks,
+    engine_counters = {
         "prefill_tokens_computed": engine.stats.prefill_tokens_computed,
         "decode_tokens_computed": engine.stats.decode_tokens_computed,
         "prefix_hit_tokens": engine.block_manager.stats.prefix_hit_tokens,
         "preemptions": engine.stats.preemptions,
+    }
+    engine_gauges = {
         "requests": engine.num_requests(),
-        "running": len(engine.scheduler.running),
+        "running": load.running,
+        "waiting": load.waiting,
+        "kv_blocks_free": engine.block_manager.num_free_blocks,
+        "kv_blocks_total": engine.num_blocks,
     }
     return common_pb2.WorkerStatus(
         worker_id=runtime.worker_id, role=ROLE_PB[role],
@@ -39,10 +43,12 @@ def worker_status(runtime: WorkerRuntime, role: Role,
         load=common_pb2.WorkerLoad(running=load.running, waiting=load.waiting,
                                    kv_blocks_used=load.kv_blocks_used,
                                    kv_blocks_total=load.kv_blocks_total,
-                                   max_running=load.max_running),
+                                   max_running=load.max_running,
+                                   queued_prompt_blocks=load.queued_prompt_blocks),
         load_unix_ms=int(time.time() * 1000),
         publishes_prefix_events=runtime.writer is not None,
-        counters={**base, **counters},
+        counters={**engine_counters, **counters},
+        gauges={**engine_gauges, **gauges},
         compat_hash=runtime.agent.spec.compat_hash,
         block_size=engine.config.block_size,
         hash_seed=engine.config.hash_seed,

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from cluster.grpc_server import GrpcServer, ServiceBinding, start_server
+from cluster.grpc_server import ServiceBinding
+from cluster.process import ProcessOptions, serve_until_stopped
 from cluster.worker_config import WorkerConfig
 from engine.block_manager import BlockEvent
 from engine.engine import Engine, StepLayerCallback
@@ -29,13 +29,9 @@ from index.registry import Heartbeat, LoadReport, WorkerRecord, WorkerRegistry
 from kv_transfer.base import KVTransferAgent, TransferConfig, TransferEvent
 from kv_transfer.registry import create_agent
 from kv_transfer.spec import KVLayoutSpec
-from observability.metrics import MetricsServer, serve_metrics
 from observability.metrics_worker import WorkerMetrics, WorkerSources
 
 log = logging.getLogger(__name__)
-
-READY_PREFIX = "TANDEM_READY"  # printed on stdout once serving: "TANDEM_READY role id address"
-METRICS_PREFIX = "TANDEM_METRICS"  # printed before it: "TANDEM_METRICS host:port"
 
 
 class WorkerRuntime:
@@ -51,12 +47,11 @@ class WorkerRuntime:
             token=config.transfer_token, backend=config.transfer_backend, host=config.host))
         self.agent.register_cache(self.engine.runner.kv_cache)
         self.loop: EngineLoop | None = None
-        self.server: GrpcServer | None = None
         self.writer: PrefixIndexWriter | None = None
         self.started_ms = int(time.time() * 1000)
         self.address = ""  # host:port peers dial, known once serving
         self.registry = CollectorRegistry()
-        self.metrics_server: MetricsServer | None = None
+        self.queued_prompt_blocks = 0  # set by the engine thread between steps
         self._aio: asyncio.AbstractEventLoop | None = None
         self._transfer_listeners: list[Callable[[list[TransferEvent]], None]] = []
         self._tasks: list[asyncio.Task[Any]] = []
@@ -78,6 +73,7 @@ class WorkerRuntime:
     def _on_idle(self, engine: Engine) -> None:
         """Engine thread, between steps: drive the transfer agent, hand off block events."""
         assert self._aio is not None
+        self.queued_prompt_blocks = engine.num_queued_prompt_blocks()
         events = self.agent.poll()
         if events:
             self._aio.call_soon_threadsafe(self._dispatch_transfer, events)
@@ -118,44 +114,46 @@ class WorkerRuntime:
             waiting=len(engine.scheduler.waiting),
             kv_blocks_used=engine.block_manager.num_used_blocks,
             kv_blocks_total=engine.num_blocks,
+            queued_prompt_blocks=self.queued_prompt_blocks,
             max_running=engine.config.max_num_seqs)
 
     # ---- running -------------------------------------------------------------------------
 
     async def serve(self, services: Sequence[ServiceBinding]) -> None:
-        """Starts gRPC and Redis plumbing, prints the ready line, runs until SIGTERM/SIGINT."""
+        """Serves `services` (see `cluster.process`): registers with Redis once serving,
+        deregisters first when stopping; a dead engine stops the process."""
         cfg = self.config
-        self.server = await start_server(services, cfg.listen)
-        self.address = address = f"{cfg.host}:{self.server.port}"
-        if cfg.metrics_listen:
-            host, port = cfg.metrics_listen.rsplit(":", 1)
-            self.metrics_server = serve_metrics(self.registry, host, int(port))
-            print(f"{METRICS_PREFIX} {self.metrics_server.address}", flush=True)
         heartbeat: Heartbeat | None = None
-        if cfg.redis_url:
-            redis_cfg = RedisConfig(url=cfg.redis_url, namespace=cfg.namespace)
-            redis = connect(redis_cfg)
-            self.writer = PrefixIndexWriter(redis, redis_cfg, self.worker_id)
-            registry = WorkerRegistry(redis, redis_cfg, ttl_s=cfg.heartbeat_ttl_s)
-            heartbeat = Heartbeat(registry, lambda: WorkerRecord(
-                worker_id=self.worker_id, role=cfg.role, address=address,
-                transfer_metadata=self.agent.metadata().encode(), load=self.load(),
-                started_unix_ms=self.started_ms))
-            self._tasks.append(asyncio.create_task(self._run_writer()))
-            await heartbeat.start()
-        aio = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            aio.add_signal_handler(sig, self._stopping.set)
-        print(f"{READY_PREFIX} {cfg.role.value} {self.worker_id} {address}", flush=True)
-        log.info("%s %s serving on %s", cfg.role.value, self.worker_id, address)
-        watchdog = asyncio.create_task(self._watch_engine())
-        await self._stopping.wait()
-        watchdog.cancel()
-        log.info("shutting down: no new work, %.0f s grace", cfg.shutdown_grace_s)
-        if heartbeat is not None:
-            await heartbeat.stop(deregister=True)
-        await self.server.stop(cfg.shutdown_grace_s)
-        await self.close()
+
+        async def started(address: str) -> None:
+            nonlocal heartbeat
+            self.address = address
+            if cfg.redis_url:
+                redis_cfg = RedisConfig(url=cfg.redis_url, namespace=cfg.namespace)
+                redis = connect(redis_cfg)
+                self.writer = PrefixIndexWriter(redis, redis_cfg, self.worker_id)
+                registry = WorkerRegistry(redis, redis_cfg, ttl_s=cfg.heartbeat_ttl_s)
+                heartbeat = Heartbeat(registry, lambda: WorkerRecord(
+                    worker_id=self.worker_id, role=cfg.role, address=address,
+                    transfer_metadata=self.agent.metadata().encode(), load=self.load(),
+                    started_unix_ms=self.started_ms))
+                self._tasks.append(asyncio.create_task(self._run_writer()))
+                await heartbeat.start()
+            self._tasks.append(asyncio.create_task(self._watch_engine()))
+
+        async def stopping() -> None:
+            if heartbeat is not None:
+                await heartbeat.stop(deregister=True)
+
+        options = ProcessOptions(
+            name=f"{cfg.role.value} worker {self.worker_id}", listen=cfg.listen,
+            metrics_registry=self.registry, metrics_listen=cfg.metrics_listen,
+            advertise_host=cfg.advertise_host, grace_s=cfg.shutdown_grace_s, stop=self._stopping,
+            on_started=started, on_stopping=stopping)
+        try:
+            await serve_until_stopped(services, options)
+        finally:
+            await self.close()
 
     async def _watch_engine(self) -> None:
         """A dead engine ends the process, so its supervisor restarts it."""
@@ -178,8 +176,6 @@ class WorkerRuntime:
         if self.loop is not None:
             self.loop.stop()
         self.agent.close()
-        if self.metrics_server is not None:
-            self.metrics_server.close()
 
     async def _run_writer(self) -> None:
         assert self.writer is not None

@@ -4,20 +4,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
 
 from cluster.grpc_server import ServiceBinding
 from cluster.roles import Role
 from cluster.worker_config import add_worker_args, worker_config_from_args
 from cluster.worker_runtime import WorkerRuntime
+from cluster.worker_service import WorkerServicer
 from decode_worker.service import DecodeServicer
 from decode_worker.worker import DecodeWorker
 from observability.logging_setup import setup_logging
 from observability.tracing import setup_tracing
-from tandem_proto.tandem.v1 import decode_pb2_grpc
-
-log = logging.getLogger("decode_worker")
+from tandem_proto.tandem.v1 import decode_pb2_grpc, worker_pb2_grpc
 
 
 async def serve(args: argparse.Namespace) -> None:
@@ -28,11 +26,12 @@ async def serve(args: argparse.Namespace) -> None:
     runtime.on_transfer_events(worker.on_transfer_events)
     runtime.attach_metrics(decode=lambda: worker.stats)
     worker.start()
-    servicer = DecodeServicer(worker, runtime)
     try:
-        await runtime.serve([ServiceBinding("tandem.v1.Decode",
-                                            decode_pb2_grpc.add_DecodeServicer_to_server,
-                                            servicer)])
+        await runtime.serve([
+            ServiceBinding("tandem.v1.Decode", decode_pb2_grpc.add_DecodeServicer_to_server,
+                           DecodeServicer(worker, runtime)),
+            ServiceBinding("tandem.v1.Worker", worker_pb2_grpc.add_WorkerServicer_to_server,
+                           WorkerServicer(Role.DECODE, worker, runtime))])
     finally:
         await worker.stop()
     if loop.fatal is not None:

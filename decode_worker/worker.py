@@ -63,6 +63,7 @@ class Reservation:
     request_id: str
     prompt: list[int]
     sampling: SamplingParams
+    cache_salt: bytes
     block_ids: list[int]
     num_cached_tokens: int
     lease_deadline: float  # time.monotonic()
@@ -103,14 +104,15 @@ class DecodeWorker:
     # ---- reserve -------------------------------------------------------------------------
 
     async def reserve(self, request_id: str, prompt: list[int], sampling: SamplingParams,
-                      lease_s: float | None = None) -> Reservation:
-        """Allocates blocks for `prompt`; NoCapacity if they are not free now."""
+                      lease_s: float | None = None, cache_salt: bytes = b"") -> Reservation:
+        """Allocates blocks for `prompt` (its block hashes salted with `cache_salt`);
+        NoCapacity if they are not free now."""
         if request_id in self.reservations:
             raise ValueError(f"request_id: {request_id!r} is already reserved here")
         lease = lease_s or self.lease_s
 
         def reserve_on_engine(engine: Engine) -> tuple[list[int], int] | None:
-            allocation = engine.reserve(request_id, prompt, sampling)
+            allocation = engine.reserve(request_id, prompt, sampling, cache_salt)
             if allocation is None:
                 return None
             self.agent.expect(request_id, lease)
@@ -121,7 +123,7 @@ class DecodeWorker:
             raise NoCapacity(f"decode worker {self.worker_id} has no free KV blocks for a "
                              f"{len(prompt)}-token prompt")
         block_ids, cached = result
-        reservation = Reservation(request_id, prompt, sampling, block_ids, cached,
+        reservation = Reservation(request_id, prompt, sampling, cache_salt, block_ids, cached,
                                   time.monotonic() + lease)
         self.reservations[request_id] = reservation
         self.stats.reservations += 1
@@ -218,13 +220,30 @@ class DecodeWorker:
             return RequestOutput(rid, [first_token], True, reason, len(reservation.prompt), 0)
         rest = dataclasses.replace(sampling, max_tokens=sampling.max_tokens - 1)
         await self.loop.call(lambda e: e.add_request(rid, [*reservation.prompt, first_token],
-                                                     rest))
+                                                     rest, reservation.cache_salt))
         return RequestOutput(rid, [first_token], False, None, len(reservation.prompt), 0)
+
+    # ---- status --------------------------------------------------------------------------
+
+    def counters(self) -> dict[str, float]:
+        """For the Worker service's status (cumulative)."""
+        stats = self.stats
+        return {"reservations": stats.reservations, "lease_expiries": stats.lease_expiries,
+                "local_prefills": stats.local_prefills,
+                "transfers_completed": stats.transfers_completed,
+                "transfers_failed": stats.transfers_failed,
+                "cached_prompt_tokens": stats.cached_prompt_tokens,
+                "kv_bytes_received": self.agent.stats.bytes_received}
+
+    def gauges(self) -> dict[str, float]:
+        """For the Worker service's status (current)."""
+        return {"reservations_waiting": sum(not r.decoding for r in self.reservations.values())}
 
     # ---- release -------------------------------------------------------------------------
 
-    async def release(self, request_id: str) -> bool:
+    async def cancel(self, request_id: str, reason: str = "cancelled") -> bool:
         """Drops a reservation or stops a running request. False if unknown here."""
+        log.info("releasing %s: %s", request_id, reason)
         reservation = self.reservations.get(request_id)
         if reservation is None or reservation.decoding:
             # unknown here, or decoding: stopping it on the engine ends its stream, whose
@@ -260,6 +279,6 @@ class DecodeWorker:
                             reservation.request_id, self.worker_id)
                 self.stats.lease_expiries += 1
                 try:
-                    await self.release(reservation.request_id)
+                    await self.cancel(reservation.request_id, "lease expired")
                 except Exception:
                     log.exception("releasing expired reservation %s", reservation.request_id)

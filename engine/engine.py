@@ -270,9 +270,9 @@ class Engine:
         if self._reserved.pop(request_id, None) is not None or request.is_finished:
             self.block_manager.free(request_id)  # a reservation, or blocks held after prefill
             request.status = RequestStatus.FINISHED
-            request.finish_reason = request.finish_reason or FinishReason.ABORTED
+            request.finish_reason = request.finish_reason or FinishReason.CANCELLED
         else:
-            self.scheduler.finish(request, FinishReason.ABORTED)
+            self.scheduler.finish(request, FinishReason.CANCELLED)
         return True
 
     def quarantine(self, request_id: str) -> bool:
@@ -283,7 +283,7 @@ class Engine:
         if request is None:
             return False
         if reserved is None and not request.is_finished:
-            self.scheduler.finish(request, FinishReason.ABORTED, free=False)
+            self.scheduler.finish(request, FinishReason.CANCELLED, free=False)
         request.status = RequestStatus.FINISHED
         # the blocks move to a private owner id: the request id itself may be reused at once
         # (the decode worker's local prefill re-adds it)
@@ -305,6 +305,17 @@ class Engine:
     def num_requests(self) -> int:
         """Requests the engine knows: queued, running, reserved or holding blocks."""
         return len(self._requests)
+
+    def num_queued_prompt_blocks(self) -> int:
+        """Prompt blocks (a partial last block counted) of waiting and running requests whose
+        KV is not computed yet: the prefill work this engine has accepted."""
+        block_size = self.config.block_size
+        queued = 0
+        for request in (*self.scheduler.waiting, *self.scheduler.running):
+            left = len(request.prompt_token_ids) - request.num_computed_tokens
+            if left > 0:
+                queued += -(-left // block_size)
+        return queued
 
     def generate(self, prompts: list[list[int]],
                  sampling: SamplingParams | None = None) -> list[list[int]]:

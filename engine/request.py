@@ -20,7 +20,7 @@ class RequestStatus(enum.Enum):
 class FinishReason(enum.Enum):
     STOP = "stop"  # a stop or end-of-sequence token
     LENGTH = "length"  # max_tokens or the model's context
-    ABORTED = "aborted"
+    CANCELLED = "cancelled"  # released from outside (a cancel, a lease, a shutdown)
 
 
 @dataclass

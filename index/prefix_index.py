@@ -314,6 +314,9 @@ class PrefixIndexReader:
             matched[worker] = len(hashes)
         return matched
 
+    async def close(self) -> None:
+        """Nothing runs in the background; the Redis client is the caller's."""
+
     async def epoch(self) -> bytes | None:
         """The index's current epoch (None: Redis holds no index). Raises IndexUnavailable."""
         async with bounded("get epoch", self._config.op_timeout_s):

@@ -28,7 +28,7 @@ from index.redis_client import RedisConfig, bounded
 logger = logging.getLogger(__name__)
 
 _LOAD_FIELDS = ("running", "waiting", "kv_blocks_used", "kv_blocks_total",
-                "queued_prompt_tokens", "max_running")
+                "queued_prompt_blocks", "max_running")
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ class LoadReport:
     waiting: int = 0
     kv_blocks_used: int = 0
     kv_blocks_total: int = 0
-    queued_prompt_tokens: int = 0
+    queued_prompt_blocks: int = 0  # prompt blocks accepted, not computed yet
     max_running: int = 0
 
 

@@ -25,8 +25,9 @@ returns "".
 
 How context travels (W3C Trace Context, `traceparent`):
 
-    gRPC    client: stub.Call(request, metadata=inject_metadata())
-            server: with server_span("tandem.v1.Prefill/Prefill", context): ...
+    gRPC    opentelemetry-instrumentation-grpc's aio interceptors, installed by
+            `observability.grpc_tracing` on every server and on the router's channels: a CLIENT
+            span per call, a SERVER span per handled call, `traceparent` in the metadata
     KV      sender: agent.write(..., trace_context=traceparent_of(send_span))
             receiver: record_span("kv.receive", parent=event.trace_context, duration_s=...)
 
@@ -46,7 +47,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, suppress
 from typing import Any
 
@@ -76,6 +77,7 @@ class _State:
         self.enabled = False
         self.tracer: trace.Tracer = trace.NoOpTracer()
         self.provider: Any = None  # the SDK TracerProvider we installed, for shutdown
+        self.recording: trace.TracerProvider | None = None  # the provider spans go to when on
         self.lock = threading.Lock()
 
 
@@ -137,9 +139,12 @@ def setup_tracing(service_name: str, *, attributes: Attributes | None = None) ->
         # Resource.create merges the detectors (OTEL_RESOURCE_ATTRIBUTES, OTEL_SERVICE_NAME)
         # and then `extra` over them; the sampler comes from OTEL_TRACES_SAMPLER(_ARG).
         provider = TracerProvider(resource=Resource.create(extra), shutdown_on_exit=False)
+        from observability.span_names import RpcSpanNames
+
+        provider.add_span_processor(RpcSpanNames())
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
         trace.set_tracer_provider(provider)
-        _state.provider = provider
+        _state.provider = _state.recording = provider
         _state.tracer = provider.get_tracer(TRACER_NAME)
         _state.enabled = True
         atexit.register(shutdown_tracing)
@@ -155,7 +160,7 @@ def shutdown_tracing(timeout_s: float = 5.0) -> None:
     """Sends the spans still batched and stops the exporter, waiting at most `timeout_s` (an
     unreachable collector cannot hold the process). Safe to call more than once, and when off."""
     with _state.lock:
-        provider, _state.provider = _state.provider, None
+        provider, _state.provider, _state.recording = _state.provider, None, None
         _state.enabled = False
         _state.tracer = trace.NoOpTracer()
     if provider is None:
@@ -179,19 +184,27 @@ def tracer() -> trace.Tracer:
     return _state.tracer
 
 
+def recording_provider() -> trace.TracerProvider | None:
+    """The provider spans are recorded with (None when tracing is off): what the gRPC
+    instrumentation's interceptors must use too."""
+    return _state.recording if _state.enabled else None
+
+
 @contextmanager
 def use_tracer_provider(provider: trace.TracerProvider) -> Iterator[None]:
-    """Tests: records this module's spans with `provider` (e.g. an SDK provider with an
+    """Tests: records this module's spans, and the gRPC interceptors' made after entering,
+    with `provider` (e.g. an SDK provider with `observability.span_names.RpcSpanNames` and an
     `InMemorySpanExporter`) inside the block, without installing a global provider (which a
     process can do only once)."""
     with _state.lock:
-        saved = (_state.enabled, _state.tracer)
+        saved = (_state.enabled, _state.tracer, _state.recording)
         _state.enabled, _state.tracer = True, provider.get_tracer(TRACER_NAME)
+        _state.recording = provider
     try:
         yield
     finally:
         with _state.lock:
-            _state.enabled, _state.tracer = saved
+            _state.enabled, _state.tracer, _state.recording = saved
 
 
 # ---- spans -----------------------------------------------------------------------------------
@@ -247,31 +260,6 @@ def _span(name: str, kind: SpanKind, attributes: Attributes | None,
         _detach(token)
 
 
-def server_span(name: str, grpc_context: Any, *, attributes: Attributes | None = None,
-                traceparent: str = "") -> AbstractContextManager[Span]:
-    """A SERVER span for one gRPC call, child of the caller's span found in the call's metadata
-    (`grpc_context` is the handler's `ServicerContext`). Use it in unary handlers and around the
-    body of async-generator (streaming) handlers:
-
-        async def Decode(self, request, context):
-            with server_span("tandem.v1.Decode/Decode", context) as s:
-                async for output in ...: yield ...
-
-    `traceparent` is used when the metadata carries none (e.g. a message's own
-    `trace.traceparent` field, for callers that cannot set metadata).
-    """
-    if not _state.enabled:
-        return _NO_SPAN
-    parent = context_from_metadata(grpc_context.invocation_metadata())
-    if traceparent and not trace.get_current_span(parent).get_span_context().is_valid:
-        parent = context_from_traceparent(traceparent)
-    rpc_service, _, rpc_method = name.rpartition("/")
-    base: dict[str, AttributeValue] = {"rpc.system": "grpc"}
-    if rpc_service:
-        base.update({"rpc.service": rpc_service, "rpc.method": rpc_method})
-    return _span(name, SpanKind.SERVER, {**base, **(attributes or {})}, parent)
-
-
 def record_span(name: str, *, parent: Context | str | None, duration_s: float,
                 end_time_ns: int | None = None, kind: SpanKind = SpanKind.INTERNAL,
                 attributes: Attributes | None = None, error: str = "") -> None:
@@ -292,6 +280,13 @@ def record_span(name: str, *, parent: Context | str | None, duration_s: float,
     done.end(end_time=end)
 
 
+def annotate(attributes: Attributes) -> None:
+    """Sets `attributes` on the current span: in a gRPC handler, the call's SERVER span (made by
+    the instrumentation's interceptor). A no-op when tracing is off."""
+    if _state.enabled:
+        trace.get_current_span().set_attributes(attributes)
+
+
 def _detach(token: contextvars.Token[Context]) -> None:
     """`otel_context.detach`, but quiet when the token belongs to another `Context`: an async
     generator finalized by the event loop (not by the task that ran it) ends its `with` block in
@@ -301,26 +296,6 @@ def _detach(token: contextvars.Token[Context]) -> None:
 
 
 # ---- propagation -----------------------------------------------------------------------------
-
-
-def inject_metadata(ctx: Context | None = None) -> list[tuple[str, str]]:
-    """gRPC metadata (`traceparent`, and `tracestate` if any) for the current span, or for
-    `ctx`; `[]` when tracing is off or there is no span. Pass as `stub.Call(..., metadata=...)`."""
-    if not _state.enabled:
-        return []
-    carrier: dict[str, str] = {}
-    _PROPAGATOR.inject(carrier, context=ctx)
-    return list(carrier.items())
-
-
-def context_from_metadata(metadata: Iterable[Any] | None) -> Context:
-    """The caller's context from gRPC metadata (`context.invocation_metadata()`: key/value
-    pairs; binary `-bin` values are ignored); an empty context if it carries none."""
-    carrier: dict[str, str] = {}
-    for key, value in metadata or ():
-        if isinstance(value, str) and key.lower() in (TRACEPARENT, TRACESTATE):
-            carrier[key.lower()] = value
-    return _PROPAGATOR.extract(carrier) if carrier else Context()
 
 
 def current_traceparent() -> str:
@@ -402,15 +377,14 @@ class RequestLogFilter(logging.Filter):
 __all__ = [
     "RequestLogFilter",
     "SpanKind",
+    "annotate",
     "bind_request_id",
-    "context_from_metadata",
     "context_from_traceparent",
     "current_request_id",
     "current_trace_id",
     "current_traceparent",
-    "inject_metadata",
     "record_span",
-    "server_span",
+    "recording_provider",
     "set_request_id",
     "setup_tracing",
     "shutdown_tracing",

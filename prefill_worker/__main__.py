@@ -10,11 +10,12 @@ from cluster.grpc_server import ServiceBinding
 from cluster.roles import Role
 from cluster.worker_config import add_worker_args, worker_config_from_args
 from cluster.worker_runtime import WorkerRuntime
+from cluster.worker_service import WorkerServicer
 from observability.logging_setup import setup_logging
 from observability.tracing import setup_tracing
 from prefill_worker.service import PrefillServicer
 from prefill_worker.worker import PrefillWorker
-from tandem_proto.tandem.v1 import prefill_pb2_grpc
+from tandem_proto.tandem.v1 import prefill_pb2_grpc, worker_pb2_grpc
 
 
 async def serve(args: argparse.Namespace) -> None:
@@ -30,10 +31,11 @@ async def serve(args: argparse.Namespace) -> None:
     worker = PrefillWorker(loop, runtime.agent, runtime.worker_id)
     runtime.on_transfer_events(worker.on_transfer_events)
     runtime.attach_metrics(prefill=lambda: worker.stats)
-    servicer = PrefillServicer(worker, runtime)
-    await runtime.serve([ServiceBinding("tandem.v1.Prefill",
-                                        prefill_pb2_grpc.add_PrefillServicer_to_server,
-                                        servicer)])
+    await runtime.serve([
+        ServiceBinding("tandem.v1.Prefill", prefill_pb2_grpc.add_PrefillServicer_to_server,
+                       PrefillServicer(worker)),
+        ServiceBinding("tandem.v1.Worker", worker_pb2_grpc.add_WorkerServicer_to_server,
+                       WorkerServicer(Role.PREFILL, worker, runtime))])
     if loop.fatal is not None:
         sys.exit(f"prefill worker {runtime.worker_id}: engine failed: {loop.fatal!r}")
 

@@ -88,8 +88,9 @@ class PrefillWorker:
 
     async def prefill(self, request_id: str, prompt: list[int], sampling: SamplingParams,
                       target_metadata: str, dst_blocks: list[int], num_cached_blocks: int,
-                      ) -> PrefillResult:
-        """Computes `prompt`, writes its KV into `dst_blocks` on the decode worker."""
+                      cache_salt: bytes = b"") -> PrefillResult:
+        """Computes `prompt` (its block hashes salted with `cache_salt`), writes its KV into
+        `dst_blocks` on the decode worker."""
         engine = self.loop.engine
         needed = engine.block_manager.blocks_needed(len(prompt))
         if len(dst_blocks) != needed:
@@ -110,7 +111,7 @@ class PrefillWorker:
         queue = self.loop.subscribe(request_id)
 
         def add(engine: Engine) -> Request:
-            request = engine.add_prefill_request(request_id, prompt, sampling)
+            request = engine.add_prefill_request(request_id, prompt, sampling, cache_salt)
             with self._lock:
                 self.plans[request_id] = plan
             return request
@@ -151,7 +152,19 @@ class PrefillWorker:
             send.end()
             await self.loop.call(lambda e: e.release(request_id))
 
-    async def cancel(self, request_id: str) -> bool:
+    def counters(self) -> dict[str, float]:
+        """For the Worker service's status (cumulative)."""
+        return {"prefill_requests": self.stats.requests, "kv_blocks_sent": self.stats.blocks_sent,
+                "transfer_failures": self.stats.transfer_failures,
+                "kv_bytes_sent": self.agent.stats.bytes_sent}
+
+    def gauges(self) -> dict[str, float]:
+        """For the Worker service's status (current)."""
+        return {"pushes": len(self.plans)}
+
+    async def cancel(self, request_id: str, reason: str = "cancelled") -> bool:
+        """Stops a prefill in progress and its writes; its `prefill` call fails."""
+        log.info("cancelling %s: %s", request_id, reason)
         with self._lock:
             plan = self.plans.pop(request_id, None)
         found = await self.loop.call(lambda e: e.release(request_id))

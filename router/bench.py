@@ -155,7 +155,7 @@ async def main_async(args: argparse.Namespace) -> None:
                   f"{result['p50_ms']:.3f} | {result['p99_ms']:.3f} | "
                   f"{result['conc'] / base:.2f}x | {result['used']} "
                   f"{result['share']:.0%} |", flush=True)
-        tail.stop()
+        await tail.close()
         await redis.aclose()
 
 

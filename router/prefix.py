@@ -8,6 +8,7 @@ exact mode. Both transitions are logged.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import time
@@ -30,6 +31,8 @@ class IndexSource(Protocol):
     async def lookup(self, hashes: Sequence[BlockHash],
                      workers: Collection[str]) -> dict[str, int]: ...
 
+    async def close(self) -> None: ...
+
 
 class TailSource:
     """The in-memory index (`PrefixIndexTail`) as a lookup source: a background task syncs it
@@ -49,9 +52,13 @@ class TailSource:
     def start(self) -> None:
         self._task = asyncio.create_task(self._run())
 
-    def stop(self) -> None:
+    async def close(self) -> None:
+        """Stops the background sync."""
         if self._task is not None:
             self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
 
     async def lookup(self, hashes: Sequence[BlockHash],
                      workers: Collection[str]) -> dict[str, int]:
@@ -101,3 +108,6 @@ class PrefixLookup:
             self.mode, self.detail = IndexMode.EXACT, ""
             self.transitions += 1
         return hits
+
+    async def close(self) -> None:
+        await self.reader.close()

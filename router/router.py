@@ -17,6 +17,7 @@ and its prefill in `finally`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -26,10 +27,9 @@ from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 import grpc
-from opentelemetry.trace import SpanKind
 from prometheus_client import CollectorRegistry
 
-from cluster.convert import sampling_to_pb
+from cluster.convert import FINISH_FROM_PB, sampling_to_pb
 from cluster.errors import InvalidRequest, NoCapacity, NoWorker
 from cluster.grpc_errors import status_for
 from cluster.roles import Role
@@ -38,7 +38,7 @@ from engine.model_config import ModelConfig
 from engine.sampling import SamplingParams
 from engine.tokenizer import Tokenizer
 from observability.metrics import RouterMetrics
-from observability.tracing import inject_metadata, record_span, span
+from observability.tracing import record_span, span
 from router.admission import Admission
 from router.config import RouterConfig
 from router.decide import PREFIX_POLICIES, Decider
@@ -117,6 +117,14 @@ class Router:
                                                                        Role.DECODE)})
         self._tasks: set[asyncio.Future[None]] = set()
 
+    async def close(self) -> None:
+        """Lets pending cleanup calls finish (5 s at most), then stops the index tail and the
+        worker pool."""
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=5.0)
+        await self.lookup.close()
+        await self.pool.close()
+
     # ---- validation ----------------------------------------------------------------------
 
     def prompt_ids(self, request: GenerateInput) -> list[int]:
@@ -193,11 +201,8 @@ class Router:
             finished = False
             stops = StopChecker(self.tokenizer, request.stop)
             completion = 0
-            with span("tandem.v1.Decode/Decode", kind=SpanKind.CLIENT,
-                      attributes={"tandem.decode": decode.worker_id}):
-                stream = decode.stub.Decode(decode_pb2.DecodeRequest(  # type: ignore[union-attr]
-                    request_id=attempt_id, first_token_id=first_token),
-                    metadata=inject_metadata())
+            stream = decode.stub.Decode(decode_pb2.DecodeRequest(  # type: ignore[union-attr]
+                request_id=attempt_id, first_token_id=first_token))
             try:
                 text, stopped = stops.push([first_token])
                 completion += 1
@@ -211,7 +216,7 @@ class Router:
                     tokens = list(message.token_ids)
                     completion += len(tokens)
                     text, stopped = stops.push(tokens)
-                    reason = "stop" if stopped else _finish_name(message.finish_reason)
+                    reason = "stop" if stopped else FINISH_FROM_PB.get(message.finish_reason)
                     if reason is None:
                         if tokens:
                             yield Delta(tokens, text)
@@ -227,6 +232,8 @@ class Router:
                                f"{error.code().name}: {error.details()}") from None
             finally:
                 stream.cancel()
+                with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
+                    await stream.read()  # ends the call's client span now, not at collection
                 assignment.finish()
                 if not finished:
                     self._background(self._release(decode, attempt_id))
@@ -310,12 +317,10 @@ class Router:
         sampling = sampling_to_pb(request.sampling)
         salt = request.cache_salt or None
         try:
-            with span("tandem.v1.Decode/Reserve", kind=SpanKind.CLIENT,
-                      attributes={"tandem.decode": decode.worker_id}):
-                reservation = await decode.stub.Reserve(decode_pb2.ReserveRequest(  # type: ignore[union-attr]
-                    request_id=attempt_id, token_ids=prompt, sampling=sampling,
-                    lease_ms=self.config.lease_ms, cache_salt=salt),
-                    timeout=self.config.rpc_timeout_s, metadata=inject_metadata())
+            reservation = await decode.stub.Reserve(decode_pb2.ReserveRequest(  # type: ignore[union-attr]
+                request_id=attempt_id, token_ids=prompt, sampling=sampling,
+                lease_ms=self.config.lease_ms, cache_salt=salt),
+                timeout=self.config.rpc_timeout_s)
         except grpc.aio.AioRpcError as error:
             self._raise_for(error, decode, "reserve")
             raise
@@ -327,12 +332,9 @@ class Router:
             target = prefill_pb2.DecodeTarget(endpoint=reservation.endpoint,
                                               block_ids=reservation.block_ids,
                                               num_cached_blocks=reservation.num_cached_blocks)
-            with span("tandem.v1.Prefill/Prefill", kind=SpanKind.CLIENT,
-                      attributes={"tandem.prefill": prefill.worker_id}):
-                return await prefill.stub.Prefill(prefill_pb2.PrefillRequest(  # type: ignore[union-attr]
-                    request_id=attempt_id, token_ids=prompt, sampling=sampling, target=target,
-                    cache_salt=salt), timeout=self.config.rpc_timeout_s,
-                    metadata=inject_metadata())
+            return await prefill.stub.Prefill(prefill_pb2.PrefillRequest(  # type: ignore[union-attr]
+                request_id=attempt_id, token_ids=prompt, sampling=sampling, target=target,
+                cache_salt=salt), timeout=self.config.rpc_timeout_s)
         except grpc.aio.AioRpcError as error:
             released = True
             self._background(self._release(decode, attempt_id))
@@ -366,14 +368,14 @@ class Router:
 
     async def _release(self, decode: WorkerHandle, attempt_id: str) -> None:
         try:
-            await decode.stub.Release(common_pb2.CancelRequest(  # type: ignore[union-attr]
+            await decode.worker_stub.Cancel(common_pb2.CancelRequest(
                 request_id=attempt_id, reason="router released"), timeout=5.0)
         except Exception as error:  # best effort: the lease frees it anyway
             log.info("release of %s on %s: %r", attempt_id, decode.worker_id, error)
 
     async def _cancel_prefill(self, prefill: WorkerHandle, attempt_id: str) -> None:
         try:
-            await prefill.stub.Cancel(common_pb2.CancelRequest(  # type: ignore[union-attr]
+            await prefill.worker_stub.Cancel(common_pb2.CancelRequest(
                 request_id=attempt_id, reason="cancelled"), timeout=5.0)
         except Exception as error:  # best effort
             log.info("cancel of %s on %s: %r", attempt_id, prefill.worker_id, error)
@@ -399,13 +401,4 @@ class _WorkerFailed(Exception):
 
 
 _HOPS = {"reserve": "reserve", "prefill": "prefill", "KV transfer": "kv_transfer"}
-_FINISH_NAMES: dict[int, str] = {
-    common_pb2.FINISH_REASON_STOP: "stop", common_pb2.FINISH_REASON_LENGTH: "length",
-    common_pb2.FINISH_REASON_CANCELLED: "cancelled"}
-
-
-def _finish_name(reason: int) -> str | None:
-    return _FINISH_NAMES.get(reason)
-
-
 __all__ = ["Delta", "GenerateInput", "Router", "Usage"]

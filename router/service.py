@@ -7,14 +7,11 @@ from collections.abc import AsyncIterator
 
 from grpc import aio
 
-from cluster.convert import sampling_from_pb
-from observability.tracing import server_span, set_request_id
+from cluster.convert import FINISH_TO_PB, sampling_from_pb
+from observability.tracing import annotate, set_request_id
 from router.prefix import IndexMode
 from router.router import Delta, GenerateInput, Router
 from tandem_proto.tandem.v1 import common_pb2, router_pb2, router_pb2_grpc
-
-FINISH_PB = {"stop": common_pb2.FINISH_REASON_STOP, "length": common_pb2.FINISH_REASON_LENGTH,
-             "cancelled": common_pb2.FINISH_REASON_CANCELLED}
 
 
 class RouterServicer(router_pb2_grpc.RouterServicer):
@@ -24,9 +21,8 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
     async def Generate(self, request: router_pb2.GenerateRequest,
                        context: aio.ServicerContext) -> AsyncIterator[router_pb2.GenerateResponse]:
         request_id = request.request_id if request.HasField("request_id") else uuid.uuid4().hex
-        with server_span("tandem.v1.Router/Generate", context,
-                         attributes={"tandem.request_id": request_id}), \
-                set_request_id(request_id):
+        annotate({"tandem.request_id": request_id})
+        with set_request_id(request_id):
             sampling = sampling_from_pb(request.sampling, self.router.config.default_max_tokens)
             generate = GenerateInput(
                 request_id=request_id, text=request.text, token_ids=list(request.token_ids),
@@ -66,7 +62,7 @@ def to_pb(request_id: str, delta: Delta) -> router_pb2.GenerateResponse:
     response = router_pb2.GenerateResponse(request_id=request_id, token_ids=delta.token_ids,
                                            text=delta.text)
     if delta.finish_reason is not None:
-        response.finish_reason = FINISH_PB[delta.finish_reason]
+        response.finish_reason = FINISH_TO_PB[delta.finish_reason]
     if delta.usage is not None:
         response.usage.CopyFrom(common_pb2.Usage(
             prompt_tokens=delta.usage.prompt_tokens, cached_tokens=delta.usage.cached_tokens,

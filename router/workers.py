@@ -20,8 +20,9 @@ from grpc import aio
 from cluster.errors import IndexUnavailable
 from cluster.roles import Role
 from index.registry import WorkerRegistry
+from observability.grpc_tracing import client_interceptors
 from router.load import WorkerLoad
-from tandem_proto.tandem.v1 import common_pb2, decode_pb2_grpc, prefill_pb2_grpc
+from tandem_proto.tandem.v1 import common_pb2, decode_pb2_grpc, prefill_pb2_grpc, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ class WorkerHandle:
     address: str
     channel: aio.Channel
     stub: prefill_pb2_grpc.PrefillStub | decode_pb2_grpc.DecodeStub
+    worker_stub: worker_pb2_grpc.WorkerStub
     status: common_pb2.WorkerStatus | None = None
     down_until: float = 0.0
     last_error: str = ""
@@ -153,14 +155,15 @@ class WorkerPool:
         await asyncio.gather(*(self._poll(h) for h in list(self.workers.values())))
 
     def _add(self, worker_id: str, role: Role, address: str) -> None:
-        channel = aio.insecure_channel(address)
+        channel = aio.insecure_channel(address, interceptors=client_interceptors())
         stub: prefill_pb2_grpc.PrefillStub | decode_pb2_grpc.DecodeStub = (
             prefill_pb2_grpc.PrefillStub(channel) if role is Role.PREFILL
             else decode_pb2_grpc.DecodeStub(channel))
         old = self.workers.get(worker_id)
         if old is not None:  # re-registered at a new address: the old channel is useless
             self._track(asyncio.ensure_future(_close_later(old.channel)))
-        self.workers[worker_id] = WorkerHandle(worker_id, role, address, channel, stub)
+        self.workers[worker_id] = WorkerHandle(worker_id, role, address, channel, stub,
+                                               worker_pb2_grpc.WorkerStub(channel))
         log.info("worker %s (%s) at %s joined", worker_id, role.value, address)
 
     def _track(self, task: asyncio.Future[None]) -> None:
@@ -175,7 +178,7 @@ class WorkerPool:
 
     async def _poll(self, handle: WorkerHandle) -> None:
         try:
-            status = await handle.stub.Status(common_pb2.StatusRequest(),
+            status = await handle.worker_stub.Status(common_pb2.StatusRequest(),
                                               timeout=STATUS_TIMEOUT_S)
         except grpc.RpcError as error:
             if handle.status is not None and time.monotonic() >= handle.down_until:

@@ -27,7 +27,7 @@ PACKAGE = "tandem_proto"
 _INIT_DOCS = {
     "": "Generated protobuf / gRPC code for `proto/` (do not edit: run scripts/gen_proto.py).",
     "tandem": "Generated code of the `tandem` proto packages.",
-    "tandem/v1": "Generated code of proto package `tandem.v1` (Router, Prefill, Decode).",
+    "tandem/v1": "Generated code of proto package `tandem.v1` (Router, Prefill, Decode, Worker).",
 }
 # `from tandem.v1 import x_pb2 as y` and `import tandem.v1.x_pb2` as protoc writes them.
 _IMPORT_RE = re.compile(r"^(\s*)(from|import) tandem\.v1(\b)", re.MULTILINE)

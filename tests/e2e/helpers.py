@@ -10,17 +10,16 @@ from pathlib import Path
 from grpc import aio
 
 from cli.local_cluster import LocalCluster, ServiceProcess
-from tandem_proto.tandem.v1 import common_pb2, decode_pb2_grpc, prefill_pb2_grpc
+from tandem_proto.tandem.v1 import common_pb2, worker_pb2_grpc
 from tests.engine.hf_reference import hf_greedy
 
 
 async def counters(process: ServiceProcess) -> dict[str, float]:
-    """A worker's status counters, asked of the worker itself."""
+    """A worker's status counters and gauges in one dict, asked of the worker itself."""
     async with aio.insecure_channel(process.address) as channel:
-        stub = (prefill_pb2_grpc.PrefillStub(channel) if process.role == "prefill"
-                else decode_pb2_grpc.DecodeStub(channel))
-        status = await stub.Status(common_pb2.StatusRequest(), timeout=5)
-    return dict(status.counters)
+        status = await worker_pb2_grpc.WorkerStub(channel).Status(common_pb2.StatusRequest(),
+                                                                   timeout=5)
+    return {**status.counters, **status.gauges}
 
 
 async def all_counters(cluster: LocalCluster) -> dict[str, dict[str, float]]:

@@ -9,7 +9,6 @@ import logging
 import re
 import threading
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
 
 import pytest
 from opentelemetry import context as otel_context
@@ -89,17 +88,12 @@ def test_off_by_default_records_nothing_and_touches_no_context(
     assert not tracing.tracing_enabled()
     assert not isinstance(trace.get_tracer_provider(), TracerProvider)  # nothing installed
 
-    class NoMetadata:
-        def invocation_metadata(self) -> Any:
-            raise AssertionError("the off path must not read the call's metadata")
-
     before = otel_context.get_current()
-    with tracing.span("a", attributes={"k": 1}) as a, \
-            tracing.server_span("svc/M", NoMetadata()) as b:
-        assert a is trace.INVALID_SPAN and b is trace.INVALID_SPAN
+    with tracing.span("a", attributes={"k": 1}) as a:
+        assert a is trace.INVALID_SPAN
         assert not a.is_recording()
         assert otel_context.get_current() is before  # no attach, no new context
-        assert tracing.inject_metadata() == []
+        tracing.annotate({"k": 2})  # no-op, no error
         assert tracing.current_traceparent() == ""
         assert tracing.current_trace_id() == ""
     tracing.record_span("r", parent="", duration_s=0.1)  # no-op, no error
@@ -107,26 +101,6 @@ def test_off_by_default_records_nothing_and_touches_no_context(
 
 
 # ---- propagation -----------------------------------------------------------------------------
-
-
-def test_metadata_hop_makes_a_child_in_the_same_trace(exporter: InMemorySpanExporter) -> None:
-    with tracing.span("router.Reserve", kind=SpanKind.CLIENT):
-        metadata = tracing.inject_metadata()
-    keys = [key for key, _ in metadata]
-    assert keys == ["traceparent"]
-    assert TRACEPARENT_RE.match(metadata[0][1])
-    # what a server sees: other keys, binary values, mixed case
-    incoming = [("user-agent", "grpc-python"), ("x-bin", b"\x00\x01"),
-                ("TraceParent", metadata[0][1])]
-    with tracing.span("decode.Reserve", kind=SpanKind.SERVER,
-                      parent=tracing.context_from_metadata(incoming)):
-        pass
-    spans = by_name(exporter)
-    client, server = spans["router.Reserve"], spans["decode.Reserve"]
-    assert trace_id(server) == trace_id(client)
-    assert parent_id(server) == span_id(client)
-    assert parent_id(client) is None
-    assert server.parent is not None and server.parent.is_remote
 
 
 def test_traceparent_string_hop_and_record_span(exporter: InMemorySpanExporter) -> None:
@@ -169,22 +143,11 @@ def test_a_missing_or_malformed_traceparent_starts_a_new_trace(
     assert trace_id(spans["second"]) != trace_id(spans["first"])
 
 
-def test_server_span_without_metadata_is_a_root_server_span(
-        exporter: InMemorySpanExporter) -> None:
-    class Context:
-        def invocation_metadata(self) -> Any:
-            return (("user-agent", "x"),)
-
-    with tracing.span("unrelated current span"), \
-            tracing.server_span("tandem.v1.Router/Generate", Context(),
-                                attributes={"tandem.request_id": "r1"}) as s:
-        assert s.is_recording()
+def test_annotate_sets_attributes_on_the_current_span(exporter: InMemorySpanExporter) -> None:
+    with tracing.span("tandem.v1.Router/Generate", kind=SpanKind.SERVER):
+        tracing.annotate({"tandem.request_id": "r1"})
     server = by_name(exporter)["tandem.v1.Router/Generate"]
-    assert parent_id(server) is None  # the server ignores whatever was current
-    assert server.kind is SpanKind.SERVER
-    assert dict(server.attributes or {}) == {
-        "rpc.system": "grpc", "rpc.service": "tandem.v1.Router", "rpc.method": "Generate",
-        "tandem.request_id": "r1"}
+    assert dict(server.attributes or {}) == {"tandem.request_id": "r1"}
 
 
 # ---- errors and cancellation -----------------------------------------------------------------

@@ -1,6 +1,7 @@
-"""Trace context across a real gRPC hop: a grpc.aio server built by `cluster.grpc_server` (with
-the error-mapping interceptor) serving a fake Decode servicer that uses `server_span`, and a
-client that sends `inject_metadata()`; spans recorded in memory through an injected provider."""
+"""Trace context across a real gRPC hop, through opentelemetry-instrumentation-grpc: a grpc.aio
+server built by `cluster.grpc_server` (tracing and error-mapping interceptors) serving a fake
+Decode servicer that annotates its SERVER span and opens child spans, and a client channel with
+`client_interceptors()`; spans recorded in memory through an injected provider."""
 
 from __future__ import annotations
 
@@ -21,8 +22,10 @@ from opentelemetry.trace import SpanKind, StatusCode, format_trace_id
 from cluster.errors import NoCapacity
 from cluster.grpc_server import GrpcServer, ServiceBinding, service_name, start_server
 from observability import tracing
+from observability.grpc_tracing import client_interceptors
 from observability.logging_setup import LOG_FORMAT
-from tandem_proto.tandem.v1 import common_pb2, decode_pb2, decode_pb2_grpc
+from observability.span_names import RpcSpanNames
+from tandem_proto.tandem.v1 import decode_pb2, decode_pb2_grpc
 
 DECODE = service_name(decode_pb2.DESCRIPTOR, "Decode")
 log = logging.getLogger("tandem.test.fake_decode")
@@ -37,9 +40,8 @@ class FakeDecode(decode_pb2_grpc.DecodeServicer):
 
     async def Reserve(self, request: decode_pb2.ReserveRequest,
                       context: aio.ServicerContext) -> decode_pb2.ReserveResponse:
-        with tracing.set_request_id(request.request_id), \
-                tracing.server_span("tandem.v1.Decode/Reserve", context,
-                                    attributes={"tandem.request_id": request.request_id}):
+        tracing.annotate({"tandem.request_id": request.request_id})
+        with tracing.set_request_id(request.request_id):
             log.info("reserving %d tokens", len(request.token_ids))
             if not request.token_ids:
                 raise NoCapacity("no blocks")
@@ -47,8 +49,7 @@ class FakeDecode(decode_pb2_grpc.DecodeServicer):
 
     async def Decode(self, request: decode_pb2.DecodeRequest,
                      context: aio.ServicerContext) -> AsyncIterator[decode_pb2.DecodeResponse]:
-        with tracing.server_span("tandem.v1.Decode/Decode", context,
-                                 traceparent=request.trace.traceparent):
+        if True:  # the interceptor's SERVER span is current
             with tracing.span("decode.admission"):
                 await asyncio.sleep(0)
             with tracing.span("decode.stream") as stream:
@@ -67,6 +68,7 @@ def exporter() -> Iterator[InMemorySpanExporter]:
     memory = InMemorySpanExporter()
     provider = TracerProvider(resource=Resource.create({"service.name": "grpc-hop"}),
                               shutdown_on_exit=False)
+    provider.add_span_processor(RpcSpanNames())
     provider.add_span_processor(SimpleSpanProcessor(memory))
     with tracing.use_tracer_provider(provider):
         yield memory
@@ -74,18 +76,27 @@ def exporter() -> Iterator[InMemorySpanExporter]:
 
 
 @pytest.fixture
-async def served() -> AsyncIterator[tuple[FakeDecode, decode_pb2_grpc.DecodeStub]]:
+async def served(exporter: InMemorySpanExporter,
+                 ) -> AsyncIterator[tuple[FakeDecode, decode_pb2_grpc.DecodeStub]]:
     servicer = FakeDecode()
     server: GrpcServer = await start_server(
         [ServiceBinding(DECODE, decode_pb2_grpc.add_DecodeServicer_to_server, servicer)])
-    channel = aio.insecure_channel(server.address)
+    channel = aio.insecure_channel(server.address, interceptors=client_interceptors())
     yield servicer, decode_pb2_grpc.DecodeStub(channel)
     await channel.close()
     await server.stop(grace=None)
 
 
 def named(memory: InMemorySpanExporter) -> dict[str, ReadableSpan]:
-    return {s.name: s for s in memory.get_finished_spans()}
+    """Finished spans by name; a gRPC call's CLIENT span is "<method> client"."""
+    return {f"{s.name} client" if s.kind is SpanKind.CLIENT and "/" in s.name else s.name: s
+            for s in memory.get_finished_spans()}
+
+
+def stream_end(spans: dict[str, ReadableSpan]) -> int:
+    end = spans["decode.stream"].end_time
+    assert end is not None
+    return end
 
 
 def ids(span: ReadableSpan) -> tuple[int, int, int | None]:
@@ -106,10 +117,8 @@ async def test_unary_call_server_span_is_child_of_client_span(
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     try:
-        with tracing.span("router.Generate", kind=SpanKind.SERVER), \
-                tracing.span("tandem.v1.Decode/Reserve client", kind=SpanKind.CLIENT):
-            await stub.Reserve(decode_pb2.ReserveRequest(request_id="r-1.0", token_ids=[5]),
-                               metadata=tracing.inject_metadata())
+        with tracing.span("router.Generate", kind=SpanKind.SERVER):
+            await stub.Reserve(decode_pb2.ReserveRequest(request_id="r-1.0", token_ids=[5]))
     finally:
         log.removeHandler(handler)
     spans = named(exporter)
@@ -118,38 +127,43 @@ async def test_unary_call_server_span_is_child_of_client_span(
     assert ids(client)[2] == ids(root)[1]
     assert ids(server)[2] == ids(client)[1]
     assert ids(server)[0] == ids(client)[0] == ids(root)[0]
-    assert server.kind is SpanKind.SERVER
+    assert server.kind is SpanKind.SERVER and client.kind is SpanKind.CLIENT
     assert (server.attributes or {})["tandem.request_id"] == "r-1.0"
+    assert (server.attributes or {})["rpc.method"] == "Reserve"
     assert f"[req=r-1.0 trace={format_trace_id(ids(root)[0])}]: reserving 1 tokens" \
         in buffer.getvalue()
 
 
-async def test_server_error_marks_the_server_span_and_keeps_the_status_code(
+async def test_a_refused_call_is_an_error_for_the_client_and_keeps_its_status_code(
         exporter: InMemorySpanExporter,
         served: tuple[FakeDecode, decode_pb2_grpc.DecodeStub]) -> None:
     _, stub = served
-    with tracing.span("client", kind=SpanKind.CLIENT), \
-            pytest.raises(aio.AioRpcError) as raised:
-        await stub.Reserve(decode_pb2.ReserveRequest(request_id="r-2.0"),
-                           metadata=tracing.inject_metadata())
+    with pytest.raises(aio.AioRpcError) as raised:
+        await stub.Reserve(decode_pb2.ReserveRequest(request_id="r-2.0"))
     assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    server = named(exporter)["tandem.v1.Decode/Reserve"]
-    assert server.status.status_code is StatusCode.ERROR
-    assert "NoCapacity" in (server.status.description or "")
-    assert ids(server)[2] == ids(named(exporter)["client"])[1]
+    spans = named(exporter)
+    server, client = spans["tandem.v1.Decode/Reserve"], spans["tandem.v1.Decode/Reserve client"]
+    for side in (server, client):
+        assert (side.attributes or {})["rpc.grpc.status_code"] == \
+            grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+    # the RPC conventions: a call that failed is an error for its client; for the server only
+    # when the server is at fault (INTERNAL, UNAVAILABLE, ...), not when it refused the request
+    assert client.status.status_code is StatusCode.ERROR
+    assert "no blocks" in (client.status.description or "")
+    assert server.status.status_code is StatusCode.UNSET
+    assert ids(server)[2] == ids(client)[1]
 
 
 async def test_streaming_call_spans_nest_under_the_client(
         exporter: InMemorySpanExporter,
         served: tuple[FakeDecode, decode_pb2_grpc.DecodeStub]) -> None:
     _, stub = served
-    with tracing.span("client", kind=SpanKind.CLIENT):
-        call = stub.Decode(decode_pb2.DecodeRequest(request_id="r-3.0", first_token_id=3),
-                           metadata=tracing.inject_metadata())
-        tokens = [list(m.token_ids) async for m in call]
+    call = stub.Decode(decode_pb2.DecodeRequest(request_id="r-3.0", first_token_id=3))
+    tokens = [list(m.token_ids) async for m in call]
     assert tokens == [[1], [2], [3]]
     spans = named(exporter)
-    client, server = spans["client"], spans["tandem.v1.Decode/Decode"]
+    client, server = spans["tandem.v1.Decode/Decode client"], spans["tandem.v1.Decode/Decode"]
+    assert client.end_time is not None and stream_end(spans) <= client.end_time  # read whole
     admission, stream = spans["decode.admission"], spans["decode.stream"]
     assert ids(server)[2] == ids(client)[1]
     assert ids(admission)[2] == ids(server)[1]
@@ -159,38 +173,27 @@ async def test_streaming_call_spans_nest_under_the_client(
                                              "tandem.finish_reason": "length"}
 
 
-async def test_message_traceparent_is_the_fallback_when_metadata_has_none(
-        exporter: InMemorySpanExporter,
-        served: tuple[FakeDecode, decode_pb2_grpc.DecodeStub]) -> None:
-    _, stub = served
-    with tracing.span("client", kind=SpanKind.CLIENT):
-        trace_field = common_pb2.TraceContext(traceparent=tracing.current_traceparent())
-        call = stub.Decode(decode_pb2.DecodeRequest(request_id="r-4.0", first_token_id=1,
-                                                    trace=trace_field))
-        assert len([m async for m in call]) == 1
-    spans = named(exporter)
-    assert ids(spans["tandem.v1.Decode/Decode"])[2] == ids(spans["client"])[1]
-
-
 async def test_client_cancelling_a_stream_ends_the_server_spans(
         exporter: InMemorySpanExporter,
         served: tuple[FakeDecode, decode_pb2_grpc.DecodeStub],
         caplog: pytest.LogCaptureFixture) -> None:
     servicer, stub = served
-    with tracing.span("client", kind=SpanKind.CLIENT):
-        call = stub.Decode(decode_pb2.DecodeRequest(request_id="r-5.0", first_token_id=0),
-                           metadata=tracing.inject_metadata())
+    call = stub.Decode(decode_pb2.DecodeRequest(request_id="r-5.0", first_token_id=0))
+    await call.read()
+    await servicer.stream_started.wait()
+    call.cancel()
+    # the client span ends when its response stream does: read on, to the cancellation
+    with pytest.raises(asyncio.CancelledError):
         await call.read()
-        await servicer.stream_started.wait()
-        call.cancel()
     deadline = asyncio.get_running_loop().time() + 5
-    while "tandem.v1.Decode/Decode" not in named(exporter):
-        assert asyncio.get_running_loop().time() < deadline, "server span never ended"
+    while not {"tandem.v1.Decode/Decode", "tandem.v1.Decode/Decode client"} <= set(
+            named(exporter)):
+        assert asyncio.get_running_loop().time() < deadline, "a call span never ended"
         await asyncio.sleep(0.01)
     spans = named(exporter)
-    for name in ("decode.stream", "tandem.v1.Decode/Decode"):
-        assert (spans[name].attributes or {}).get("tandem.cancelled") is True
-        assert spans[name].status.status_code is StatusCode.UNSET
-    assert ids(spans["tandem.v1.Decode/Decode"])[2] == ids(spans["client"])[1]
+    assert (spans["decode.stream"].attributes or {}).get("tandem.cancelled") is True
+    assert spans["decode.stream"].status.status_code is StatusCode.UNSET
+    assert ids(spans["tandem.v1.Decode/Decode"])[2] == \
+        ids(spans["tandem.v1.Decode/Decode client"])[1]
     assert not [r for r in caplog.records if r.name.startswith("opentelemetry")
                 and r.levelno >= logging.WARNING]

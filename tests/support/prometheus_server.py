@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -24,6 +23,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+
+from cluster.addresses import free_port
 
 INSTALL_HINT = ("install Debian's Prometheus package: "
                 "`apt-get install -y --no-install-recommends prometheus` "
@@ -53,12 +54,6 @@ def promtool(*args: str, stdin: str | None = None,
     """Runs `promtool ARGS` and returns the completed process (the caller checks `returncode`)."""
     return subprocess.run([find_binary("promtool"), *args], input=stdin, text=True,
                           capture_output=True, timeout=timeout_s, check=False)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class LocalPrometheus:
@@ -101,7 +96,7 @@ class LocalPrometheus:
                                 "static_configs": [{"targets": self.targets}]}],
         }, indent=2))
         for _attempt in range(3):  # the free port can be taken before prometheus binds it
-            self.port = _free_port()
+            self.port = free_port()
             with open(self.log_path, "ab") as log:
                 self.process = subprocess.Popen(
                     [self.binary, f"--config.file={config}",

@@ -1,1 +1,1 @@
-"""Generated code of proto package `tandem.v1` (Router, Prefill, Decode)."""
+"""Generated code of proto package `tandem.v1` (Router, Prefill, Decode, Worker)."""

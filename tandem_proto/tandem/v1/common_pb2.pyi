@@ -15,7 +15,6 @@ class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FINISH_REASON_STOP: _ClassVar[FinishReason]
     FINISH_REASON_LENGTH: _ClassVar[FinishReason]
     FINISH_REASON_CANCELLED: _ClassVar[FinishReason]
-    FINISH_REASON_ERROR: _ClassVar[FinishReason]
 
 class WorkerRole(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -26,7 +25,6 @@ FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_STOP: FinishReason
 FINISH_REASON_LENGTH: FinishReason
 FINISH_REASON_CANCELLED: FinishReason
-FINISH_REASON_ERROR: FinishReason
 WORKER_ROLE_UNSPECIFIED: WorkerRole
 WORKER_ROLE_PREFILL: WorkerRole
 WORKER_ROLE_DECODE: WorkerRole
@@ -61,14 +59,6 @@ class Usage(_message.Message):
     completion_tokens: int
     def __init__(self, prompt_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ...) -> None: ...
 
-class TraceContext(_message.Message):
-    __slots__ = ("traceparent", "tracestate")
-    TRACEPARENT_FIELD_NUMBER: _ClassVar[int]
-    TRACESTATE_FIELD_NUMBER: _ClassVar[int]
-    traceparent: str
-    tracestate: str
-    def __init__(self, traceparent: _Optional[str] = ..., tracestate: _Optional[str] = ...) -> None: ...
-
 class TransferEndpoint(_message.Message):
     __slots__ = ("worker_id", "metadata", "compat_hash", "handshake_version")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
@@ -82,23 +72,23 @@ class TransferEndpoint(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., metadata: _Optional[bytes] = ..., compat_hash: _Optional[str] = ..., handshake_version: _Optional[int] = ...) -> None: ...
 
 class WorkerLoad(_message.Message):
-    __slots__ = ("running", "waiting", "kv_blocks_used", "kv_blocks_total", "queued_prompt_tokens", "max_running")
+    __slots__ = ("running", "waiting", "kv_blocks_used", "kv_blocks_total", "max_running", "queued_prompt_blocks")
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     WAITING_FIELD_NUMBER: _ClassVar[int]
     KV_BLOCKS_USED_FIELD_NUMBER: _ClassVar[int]
     KV_BLOCKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
-    QUEUED_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_RUNNING_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_PROMPT_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     running: int
     waiting: int
     kv_blocks_used: int
     kv_blocks_total: int
-    queued_prompt_tokens: int
     max_running: int
-    def __init__(self, running: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., queued_prompt_tokens: _Optional[int] = ..., max_running: _Optional[int] = ...) -> None: ...
+    queued_prompt_blocks: int
+    def __init__(self, running: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., max_running: _Optional[int] = ..., queued_prompt_blocks: _Optional[int] = ...) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("worker_id", "role", "address", "load", "load_unix_ms", "publishes_prefix_events", "counters", "compat_hash", "block_size", "hash_seed", "kv_layout")
+    __slots__ = ("worker_id", "role", "address", "load", "load_unix_ms", "publishes_prefix_events", "counters", "compat_hash", "block_size", "hash_seed", "kv_layout", "gauges")
     class CountersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -113,6 +103,13 @@ class WorkerStatus(_message.Message):
         key: str
         value: str
         def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    class GaugesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -124,6 +121,7 @@ class WorkerStatus(_message.Message):
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     HASH_SEED_FIELD_NUMBER: _ClassVar[int]
     KV_LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    GAUGES_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: WorkerRole
     address: str
@@ -135,13 +133,10 @@ class WorkerStatus(_message.Message):
     block_size: int
     hash_seed: int
     kv_layout: _containers.ScalarMap[str, str]
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[WorkerRole, str]] = ..., address: _Optional[str] = ..., load: _Optional[_Union[WorkerLoad, _Mapping]] = ..., load_unix_ms: _Optional[int] = ..., publishes_prefix_events: _Optional[bool] = ..., counters: _Optional[_Mapping[str, float]] = ..., compat_hash: _Optional[str] = ..., block_size: _Optional[int] = ..., hash_seed: _Optional[int] = ..., kv_layout: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    gauges: _containers.ScalarMap[str, float]
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[WorkerRole, str]] = ..., address: _Optional[str] = ..., load: _Optional[_Union[WorkerLoad, _Mapping]] = ..., load_unix_ms: _Optional[int] = ..., publishes_prefix_events: _Optional[bool] = ..., counters: _Optional[_Mapping[str, float]] = ..., compat_hash: _Optional[str] = ..., block_size: _Optional[int] = ..., hash_seed: _Optional[int] = ..., kv_layout: _Optional[_Mapping[str, str]] = ..., gauges: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
-
-class GetTransferInfoRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 

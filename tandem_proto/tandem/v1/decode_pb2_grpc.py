@@ -3,7 +3,6 @@
 import grpc
 import warnings
 
-from tandem_proto.tandem.v1 import common_pb2 as tandem_dot_v1_dot_common__pb2
 from tandem_proto.tandem.v1 import decode_pb2 as tandem_dot_v1_dot_decode__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -28,7 +27,9 @@ if _version_not_supported:
 
 class DecodeStub:
     """Reserves KV blocks for prompts, receives their KV from prefill workers and generates tokens
-    in a continuous batch.
+    in a continuous batch. A decode worker also serves `Worker` (status, cancel): cancelling a
+    request drops its reservation if decoding has not started, its running sequence if it has,
+    and ends its Decode stream with FINISH_REASON_CANCELLED.
     """
 
     def __init__(self, channel):
@@ -47,26 +48,13 @@ class DecodeStub:
                 request_serializer=tandem_dot_v1_dot_decode__pb2.DecodeRequest.SerializeToString,
                 response_deserializer=tandem_dot_v1_dot_decode__pb2.DecodeResponse.FromString,
                 _registered_method=True)
-        self.Release = channel.unary_unary(
-                '/tandem.v1.Decode/Release',
-                request_serializer=tandem_dot_v1_dot_common__pb2.CancelRequest.SerializeToString,
-                response_deserializer=tandem_dot_v1_dot_common__pb2.CancelResponse.FromString,
-                _registered_method=True)
-        self.Status = channel.unary_unary(
-                '/tandem.v1.Decode/Status',
-                request_serializer=tandem_dot_v1_dot_common__pb2.StatusRequest.SerializeToString,
-                response_deserializer=tandem_dot_v1_dot_common__pb2.WorkerStatus.FromString,
-                _registered_method=True)
-        self.GetTransferInfo = channel.unary_unary(
-                '/tandem.v1.Decode/GetTransferInfo',
-                request_serializer=tandem_dot_v1_dot_common__pb2.GetTransferInfoRequest.SerializeToString,
-                response_deserializer=tandem_dot_v1_dot_common__pb2.TransferEndpoint.FromString,
-                _registered_method=True)
 
 
 class DecodeServicer:
     """Reserves KV blocks for prompts, receives their KV from prefill workers and generates tokens
-    in a continuous batch.
+    in a continuous batch. A decode worker also serves `Worker` (status, cancel): cancelling a
+    request drops its reservation if decoding has not started, its running sequence if it has,
+    and ends its Decode stream with FINISH_REASON_CANCELLED.
     """
 
     def Reserve(self, request, context):
@@ -85,28 +73,6 @@ class DecodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def Release(self, request, context):
-        """Drops everything held for a request: its reservation if decoding has not started, its
-        running sequence if it has. Idempotent.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def Status(self, request, context):
-        """This worker's status and load.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def GetTransferInfo(self, request, context):
-        """This worker's KV-transfer endpoint, to check compatibility with prefill workers.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
 
 def add_DecodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -120,21 +86,6 @@ def add_DecodeServicer_to_server(servicer, server):
                     request_deserializer=tandem_dot_v1_dot_decode__pb2.DecodeRequest.FromString,
                     response_serializer=tandem_dot_v1_dot_decode__pb2.DecodeResponse.SerializeToString,
             ),
-            'Release': grpc.unary_unary_rpc_method_handler(
-                    servicer.Release,
-                    request_deserializer=tandem_dot_v1_dot_common__pb2.CancelRequest.FromString,
-                    response_serializer=tandem_dot_v1_dot_common__pb2.CancelResponse.SerializeToString,
-            ),
-            'Status': grpc.unary_unary_rpc_method_handler(
-                    servicer.Status,
-                    request_deserializer=tandem_dot_v1_dot_common__pb2.StatusRequest.FromString,
-                    response_serializer=tandem_dot_v1_dot_common__pb2.WorkerStatus.SerializeToString,
-            ),
-            'GetTransferInfo': grpc.unary_unary_rpc_method_handler(
-                    servicer.GetTransferInfo,
-                    request_deserializer=tandem_dot_v1_dot_common__pb2.GetTransferInfoRequest.FromString,
-                    response_serializer=tandem_dot_v1_dot_common__pb2.TransferEndpoint.SerializeToString,
-            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'tandem.v1.Decode', rpc_method_handlers)
@@ -145,7 +96,9 @@ def add_DecodeServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class Decode:
     """Reserves KV blocks for prompts, receives their KV from prefill workers and generates tokens
-    in a continuous batch.
+    in a continuous batch. A decode worker also serves `Worker` (status, cancel): cancelling a
+    request drops its reservation if decoding has not started, its running sequence if it has,
+    and ends its Decode stream with FINISH_REASON_CANCELLED.
     """
 
     @staticmethod
@@ -192,87 +145,6 @@ class Decode:
             '/tandem.v1.Decode/Decode',
             tandem_dot_v1_dot_decode__pb2.DecodeRequest.SerializeToString,
             tandem_dot_v1_dot_decode__pb2.DecodeResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def Release(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/tandem.v1.Decode/Release',
-            tandem_dot_v1_dot_common__pb2.CancelRequest.SerializeToString,
-            tandem_dot_v1_dot_common__pb2.CancelResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def Status(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/tandem.v1.Decode/Status',
-            tandem_dot_v1_dot_common__pb2.StatusRequest.SerializeToString,
-            tandem_dot_v1_dot_common__pb2.WorkerStatus.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def GetTransferInfo(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/tandem.v1.Decode/GetTransferInfo',
-            tandem_dot_v1_dot_common__pb2.GetTransferInfoRequest.SerializeToString,
-            tandem_dot_v1_dot_common__pb2.TransferEndpoint.FromString,
             options,
             channel_credentials,
             insecure,

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from tandem_proto.tandem.v1 import common_pb2 as tandem_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17tandem/v1/prefill.proto\x12\ttandem.v1\x1a\x16tandem/v1/common.proto\"k\n\x0c\x44\x65\x63odeTarget\x12-\n\x08\x65ndpoint\x18\x01 \x01(\x0b\x32\x1b.tandem.v1.TransferEndpoint\x12\x11\n\tblock_ids\x18\x02 \x03(\r\x12\x19\n\x11num_cached_blocks\x18\x03 \x01(\r\"\xdd\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12\'\n\x06target\x18\x04 \x01(\x0b\x32\x17.tandem.v1.DecodeTarget\x12&\n\x05trace\x18\x05 \x01(\x0b\x32\x17.tandem.v1.TraceContext\x12\x17\n\ncache_salt\x18\x06 \x01(\tH\x00\x88\x01\x01\x42\r\n\x0b_cache_salt\"z\n\x0fPrefillResponse\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\r\x12\x1b\n\x13num_computed_tokens\x18\x02 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x03 \x01(\r\x12\x17\n\x0fnum_blocks_sent\x18\x04 \x01(\r2\x9a\x02\n\x07Prefill\x12@\n\x07Prefill\x12\x19.tandem.v1.PrefillRequest\x1a\x1a.tandem.v1.PrefillResponse\x12=\n\x06\x43\x61ncel\x12\x18.tandem.v1.CancelRequest\x1a\x19.tandem.v1.CancelResponse\x12;\n\x06Status\x12\x18.tandem.v1.StatusRequest\x1a\x17.tandem.v1.WorkerStatus\x12Q\n\x0fGetTransferInfo\x12!.tandem.v1.GetTransferInfoRequest\x1a\x1b.tandem.v1.TransferEndpointb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17tandem/v1/prefill.proto\x12\ttandem.v1\x1a\x16tandem/v1/common.proto\"k\n\x0c\x44\x65\x63odeTarget\x12-\n\x08\x65ndpoint\x18\x01 \x01(\x0b\x32\x1b.tandem.v1.TransferEndpoint\x12\x11\n\tblock_ids\x18\x02 \x03(\r\x12\x19\n\x11num_cached_blocks\x18\x03 \x01(\r\"\xc2\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12\'\n\x06target\x18\x04 \x01(\x0b\x32\x17.tandem.v1.DecodeTarget\x12\x17\n\ncache_salt\x18\x06 \x01(\tH\x00\x88\x01\x01\x42\r\n\x0b_cache_saltJ\x04\x08\x05\x10\x06R\x05trace\"z\n\x0fPrefillResponse\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\r\x12\x1b\n\x13num_computed_tokens\x18\x02 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x03 \x01(\r\x12\x17\n\x0fnum_blocks_sent\x18\x04 \x01(\r2K\n\x07Prefill\x12@\n\x07Prefill\x12\x19.tandem.v1.PrefillRequest\x1a\x1a.tandem.v1.PrefillResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,9 +35,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DECODETARGET']._serialized_start=62
   _globals['_DECODETARGET']._serialized_end=169
   _globals['_PREFILLREQUEST']._serialized_start=172
-  _globals['_PREFILLREQUEST']._serialized_end=393
-  _globals['_PREFILLRESPONSE']._serialized_start=395
-  _globals['_PREFILLRESPONSE']._serialized_end=517
-  _globals['_PREFILL']._serialized_start=520
-  _globals['_PREFILL']._serialized_end=802
+  _globals['_PREFILLREQUEST']._serialized_end=366
+  _globals['_PREFILLRESPONSE']._serialized_start=368
+  _globals['_PREFILLRESPONSE']._serialized_end=490
+  _globals['_PREFILL']._serialized_start=492
+  _globals['_PREFILL']._serialized_end=567
 # @@protoc_insertion_point(module_scope)

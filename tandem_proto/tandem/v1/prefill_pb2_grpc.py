@@ -3,7 +3,6 @@
 import grpc
 import warnings
 
-from tandem_proto.tandem.v1 import common_pb2 as tandem_dot_v1_dot_common__pb2
 from tandem_proto.tandem.v1 import prefill_pb2 as tandem_dot_v1_dot_prefill__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -28,6 +27,8 @@ if _version_not_supported:
 
 class PrefillStub:
     """Computes prompts and writes their KV blocks straight into blocks a decode worker reserved.
+    A prefill worker also serves `Worker` (status, cancel): cancelling a request stops its
+    prefill and its writes, and its Prefill call fails with ABORTED.
     """
 
     def __init__(self, channel):
@@ -41,51 +42,17 @@ class PrefillStub:
                 request_serializer=tandem_dot_v1_dot_prefill__pb2.PrefillRequest.SerializeToString,
                 response_deserializer=tandem_dot_v1_dot_prefill__pb2.PrefillResponse.FromString,
                 _registered_method=True)
-        self.Cancel = channel.unary_unary(
-                '/tandem.v1.Prefill/Cancel',
-                request_serializer=tandem_dot_v1_dot_common__pb2.CancelRequest.SerializeToString,
-                response_deserializer=tandem_dot_v1_dot_common__pb2.CancelResponse.FromString,
-                _registered_method=True)
-        self.Status = channel.unary_unary(
-                '/tandem.v1.Prefill/Status',
-                request_serializer=tandem_dot_v1_dot_common__pb2.StatusRequest.SerializeToString,
-                response_deserializer=tandem_dot_v1_dot_common__pb2.WorkerStatus.FromString,
-                _registered_method=True)
-        self.GetTransferInfo = channel.unary_unary(
-                '/tandem.v1.Prefill/GetTransferInfo',
-                request_serializer=tandem_dot_v1_dot_common__pb2.GetTransferInfoRequest.SerializeToString,
-                response_deserializer=tandem_dot_v1_dot_common__pb2.TransferEndpoint.FromString,
-                _registered_method=True)
 
 
 class PrefillServicer:
     """Computes prompts and writes their KV blocks straight into blocks a decode worker reserved.
+    A prefill worker also serves `Worker` (status, cancel): cancelling a request stops its
+    prefill and its writes, and its Prefill call fails with ABORTED.
     """
 
     def Prefill(self, request, context):
         """Computes one prompt (reusing this worker's prefix cache), pushes the new KV blocks to the
         decode worker named in the request and returns the first sampled token.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def Cancel(self, request, context):
-        """Cancels a prefill in progress (the router gave up on the request). Idempotent.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def Status(self, request, context):
-        """This worker's status and load.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def GetTransferInfo(self, request, context):
-        """This worker's KV-transfer endpoint, to check compatibility with decode workers.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -99,21 +66,6 @@ def add_PrefillServicer_to_server(servicer, server):
                     request_deserializer=tandem_dot_v1_dot_prefill__pb2.PrefillRequest.FromString,
                     response_serializer=tandem_dot_v1_dot_prefill__pb2.PrefillResponse.SerializeToString,
             ),
-            'Cancel': grpc.unary_unary_rpc_method_handler(
-                    servicer.Cancel,
-                    request_deserializer=tandem_dot_v1_dot_common__pb2.CancelRequest.FromString,
-                    response_serializer=tandem_dot_v1_dot_common__pb2.CancelResponse.SerializeToString,
-            ),
-            'Status': grpc.unary_unary_rpc_method_handler(
-                    servicer.Status,
-                    request_deserializer=tandem_dot_v1_dot_common__pb2.StatusRequest.FromString,
-                    response_serializer=tandem_dot_v1_dot_common__pb2.WorkerStatus.SerializeToString,
-            ),
-            'GetTransferInfo': grpc.unary_unary_rpc_method_handler(
-                    servicer.GetTransferInfo,
-                    request_deserializer=tandem_dot_v1_dot_common__pb2.GetTransferInfoRequest.FromString,
-                    response_serializer=tandem_dot_v1_dot_common__pb2.TransferEndpoint.SerializeToString,
-            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'tandem.v1.Prefill', rpc_method_handlers)
@@ -124,6 +76,8 @@ def add_PrefillServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class Prefill:
     """Computes prompts and writes their KV blocks straight into blocks a decode worker reserved.
+    A prefill worker also serves `Worker` (status, cancel): cancelling a request stops its
+    prefill and its writes, and its Prefill call fails with ABORTED.
     """
 
     @staticmethod
@@ -143,87 +97,6 @@ class Prefill:
             '/tandem.v1.Prefill/Prefill',
             tandem_dot_v1_dot_prefill__pb2.PrefillRequest.SerializeToString,
             tandem_dot_v1_dot_prefill__pb2.PrefillResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def Cancel(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/tandem.v1.Prefill/Cancel',
-            tandem_dot_v1_dot_common__pb2.CancelRequest.SerializeToString,
-            tandem_dot_v1_dot_common__pb2.CancelResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def Status(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/tandem.v1.Prefill/Status',
-            tandem_dot_v1_dot_common__pb2.StatusRequest.SerializeToString,
-            tandem_dot_v1_dot_common__pb2.WorkerStatus.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def GetTransferInfo(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/tandem.v1.Prefill/GetTransferInfo',
-            tandem_dot_v1_dot_common__pb2.GetTransferInfoRequest.SerializeToString,
-            tandem_dot_v1_dot_common__pb2.TransferEndpoint.FromString,
             options,
             channel_credentials,
             insecure,
