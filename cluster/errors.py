@@ -20,6 +20,10 @@ class InvalidRequest(TandemError):
         self.message = message
 
 
+class AlreadyRunning(TandemError):
+    """A request with this id is already running (ids must be unique among running requests)."""
+
+
 class NoCapacity(TandemError):
     """No worker can take the request now (blocks or queue full); the client may retry."""
 

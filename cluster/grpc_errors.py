@@ -4,20 +4,23 @@ Servicers stay thin and raise domain errors (`cluster.errors`); this interceptor
 method handler's behaviour (unary and streaming, async-generator and `context.write` styles)
 and aborts the call with the matching status:
 
-| exception                              | status             |
-| -------------------------------------- | ------------------ |
-| InvalidRequest, ValueError             | INVALID_ARGUMENT   |
-| NoCapacity                             | RESOURCE_EXHAUSTED |
-| NoWorker, IndexUnavailable             | UNAVAILABLE        |
-| DeadlineExceeded, TimeoutError         | DEADLINE_EXCEEDED  |
-| Cancelled                              | CANCELLED          |
-| UnknownRequest                         | NOT_FOUND          |
-| HandshakeMismatch                      | FAILED_PRECONDITION|
-| TransferFailed                         | ABORTED            |
-| anything else                          | INTERNAL (logged with its traceback) |
+| exception                                   | status             |
+| ------------------------------------------- | ------------------ |
+| InvalidRequest, engine InvalidInput         | INVALID_ARGUMENT   |
+| AlreadyRunning, engine DuplicateRequest     | ALREADY_EXISTS     |
+| NoCapacity                                  | RESOURCE_EXHAUSTED |
+| NoWorker, IndexUnavailable, EngineDead      | UNAVAILABLE        |
+| DeadlineExceeded, TimeoutError              | DEADLINE_EXCEEDED  |
+| Cancelled                                   | CANCELLED          |
+| UnknownRequest                              | NOT_FOUND          |
+| HandshakeMismatch                           | FAILED_PRECONDITION|
+| TransferFailed                              | ABORTED            |
+| anything else (a plain ValueError included) | INTERNAL (logged with its traceback) |
 
-A plain ValueError is the engine's input validation, whose message starts with the field name
-("max_tokens: must be >= 1"), so it is a user mistake, never INTERNAL. Why an interceptor that
+Only the dedicated types are the caller's fault: the engine's `InvalidInput`, whose message
+starts with the field name ("max_tokens: must be >= 1"), and `InvalidRequest`. Any other
+exception is a bug and reaches the client as INTERNAL, which the router may retry elsewhere,
+never dressed as the caller's mistake. Why an interceptor that
 rebuilds the handler rather than one that wraps `continuation`: a grpc.aio interceptor only sees
 the handler object, not the running call, so the exception of a streaming handler surfaces while
 its generator is iterated; wrapping the behaviour itself catches it there. A client that goes
@@ -35,6 +38,7 @@ import grpc
 from grpc import aio
 
 from cluster.errors import (
+    AlreadyRunning,
     Cancelled,
     DeadlineExceeded,
     HandshakeMismatch,
@@ -45,22 +49,26 @@ from cluster.errors import (
     TransferFailed,
     UnknownRequest,
 )
+from engine.errors import DuplicateRequest, EngineDead, InvalidInput
 
 logger = logging.getLogger(__name__)
 
 # Checked in order: the first matching class wins (subclasses before their bases).
 _STATUS_OF: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
+    (AlreadyRunning, grpc.StatusCode.ALREADY_EXISTS),
+    (DuplicateRequest, grpc.StatusCode.ALREADY_EXISTS),
+    (InvalidInput, grpc.StatusCode.INVALID_ARGUMENT),
     (NoCapacity, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (NoWorker, grpc.StatusCode.UNAVAILABLE),
     (IndexUnavailable, grpc.StatusCode.UNAVAILABLE),
+    (EngineDead, grpc.StatusCode.UNAVAILABLE),
     (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
     (Cancelled, grpc.StatusCode.CANCELLED),
     (UnknownRequest, grpc.StatusCode.NOT_FOUND),
     (HandshakeMismatch, grpc.StatusCode.FAILED_PRECONDITION),
     (TransferFailed, grpc.StatusCode.ABORTED),
     (TimeoutError, grpc.StatusCode.DEADLINE_EXCEEDED),
-    (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
 )
 
 

@@ -22,6 +22,7 @@ import torch
 from engine.block_manager import Allocation, BlockManager
 from engine.config import EngineConfig
 from engine.cpu_features import compute_dtype
+from engine.errors import DuplicateRequest, InvalidInput
 from engine.host_malloc import keep_freed_memory
 from engine.kv_cache import CacheShape, allocate_kv_cache, blocks_for_budget
 from engine.model.llama import LlamaModel
@@ -118,27 +119,31 @@ class Engine:
     # ---- requests ------------------------------------------------------------------------
 
     def validate(self, prompt_token_ids: list[int], sampling: SamplingParams) -> None:
-        """Raises ValueError naming the field if the request can never be served."""
+        """Raises `InvalidInput` naming the field if the request can never be served."""
         vocab = self.model_config.vocab_size
         if not prompt_token_ids:
-            raise ValueError("prompt_token_ids: must not be empty")
+            raise InvalidInput("prompt_token_ids: must not be empty")
         bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
         if bad:
-            raise ValueError(f"prompt_token_ids: ids {bad[:5]} outside the vocabulary [0, {vocab})")
+            raise InvalidInput(
+                f"prompt_token_ids: ids {bad[:5]} outside the vocabulary [0, {vocab})")
         if len(prompt_token_ids) >= self.max_model_len:
-            raise ValueError(
+            raise InvalidInput(
                 f"prompt_token_ids: {len(prompt_token_ids)} tokens leave no room to generate "
                 f"within the model's context of {self.max_model_len} tokens")
-        sampling.check_vocab(vocab)
+        try:
+            sampling.check_vocab(vocab)
+        except ValueError as error:
+            raise InvalidInput(str(error)) from None
         most_tokens = min(len(prompt_token_ids) + sampling.max_tokens, self.max_model_len)
         if self.block_manager.blocks_needed(most_tokens) > self.num_blocks:
-            raise ValueError(
+            raise InvalidInput(
                 f"max_tokens: prompt + max_tokens = {most_tokens} tokens need more KV blocks "
                 f"than the cache holds ({self.num_blocks} x {self.config.block_size} tokens)")
 
     def add_request(self, request_id: str, prompt_token_ids: list[int],
                     sampling: SamplingParams | None = None, cache_salt: bytes = b"") -> Request:
-        """Queues a request after validating it (ValueError naming the field if invalid)."""
+        """Queues a request after validating it (`InvalidInput` naming the field if invalid)."""
         request = self._new_request(request_id, prompt_token_ids, sampling or SamplingParams(),
                                     cache_salt)
         self._requests[request_id] = request
@@ -148,9 +153,9 @@ class Engine:
     def _new_request(self, request_id: str, prompt_token_ids: list[int],
                      sampling: SamplingParams, cache_salt: bytes) -> Request:
         if not request_id:
-            raise ValueError("request_id: must not be empty")
+            raise InvalidInput("request_id: must not be empty")
         if request_id in self._requests:
-            raise ValueError(f"request_id: {request_id!r} is already running")
+            raise DuplicateRequest(f"request_id: {request_id!r} is already running")
         self.validate(prompt_token_ids, sampling)
         request = Request(request_id, list(prompt_token_ids), sampling, self._arrivals,
                           cache_salt)

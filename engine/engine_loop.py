@@ -20,15 +20,14 @@ from concurrent.futures import Future
 from typing import Any, TypeVar
 
 from engine.engine import Engine, RequestOutput, StepInfo, StepLayerCallback
+from engine.errors import EngineDead
 
 log = logging.getLogger(__name__)
 
+__all__ = ["EngineDead", "EngineLoop"]
+
 T = TypeVar("T")
 IDLE_WAIT_S = 0.05  # how long an idle engine thread sleeps before re-checking periodic hooks
-
-
-class EngineDead(RuntimeError):
-    """The engine thread failed; no further requests can be served by this process."""
 
 
 class EngineLoop:

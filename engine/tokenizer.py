@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Sequence
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -67,8 +68,20 @@ class Tokenizer:
         return int(self._backend.get_vocab_size(with_added_tokens=True))
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Token ids of `text`; `add_special_tokens` applies the tokenizer's template (e.g. bos)."""
-        return list(self._backend.encode(text, add_special_tokens=add_special_tokens).ids)
+        """Token ids of `text`; `add_special_tokens` applies the tokenizer's template (e.g. bos).
+
+        Runs without the GIL (the library's batch call releases it; its single-text call does
+        not), so a long text tokenized on a worker thread does not stall the event loop."""
+        (encoding,) = self._backend.encode_batch([text], add_special_tokens=add_special_tokens)
+        return list(encoding.ids)
+
+    @cached_property
+    def max_token_bytes(self) -> int:
+        """The most UTF-8 bytes of text one token stands for. With a tokenizer that represents
+        every byte of its input (byte-level BPE, byte-fallback SentencePiece), a text of n bytes
+        has at least n / max_token_bytes tokens: a cheap bound before tokenizing it."""
+        return max(len(self.decode([i], skip_special_tokens=False).encode())
+                   for i in range(self.vocab_size))
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Text of `ids`; an incomplete UTF-8 sequence at the end decodes to U+FFFD."""

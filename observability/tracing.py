@@ -365,13 +365,25 @@ def set_request_id(request_id: str) -> Iterator[None]:
 
 
 class RequestLogFilter(logging.Filter):
-    """Adds `request_id` and `trace_id` ("-" when absent) to every record it sees. Install it on
+    """Adds `request_id` and `trace_id` ("-" when absent) to every record it sees, and escapes
+    line breaks and other control characters in the message and the request id, so that no
+    input (a request id, a prompt echoed in an error) can forge a log line. Install it on
     handlers (a filter on a logger misses records propagated from child loggers)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        record.request_id = _request_id.get() or NO_VALUE
+        record.request_id = _escape(_request_id.get()) or NO_VALUE
         record.trace_id = current_trace_id() or NO_VALUE
+        message = record.getMessage()
+        if not message.isprintable():
+            record.msg, record.args = _escape(message), None
         return True
+
+
+def _escape(text: str) -> str:
+    """`text` with control characters written as escapes ("\\n", "\\x1b"), on one line."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
 
 
 __all__ = [

@@ -13,6 +13,7 @@ from index.redis_client import RedisConfig, connect
 from index.registry import WorkerRegistry
 from observability.logging_setup import setup_logging
 from observability.tracing import setup_tracing
+from router.clients import ClientTimeouts
 from router.config import RouterConfig, add_router_args, router_config_from_args
 from router.prefix import IndexSource, PrefixLookup, TailSource
 from router.router import Router
@@ -24,8 +25,10 @@ from tandem_proto.tandem.v1 import router_pb2_grpc
 async def build_router(config: RouterConfig) -> Router:
     redis_cfg = RedisConfig(url=config.redis_url, namespace=config.namespace)
     redis = connect(redis_cfg)
+    timeouts = ClientTimeouts(rpc_s=config.rpc_timeout_s, status_s=config.status_timeout_s,
+                              cleanup_s=config.cleanup_timeout_s)
     pool = WorkerPool(WorkerRegistry(redis, redis_cfg), config.block_size, config.hash_seed,
-                      config.refresh_interval_s)
+                      timeouts, config.refresh_interval_s)
     await pool.start()
     source: IndexSource
     if config.prefix_index == "tail":

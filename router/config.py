@@ -29,6 +29,9 @@ class RouterConfig:
     rpc_timeout_s: float = 60.0  # unary calls to workers (Reserve, Prefill)
     index_retry_s: float = 1.0  # in degraded mode, how often Redis is tried again
     default_max_tokens: int = 16
+    no_capacity_backoff_s: float = 0.05  # wait when every decode worker is out of KV blocks
+    cleanup_timeout_s: float = 5.0  # a best-effort Cancel of what a worker holds
+    status_timeout_s: float = 1.0  # one worker status poll
     # "tail": an in-memory copy of the index fed by the workers' Redis streams (no Redis round
     # trip per request); "pipelined": look each prompt up in Redis (python -m router.bench).
     prefix_index: str = "tail"

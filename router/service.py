@@ -10,7 +10,9 @@ from grpc import aio
 from cluster.convert import FINISH_TO_PB, sampling_from_pb
 from observability.tracing import annotate, set_request_id
 from router.prefix import IndexMode
-from router.router import Delta, GenerateInput, Router
+from router.request import Delta, GenerateInput
+from router.router import Router
+from router.validate import check_request_id
 from tandem_proto.tandem.v1 import common_pb2, router_pb2, router_pb2_grpc
 
 
@@ -21,6 +23,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
     async def Generate(self, request: router_pb2.GenerateRequest,
                        context: aio.ServicerContext) -> AsyncIterator[router_pb2.GenerateResponse]:
         request_id = request.request_id if request.HasField("request_id") else uuid.uuid4().hex
+        check_request_id(request_id)  # before the id reaches a log line or a span
         annotate({"tandem.request_id": request_id})
         with set_request_id(request_id):
             sampling = sampling_from_pb(request.sampling, self.router.config.default_max_tokens)
@@ -43,6 +46,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             "rejected": router.admission.rejected,
             "degraded_lookups": router.lookup.degraded_lookups,
             "index_mode_transitions": router.lookup.transitions,
+            "pair_breaks": router.pair_health.breaks,
             **{f"decisions/{k}": v for k, v in stats.decisions.items()},
             **{f"outcome/{k}": v for k, v in stats.outcomes.items()},
         }
@@ -54,13 +58,13 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             prefix_index_detail=router.lookup.detail,
             pair_errors=[router_pb2.PairError(prefill_worker_id=p, decode_worker_id=d,
                                               message=why)
-                         for (p, d), why in pool.incompatible_pairs().items()],
+                         for (p, d), why in router.excluded_pairs().items()],
             policy=router.policy.name, worker_errors=pool.config_errors(), counters=counters)
 
 
 def to_pb(request_id: str, delta: Delta) -> router_pb2.GenerateResponse:
     response = router_pb2.GenerateResponse(request_id=request_id, token_ids=delta.token_ids,
-                                           text=delta.text)
+                                           text=delta.text, finish_detail=delta.stop_string)
     if delta.finish_reason is not None:
         response.finish_reason = FINISH_TO_PB[delta.finish_reason]
     if delta.usage is not None:

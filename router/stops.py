@@ -15,6 +15,7 @@ class StopChecker:
         self.stops = stops
         self.hold = max((len(s) for s in stops), default=1) - 1
         self.pending = ""  # decoded, not yet released
+        self.matched = ""  # the stop string that ended the stream, once one did
 
     def push(self, token_ids: list[int]) -> tuple[str, bool]:
         """(text to release now, whether a stop string was reached)."""
@@ -22,7 +23,7 @@ class StopChecker:
         for stop in self.stops:
             at = self.pending.find(stop)
             if at >= 0:
-                text, self.pending = self.pending[:at], ""
+                text, self.pending, self.matched = self.pending[:at], "", stop
                 return text, True
         if self.hold == 0 or not self.stops:
             text, self.pending = self.pending, ""

@@ -14,34 +14,32 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-import grpc
 from grpc import aio
 
 from cluster.errors import IndexUnavailable
 from cluster.roles import Role
 from index.registry import WorkerRegistry
 from observability.grpc_tracing import client_interceptors
+from router.clients import ClientTimeouts, DecodeClient, PrefillClient, WorkerFailed
 from router.load import WorkerLoad
-from tandem_proto.tandem.v1 import common_pb2, decode_pb2_grpc, prefill_pb2_grpc, worker_pb2_grpc
+from tandem_proto.tandem.v1 import common_pb2
 
 log = logging.getLogger(__name__)
 
 DOWN_FOR_S = 3.0  # how long a failed worker is skipped before it is tried again
 FORGET_AFTER_S = 10.0  # a worker missing from the registry this long is dropped
 CLOSE_DELAY_S = 120.0  # a dropped worker's channel is closed after in-flight calls ended
-STATUS_TIMEOUT_S = 1.0
 
 
 @dataclass
 class WorkerHandle:
-    """One worker: its channel, stub and last status."""
+    """One worker: its channel, typed client and last status."""
 
     worker_id: str
     role: Role
     address: str
     channel: aio.Channel
-    stub: prefill_pb2_grpc.PrefillStub | decode_pb2_grpc.DecodeStub
-    worker_stub: worker_pb2_grpc.WorkerStub
+    client: PrefillClient | DecodeClient
     status: common_pb2.WorkerStatus | None = None
     down_until: float = 0.0
     last_error: str = ""
@@ -63,8 +61,9 @@ class WorkerPool:
     """Live workers by role, refreshed in the background."""
 
     def __init__(self, registry: WorkerRegistry, block_size: int, hash_seed: int,
-                 refresh_interval_s: float = 0.5) -> None:
+                 timeouts: ClientTimeouts, refresh_interval_s: float = 0.5) -> None:
         self.registry = registry
+        self.timeouts = timeouts
         self.block_size = block_size
         self.hash_seed = hash_seed
         self.refresh_interval_s = refresh_interval_s
@@ -84,6 +83,16 @@ class WorkerPool:
             task.cancel()
         for handle in self.workers.values():
             await handle.channel.close()
+
+    def prefill_client(self, worker_id: str) -> PrefillClient:
+        client = self.workers[worker_id].client
+        assert isinstance(client, PrefillClient), f"{worker_id} is not a prefill worker"
+        return client
+
+    def decode_client(self, worker_id: str) -> DecodeClient:
+        client = self.workers[worker_id].client
+        assert isinstance(client, DecodeClient), f"{worker_id} is not a decode worker"
+        return client
 
     def live(self, role: Role) -> list[WorkerHandle]:
         return [h for h in self.workers.values() if h.role is role and h.up and
@@ -156,14 +165,12 @@ class WorkerPool:
 
     def _add(self, worker_id: str, role: Role, address: str) -> None:
         channel = aio.insecure_channel(address, interceptors=client_interceptors())
-        stub: prefill_pb2_grpc.PrefillStub | decode_pb2_grpc.DecodeStub = (
-            prefill_pb2_grpc.PrefillStub(channel) if role is Role.PREFILL
-            else decode_pb2_grpc.DecodeStub(channel))
+        client = (PrefillClient if role is Role.PREFILL else DecodeClient)(
+            worker_id, channel, self.timeouts)
         old = self.workers.get(worker_id)
         if old is not None:  # re-registered at a new address: the old channel is useless
             self._track(asyncio.ensure_future(_close_later(old.channel)))
-        self.workers[worker_id] = WorkerHandle(worker_id, role, address, channel, stub,
-                                               worker_pb2_grpc.WorkerStub(channel))
+        self.workers[worker_id] = WorkerHandle(worker_id, role, address, channel, client)
         log.info("worker %s (%s) at %s joined", worker_id, role.value, address)
 
     def _track(self, task: asyncio.Future[None]) -> None:
@@ -178,11 +185,10 @@ class WorkerPool:
 
     async def _poll(self, handle: WorkerHandle) -> None:
         try:
-            status = await handle.worker_stub.Status(common_pb2.StatusRequest(),
-                                              timeout=STATUS_TIMEOUT_S)
-        except grpc.RpcError as error:
+            status = await handle.client.status()
+        except WorkerFailed as error:
             if handle.status is not None and time.monotonic() >= handle.down_until:
-                self.mark_down(handle.worker_id, f"status poll failed: {error.code().name}")
+                self.mark_down(handle.worker_id, f"status poll failed: {error.code.name}")
             return
         handle.status = status
         handle.counters = dict(status.counters)

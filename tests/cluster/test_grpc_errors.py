@@ -10,6 +10,7 @@ import pytest
 from grpc import aio
 
 from cluster.errors import (
+    AlreadyRunning,
     Cancelled,
     DeadlineExceeded,
     HandshakeMismatch,
@@ -21,6 +22,7 @@ from cluster.errors import (
 )
 from cluster.grpc_errors import status_for
 from cluster.grpc_server import GrpcServer, ServiceBinding, service_name, start_server
+from engine.errors import DuplicateRequest, EngineDead, InvalidInput
 from tandem_proto.tandem.v1 import (
     common_pb2,
     decode_pb2,
@@ -32,8 +34,13 @@ from tandem_proto.tandem.v1 import (
 CASES: list[tuple[Exception, grpc.StatusCode, str]] = [
     (InvalidRequest("sampling.top_p", "must be in (0, 1]"), grpc.StatusCode.INVALID_ARGUMENT,
      "sampling.top_p: must be in (0, 1]"),
-    (ValueError("max_tokens: must be >= 1"), grpc.StatusCode.INVALID_ARGUMENT,
+    (InvalidInput("max_tokens: must be >= 1"), grpc.StatusCode.INVALID_ARGUMENT,
      "max_tokens: must be >= 1"),
+    (DuplicateRequest("request_id: 'r.0' is already running"), grpc.StatusCode.ALREADY_EXISTS,
+     "already running"),
+    (AlreadyRunning("request_id: 'r' is already running"), grpc.StatusCode.ALREADY_EXISTS,
+     "already running"),
+    (EngineDead("engine failed"), grpc.StatusCode.UNAVAILABLE, "engine failed"),
     (NoCapacity("decode-0: no free blocks"), grpc.StatusCode.RESOURCE_EXHAUSTED, "no free blocks"),
     (NoWorker("no live decode worker"), grpc.StatusCode.UNAVAILABLE, "no live decode worker"),
     (IndexUnavailable("redis timeout"), grpc.StatusCode.UNAVAILABLE, "redis timeout"),
@@ -43,6 +50,9 @@ CASES: list[tuple[Exception, grpc.StatusCode, str]] = [
     (HandshakeMismatch("p0", "d0", "block_size 16 vs 32"), grpc.StatusCode.FAILED_PRECONDITION,
      "p0 -> d0: block_size 16 vs 32"),
     (RuntimeError("kaboom"), grpc.StatusCode.INTERNAL, "RuntimeError: kaboom"),
+    # a plain ValueError is a bug inside a service, not the caller's mistake
+    (ValueError("list.remove(x): x not in list"), grpc.StatusCode.INTERNAL,
+     "ValueError: list.remove(x): x not in list"),
 ]
 IDS = [type(exc).__name__ for exc, _, _ in CASES]
 
@@ -159,6 +169,8 @@ async def test_unexpected_error_logs_traceback(server: tuple[GrpcServer, Failing
     assert "GetClusterStatus" in records[-1].getMessage()
 
 
-def test_user_errors_are_never_internal() -> None:
-    for error, code, _ in CASES[:-1]:
-        assert status_for(error)[0] == code != grpc.StatusCode.INTERNAL
+def test_only_unexpected_errors_are_internal() -> None:
+    for error, code, _ in CASES:
+        expected_internal = type(error) in (RuntimeError, ValueError)
+        assert (status_for(error)[0] == grpc.StatusCode.INTERNAL) is expected_internal
+        assert status_for(error)[0] == code

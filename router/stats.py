@@ -1,0 +1,14 @@
+"""The router's own counters, as `GetClusterStatus` reports them (the metrics have their own)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+
+@dataclass
+class RouterStats:
+    requests: int = 0  # requests admitted to routing (validated, not duplicates)
+    retries: int = 0  # attempts that failed before the first token
+    decisions: Counter[str] = field(default_factory=Counter)  # "policy/mode"
+    outcomes: Counter[str] = field(default_factory=Counter)  # finish reason or status code

@@ -1,0 +1,74 @@
+"""A generation request checked and turned into prompt token ids, without blocking the router.
+
+Every refusal is an `InvalidRequest` naming the field. Text is tokenized on a worker thread
+(the tokenizer releases the GIL), and a text too large to fit the model's context is refused
+before tokenizing it: each token stands for at most `Tokenizer.max_token_bytes` bytes of text,
+so a text of more than `context × max_token_bytes` bytes cannot fit, whatever it says. Request
+ids are restricted to a safe alphabet, so no id can forge a log line or a metric label.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+from cluster.errors import InvalidRequest
+from engine.model_config import ModelConfig
+from engine.tokenizer import Tokenizer
+from router.request import GenerateInput
+
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+def check_request_id(request_id: str) -> None:
+    """Raises InvalidRequest unless the id is 1-128 letters, digits and `._:-`."""
+    if not REQUEST_ID.fullmatch(request_id):
+        raise InvalidRequest("request_id", f"must be 1 to 128 characters among letters, digits "
+                             f"and '._:-', got {request_id[:40]!r}"
+                             + ("..." if len(request_id) > 40 else ""))
+
+
+class PromptValidator:
+    """Checks requests against one model's tokenizer and context."""
+
+    def __init__(self, tokenizer: Tokenizer, model_config: ModelConfig) -> None:
+        self.tokenizer = tokenizer
+        self.vocab_size = model_config.vocab_size
+        self.context = model_config.max_position_embeddings
+        self.max_text_bytes = self.context * tokenizer.max_token_bytes
+
+    async def prompt_ids(self, request: GenerateInput) -> list[int]:
+        """The prompt's token ids; InvalidRequest naming the field when it is unusable."""
+        check_request_id(request.request_id)
+        if request.text and request.token_ids:
+            raise InvalidRequest("prompt", "set exactly one of text and token_ids, not both")
+        if any(not s for s in request.stop):
+            raise InvalidRequest("sampling.stop", "stop strings must not be empty")
+        bad_stops = [t for t in request.sampling.stop_token_ids if t >= self.vocab_size]
+        if bad_stops:
+            raise InvalidRequest("sampling.stop_token_ids",
+                                 f"{bad_stops} outside the vocabulary [0, {self.vocab_size})")
+        if request.text:
+            ids = await self._tokenize(request.text)
+        else:
+            ids = list(request.token_ids)
+        field_name = "text" if request.text else "token_ids"
+        if not ids:
+            raise InvalidRequest("prompt", "empty: set text or token_ids")
+        bad = [t for t in ids if t >= self.vocab_size]
+        if bad:
+            raise InvalidRequest("token_ids",
+                                 f"ids {bad[:5]} outside the vocabulary [0, {self.vocab_size})")
+        if len(ids) >= self.context:
+            raise InvalidRequest(field_name, f"the prompt has {len(ids)} tokens; the model's "
+                                 f"context is {self.context} and at least one token must be "
+                                 "generated")
+        return ids
+
+    async def _tokenize(self, text: str) -> list[int]:
+        size = len(text.encode())
+        if size > self.max_text_bytes:
+            raise InvalidRequest("text", f"{size} bytes cannot fit the model's context of "
+                                 f"{self.context} tokens (at most {self.max_text_bytes} bytes "
+                                 "of text)")
+        return await asyncio.to_thread(self.tokenizer.encode, text)
