@@ -258,3 +258,23 @@ def test_request_id_without_tracing_and_nested_binding(
     text = buffer.getvalue()
     assert "[req=outer.1 trace=-]: attempt" in text
     assert "[req=outer trace=-]: request" in text
+
+
+def test_log_lines_cannot_be_forged_through_request_ids_or_messages() -> None:
+    buffer = io.StringIO()
+    handler = logging.StreamHandler(buffer)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler.addFilter(tracing.RequestLogFilter())
+    logger = logging.getLogger("tandem.test.forgery")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    forged = "x\n2026-12-01 00:00:00,000 CRITICAL fake [req=- trace=-]: owned"
+    try:
+        with tracing.set_request_id(forged):
+            logger.info("request %s failed", forged)
+    finally:
+        logger.removeHandler(handler)
+    lines = buffer.getvalue().splitlines()
+    assert len(lines) == 1
+    assert "CRITICAL" not in lines[0].split(":")[0]
+    assert "[req=x\\n2026-12-01" in lines[0] and "failed" in lines[0]
