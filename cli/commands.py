@@ -108,7 +108,9 @@ def add_generate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompt", help="prompt text")
     parser.add_argument("--router", default="127.0.0.1:50051", help="router host:port")
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--temperature", type=float)
+    parser.add_argument("--temperature", type=float,
+                        help="softmax temperature (default 0: greedy, the same prompt gives "
+                             "the same text)")
     parser.add_argument("--top-p", type=float)
     parser.add_argument("--top-k", type=int)
     parser.add_argument("--seed", type=int)

@@ -1,49 +1,110 @@
-"""A worker process's configuration, from flags or `TANDEM_*` environment variables.
+"""A worker process's configuration: every field is a flag and a `TANDEM_*` variable.
 
-Every flag has an environment variable (`--redis-url` ↔ `TANDEM_REDIS_URL`) so the Helm chart
-can configure pods either way; a flag wins over its variable.
+`worker_flags()` derives both from the fields (`cluster/settings.py`): `--redis-url` ↔
+`TANDEM_REDIS_URL`, the engine's fields included (`--num-blocks` ↔ `TANDEM_NUM_BLOCKS`), so
+the Helm chart can configure pods either way; a flag wins over its variable.
 """
 
 from __future__ import annotations
 
-import argparse
+import ipaddress
+import logging
 import os
 import socket
 from dataclasses import dataclass, field
+from typing import Literal
 
+from cluster.addresses import split_host_port
 from cluster.roles import Role
+from cluster.settings import ConfigFlags
 from engine.config import EngineConfig
+from index.redis_client import RedisConfig
+from kv_transfer.base import TransferConfig
 
-DEFAULT_TOKEN = "tandem-dev-token"  # local clusters only; set TANDEM_TRANSFER_TOKEN elsewhere
+log = logging.getLogger(__name__)
+
+# The KV transfer secret of a worker left without one; accepted on loopback only, where every
+# peer is a process of the same machine (see WorkerConfig.__post_init__).
+LOCAL_DEV_TOKEN = "tandem-dev-token"
 
 
 @dataclass(frozen=True)
 class WorkerConfig:
     """How one prefill or decode worker runs."""
 
-    role: Role
-    model: str
+    role: Role  # set by the program (`tandem prefill` / `tandem decode`), not a flag
+    model: str = field(metadata={
+        "help": "local Hugging Face model directory (config.json, tokenizer, safetensors)"})
     engine: EngineConfig = field(default_factory=EngineConfig)
-    listen: str = "127.0.0.1:0"  # gRPC host:port; port 0 picks a free one
-    advertise_host: str = ""  # what peers dial (default: the listen host)
-    worker_id: str = ""  # default: role-hostname-pid
-    redis_url: str = ""  # registry + prefix index; empty: standalone (no index)
-    namespace: str = "tandem"
-    transfer_backend: str = "nixl"
-    transfer_token: str = DEFAULT_TOKEN
-    lease_ms: int = 30_000  # decode: how long a reservation waits for its KV and its Decode call
-    heartbeat_ttl_s: float = 3.0
-    shutdown_grace_s: float = 10.0
-    step_delay_s: float = 0.0  # fault injection for tests: sleep before every engine step
-    metrics_listen: str = "127.0.0.1:0"  # host:port of /metrics ("" turns it off)
+    listen: str = field(default="127.0.0.1:0", metadata={
+        "help": "gRPC host:port to serve on (port 0: any free port)"})
+    advertise_host: str | None = field(default=None, metadata={
+        "help": "the host peers dial, for gRPC and KV transfer; unset: the listen host"})
+    worker_id: str | None = field(default=None, metadata={
+        "help": "this worker's id in the registry; unset: role-hostname-pid"})
+    redis_url: str | None = field(default=None, metadata={
+        "help": "Redis of the registry and prefix index; unset: a standalone worker"})
+    namespace: str = field(default="tandem", metadata={
+        "help": "Redis key prefix, so several clusters can share one Redis"})
+    redis_op_timeout_s: float = field(default=RedisConfig.op_timeout_s, metadata={
+        "help": "hard bound on one Redis operation (heartbeat, index publish)"})
+    heartbeat_ttl_s: float = field(default=3.0, metadata={
+        "help": "the registry forgets this worker this long after its last heartbeat "
+                "(heartbeats every third of it)"})
+    transfer_backend: Literal["nixl", "ucxx"] = field(default="nixl", metadata={
+        "help": "KV transfer backend; prefill and decode workers must agree"})
+    transfer_token: str | None = field(default=None, metadata={
+        "help": "shared secret of the KV transfer links; unset: a local development secret, "
+                "accepted only when the listen and advertise hosts are loopback"})
+    transfer_connect_timeout_s: float = field(default=TransferConfig.connect_timeout_s, metadata={
+        "help": "KV transfer: TCP connect + handshake + backend set-up to a peer"})
+    transfer_write_timeout_s: float = field(default=TransferConfig.write_timeout_s, metadata={
+        "help": "KV transfer: one write's bytes must land within this"})
+    transfer_request_timeout_s: float = field(default=TransferConfig.request_timeout_s,
+                                              metadata={
+        "help": "KV transfer, receiver: deadline of a request's KV when no reservation set "
+                "one (a decode reservation's lease does)"})
+    transfer_heartbeat_interval_s: float = field(default=TransferConfig.heartbeat_interval_s,
+                                                 metadata={
+        "help": "KV transfer: control-link ping period"})
+    transfer_peer_timeout_s: float = field(default=TransferConfig.peer_timeout_s, metadata={
+        "help": "KV transfer: a peer silent on the control link this long is lost"})
+    transfer_timeout_s: float = field(default=30.0, metadata={
+        "help": "prefill: all of a request's KV writes must be done within this, or it fails"})
+    lease_ms: int = field(default=30_000, metadata={
+        "help": "decode: how long a reservation waits for its KV and its Decode call"})
+    lease_check_interval_s: float = field(default=0.1, metadata={
+        "help": "decode: how often expired reservation leases are looked for"})
+    quarantine_s: float = field(default=5.0, metadata={
+        "help": "decode: blocks of a request released before its KV completed stay unused "
+                "this long, so a write still in flight cannot land in another request's blocks"})
+    shutdown_grace_s: float = field(default=10.0, metadata={
+        "help": "once stopping, in-flight calls get this long to finish"})
+    step_delay_ms: float = field(default=0.0, metadata={
+        "help": "fault injection for tests: sleep this long before every engine step"})
+    metrics_listen: str = field(default="127.0.0.1:0", metadata={
+        "help": "host:port serving Prometheus /metrics (port 0: any free port; empty: off)"})
 
     def __post_init__(self) -> None:
-        if ":" not in self.listen:
-            raise ValueError(f"listen: expected host:port, got {self.listen!r}")
+        listen_host, _ = split_host_port(self.listen, "listen")
         if self.lease_ms < 1:
             raise ValueError(f"lease_ms: must be >= 1, got {self.lease_ms}")
-        if not self.transfer_token:
-            raise ValueError("transfer_token: must not be empty")
+        for name in ("redis_op_timeout_s", "heartbeat_ttl_s", "transfer_timeout_s",
+                     "lease_check_interval_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")
+        for name in ("quarantine_s", "shutdown_grace_s", "step_delay_ms"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        if self.transfer_token == "":
+            raise ValueError("transfer_token: must not be empty (leave it unset on loopback)")
+        if self.transfer_token is None:
+            exposed = [h for h in {listen_host, self.host} if not is_loopback(h)]
+            if exposed:
+                raise ValueError(
+                    f"transfer_token: required when serving on a non-loopback address "
+                    f"({', '.join(sorted(exposed))}): set --transfer-token or "
+                    f"TANDEM_TRANSFER_TOKEN to the cluster's shared secret")
 
     @property
     def id(self) -> str:
@@ -51,59 +112,47 @@ class WorkerConfig:
 
     @property
     def host(self) -> str:
-        return self.advertise_host or self.listen.rsplit(":", 1)[0]
+        return self.advertise_host or split_host_port(self.listen, "listen")[0]
+
+    @property
+    def step_delay_s(self) -> float:
+        return self.step_delay_ms / 1000
+
+    def redis_config(self) -> RedisConfig:
+        """Where this worker's registry and prefix index live (requires `redis_url`)."""
+        assert self.redis_url is not None
+        return RedisConfig(url=self.redis_url, namespace=self.namespace,
+                           op_timeout_s=self.redis_op_timeout_s)
+
+    def transfer_config(self) -> TransferConfig:
+        """The KV transfer agent's config. Without a `transfer_token` (loopback only, see
+        `__post_init__`) it uses the local development secret and logs a warning."""
+        token = self.transfer_token
+        if token is None:
+            log.warning("transfer_token is unset: the KV transfer links use the local "
+                        "development secret (allowed on loopback only; set --transfer-token "
+                        "or TANDEM_TRANSFER_TOKEN for a real cluster)")
+            token = LOCAL_DEV_TOKEN
+        return TransferConfig(
+            token=token, backend=self.transfer_backend, host=self.host,
+            connect_timeout_s=self.transfer_connect_timeout_s,
+            write_timeout_s=self.transfer_write_timeout_s,
+            request_timeout_s=self.transfer_request_timeout_s,
+            heartbeat_interval_s=self.transfer_heartbeat_interval_s,
+            peer_timeout_s=self.transfer_peer_timeout_s)
 
 
-def _env(name: str, default: str) -> str:
-    return os.environ.get(f"TANDEM_{name.upper()}", default)
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 (bracketed or not) and localhost; anything else, a wildcard or a
+    name included, may be reached from other machines."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
-def add_worker_args(parser: argparse.ArgumentParser) -> None:
-    """Flags shared by `tandem prefill` and `tandem decode`."""
-    add = parser.add_argument
-    add("--model", default=_env("model", ""), help="local Hugging Face model directory")
-    add("--listen", default=_env("listen", "127.0.0.1:0"))
-    add("--advertise-host", default=_env("advertise_host", ""))
-    add("--worker-id", default=_env("worker_id", ""))
-    add("--redis-url", default=_env("redis_url", ""))
-    add("--namespace", default=_env("namespace", "tandem"))
-    add("--transfer-backend", default=_env("transfer_backend", "nixl"), choices=["nixl", "ucxx"])
-    add("--transfer-token", default=_env("transfer_token", DEFAULT_TOKEN))
-    add("--lease-ms", type=int, default=int(_env("lease_ms", "30000")))
-    add("--dtype", default=_env("dtype", "float32"))
-    add("--device", default=_env("device", "cpu"))
-    add("--block-size", type=int, default=int(_env("block_size", "16")))
-    add("--num-blocks", type=int, default=int(_env("num_blocks", "0")) or None)
-    add("--kv-cache-bytes", type=int, default=int(_env("kv_cache_bytes", "0")) or None)
-    add("--max-num-seqs", type=int, default=int(_env("max_num_seqs", "256")))
-    add("--max-num-batched-tokens", type=int,
-        default=int(_env("max_num_batched_tokens", "8192")))
-    add("--num-threads", type=int, default=int(_env("num_threads", "0")) or None)
-    add("--kv-layer-group", type=int, default=int(_env("kv_layer_group", "0")) or None,
-        help="layers per KV cache group, a divisor of the model's layer count (default: auto, "
-             "see engine/kv_cache.py); prefill and decode workers must agree")
-    add("--hash-seed", type=int, default=int(_env("hash_seed", "0")) or None)
-    add("--shutdown-grace-s", type=float, default=float(_env("shutdown_grace_s", "10")))
-    add("--metrics-listen", default=_env("metrics_listen", "127.0.0.1:0"),
-        help="host:port serving Prometheus /metrics (port 0: any free port; empty: off)")
-    add("--step-delay-ms", type=float, default=float(_env("step_delay_ms", "0")),
-        help="fault injection for tests: sleep this long before every engine step")
-
-
-def worker_config_from_args(role: Role, args: argparse.Namespace) -> WorkerConfig:
-    if not args.model:
-        raise ValueError("model: --model (or TANDEM_MODEL) is required")
-    engine_kwargs: dict[str, object] = dict(
-        dtype=args.dtype, device=args.device, block_size=args.block_size,
-        num_blocks=args.num_blocks, kv_cache_bytes=args.kv_cache_bytes,
-        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-        num_threads=args.num_threads, kv_layer_group=args.kv_layer_group)
-    if args.hash_seed is not None:
-        engine_kwargs["hash_seed"] = args.hash_seed
-    return WorkerConfig(
-        role=role, model=args.model, engine=EngineConfig(**engine_kwargs),  # type: ignore[arg-type]
-        listen=args.listen, advertise_host=args.advertise_host, worker_id=args.worker_id,
-        redis_url=args.redis_url, namespace=args.namespace,
-        transfer_backend=args.transfer_backend, transfer_token=args.transfer_token,
-        lease_ms=args.lease_ms, shutdown_grace_s=args.shutdown_grace_s,
-        step_delay_s=args.step_delay_ms / 1000, metrics_listen=args.metrics_listen)
+def worker_flags() -> ConfigFlags[WorkerConfig]:
+    """The flags of `tandem prefill` and `tandem decode` (`role` is the program's)."""
+    return ConfigFlags(WorkerConfig, fixed=("role",))

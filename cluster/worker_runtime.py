@@ -24,9 +24,9 @@ from engine.block_manager import BlockEvent
 from engine.engine import Engine, StepLayerCallback
 from engine.engine_loop import EngineLoop
 from index.prefix_index import PrefixIndexWriter
-from index.redis_client import RedisConfig, connect
+from index.redis_client import connect
 from index.registry import Heartbeat, LoadReport, WorkerRecord, WorkerRegistry
-from kv_transfer.base import KVTransferAgent, TransferConfig, TransferEvent
+from kv_transfer.base import KVTransferAgent, TransferEvent
 from kv_transfer.registry import create_agent
 from kv_transfer.spec import KVLayoutSpec
 from observability.metrics_worker import WorkerMetrics, WorkerSources
@@ -43,8 +43,7 @@ class WorkerRuntime:
         self.engine = Engine(config.model, config.engine)
         spec = KVLayoutSpec.from_cache_shape(self.engine.cache_shape,
                                              self.engine.model_config.name)
-        self.agent: KVTransferAgent = create_agent(spec, TransferConfig(
-            token=config.transfer_token, backend=config.transfer_backend, host=config.host))
+        self.agent: KVTransferAgent = create_agent(spec, config.transfer_config())
         self.agent.register_cache(self.engine.runner.kv_cache)
         self.loop: EngineLoop | None = None
         self.writer: PrefixIndexWriter | None = None
@@ -129,7 +128,7 @@ class WorkerRuntime:
             nonlocal heartbeat
             self.address = address
             if cfg.redis_url:
-                redis_cfg = RedisConfig(url=cfg.redis_url, namespace=cfg.namespace)
+                redis_cfg = cfg.redis_config()
                 redis = connect(redis_cfg)
                 self.writer = PrefixIndexWriter(redis, redis_cfg, self.worker_id)
                 registry = WorkerRegistry(redis, redis_cfg, ttl_s=cfg.heartbeat_ttl_s)
@@ -148,7 +147,7 @@ class WorkerRuntime:
         options = ProcessOptions(
             name=f"{cfg.role.value} worker {self.worker_id}", listen=cfg.listen,
             metrics_registry=self.registry, metrics_listen=cfg.metrics_listen,
-            advertise_host=cfg.advertise_host, grace_s=cfg.shutdown_grace_s, stop=self._stopping,
+            advertise_host=cfg.host, grace_s=cfg.shutdown_grace_s, stop=self._stopping,
             on_started=started, on_stopping=stopping)
         try:
             await serve_until_stopped(services, options)

@@ -8,7 +8,7 @@ import sys
 
 from cluster.grpc_server import ServiceBinding
 from cluster.roles import Role
-from cluster.worker_config import add_worker_args, worker_config_from_args
+from cluster.worker_config import WorkerConfig, worker_flags
 from cluster.worker_runtime import WorkerRuntime
 from cluster.worker_service import WorkerServicer
 from decode_worker.service import DecodeServicer
@@ -18,11 +18,12 @@ from observability.tracing import setup_tracing
 from tandem_proto.tandem.v1 import decode_pb2_grpc, worker_pb2_grpc
 
 
-async def serve(args: argparse.Namespace) -> None:
-    config = worker_config_from_args(Role.DECODE, args)
+async def serve(config: WorkerConfig) -> None:
     runtime = WorkerRuntime(config)
     loop = runtime.start_engine()
-    worker = DecodeWorker(loop, runtime.agent, runtime.worker_id, config.lease_ms / 1000)
+    worker = DecodeWorker(loop, runtime.agent, runtime.worker_id, config.lease_ms / 1000,
+                          quarantine_s=config.quarantine_s,
+                          lease_check_interval_s=config.lease_check_interval_s)
     runtime.on_transfer_events(worker.on_transfer_events)
     runtime.attach_metrics(decode=lambda: worker.stats)
     worker.start()
@@ -40,11 +41,12 @@ async def serve(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="tandem decode", description=__doc__)
-    add_worker_args(parser)
-    args = parser.parse_args(argv)
+    flags = worker_flags()
+    flags.add_to(parser)
+    config = flags.parse(parser, argv, role=Role.DECODE)
     setup_logging()
     setup_tracing("tandem-decode")
-    asyncio.run(serve(args))
+    asyncio.run(serve(config))
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from opentelemetry.trace import SpanKind
 
 from cluster.errors import NoCapacity, UnknownRequest
+from cluster.worker_config import WorkerConfig
 from engine.engine import Engine, RequestOutput
 from engine.engine_loop import EngineLoop
 from engine.request import FinishReason
@@ -38,8 +39,6 @@ from kv_transfer.base import EventKind, KVTransferAgent, TransferEvent
 from observability.tracing import record_span, span
 
 log = logging.getLogger(__name__)
-
-LEASE_CHECK_INTERVAL_S = 0.1
 
 
 class TransferFailed(Exception):
@@ -84,12 +83,14 @@ class DecodeWorker:
     """The decode role over an `EngineLoop` and a transfer agent."""
 
     def __init__(self, loop: EngineLoop, agent: KVTransferAgent, worker_id: str,
-                 lease_s: float, quarantine_s: float = 5.0) -> None:
+                 lease_s: float, quarantine_s: float = WorkerConfig.quarantine_s,
+                 lease_check_interval_s: float = WorkerConfig.lease_check_interval_s) -> None:
         self.loop = loop
         self.agent = agent
         self.worker_id = worker_id
         self.lease_s = lease_s
         self.quarantine_s = quarantine_s
+        self.lease_check_interval_s = lease_check_interval_s
         self.stats = DecodeStats()
         self.reservations: dict[str, Reservation] = {}
         self._lease_task: asyncio.Task[None] | None = None
@@ -270,7 +271,7 @@ class DecodeWorker:
 
     async def _expire_leases(self) -> None:
         while True:
-            await asyncio.sleep(LEASE_CHECK_INTERVAL_S)
+            await asyncio.sleep(self.lease_check_interval_s)
             now = time.monotonic()
             expired = [r for r in self.reservations.values()
                        if not r.decoding and now >= r.lease_deadline]

@@ -6,7 +6,7 @@ Values found at run time (how many blocks fit) live on the objects that find the
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -25,22 +25,35 @@ class EngineConfig:
     tests shrink them.
     """
 
-    dtype: str = "float32"
-    device: str = "cpu"
-    block_size: int = 16
-    num_blocks: int | None = None
-    kv_cache_bytes: int | None = None
-    kv_cache_fraction: float = 0.5
-    max_num_seqs: int = 256  # requests decoded together in one step
-    max_num_batched_tokens: int = 8192  # token budget of one step (prefill chunking)
-    max_model_len: int | None = None  # default: the model's max_position_embeddings
-    enable_prefix_caching: bool = True
-    hash_seed: int = DEFAULT_HASH_SEED
-    num_threads: int | None = None  # torch intra-op threads on CPU (None: torch's default)
-    kv_layer_group: int | None = None  # layers per KV cache group (None: auto; engine/kv_cache.py)
-    # CPU only: memory for the dense K/V copy of a steady decode batch, on top of the KV cache
-    # (engine/kernels/decode_mirror.py); 0 turns it off
-    decode_mirror_bytes: int = 1 << 30
+    dtype: str = field(default="float32", metadata={
+        "help": "compute and KV dtype; default: the checkpoint's torch_dtype"})
+    device: str = field(default="cpu", metadata={"help": "torch device: cpu, cuda, cuda:1, ..."})
+    block_size: int = field(default=16, metadata={
+        "help": "tokens per KV cache block (a power of two); router and workers must agree"})
+    num_blocks: int | None = field(default=None, metadata={
+        "help": "KV cache blocks; unset: sized by kv_cache_bytes, else kv_cache_fraction"})
+    kv_cache_bytes: int | None = field(default=None, metadata={
+        "help": "KV cache size in bytes; unset: kv_cache_fraction of the free memory"})
+    kv_cache_fraction: float = field(default=0.5, metadata={
+        "help": "share of the device memory free at start given to the KV cache, in (0, 1]"})
+    max_num_seqs: int = field(default=256, metadata={
+        "help": "requests decoded together in one step"})
+    max_num_batched_tokens: int = field(default=8192, metadata={
+        "help": "token budget of one step (longer prompts are prefilled in chunks)"})
+    max_model_len: int | None = field(default=None, metadata={
+        "help": "longest prompt + completion; unset: the model's max_position_embeddings"})
+    enable_prefix_caching: bool = field(default=True, metadata={
+        "help": "reuse cached KV blocks of identical prompt prefixes"})
+    hash_seed: int = field(default=DEFAULT_HASH_SEED, metadata={
+        "help": "seed of the chained block hashes; router and workers must agree"})
+    num_threads: int | None = field(default=None, metadata={
+        "help": "torch intra-op threads on CPU; unset: torch's default"})
+    kv_layer_group: int | None = field(default=None, metadata={
+        "help": "layers per KV cache group, a divisor of the model's layer count; unset: auto "
+                "(engine/kv_cache.py); prefill and decode workers must agree"})
+    decode_mirror_bytes: int = field(default=1 << 30, metadata={
+        "help": "CPU only: memory for the dense K/V copy of a steady decode batch, on top of "
+                "the KV cache (engine/kernels/decode_mirror.py); 0 turns it off"})
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

@@ -8,7 +8,7 @@ import sys
 
 from cluster.grpc_server import ServiceBinding
 from cluster.roles import Role
-from cluster.worker_config import add_worker_args, worker_config_from_args
+from cluster.worker_config import WorkerConfig, worker_flags
 from cluster.worker_runtime import WorkerRuntime
 from cluster.worker_service import WorkerServicer
 from observability.logging_setup import setup_logging
@@ -18,8 +18,7 @@ from prefill_worker.worker import PrefillWorker
 from tandem_proto.tandem.v1 import prefill_pb2_grpc, worker_pb2_grpc
 
 
-async def serve(args: argparse.Namespace) -> None:
-    config = worker_config_from_args(Role.PREFILL, args)
+async def serve(config: WorkerConfig) -> None:
     runtime = WorkerRuntime(config)
     worker: PrefillWorker | None = None
 
@@ -28,7 +27,8 @@ async def serve(args: argparse.Namespace) -> None:
         worker.on_layer_done(layer, batch)  # type: ignore[arg-type]
 
     loop = runtime.start_engine(on_layer_done)
-    worker = PrefillWorker(loop, runtime.agent, runtime.worker_id)
+    worker = PrefillWorker(loop, runtime.agent, runtime.worker_id,
+                           transfer_timeout_s=config.transfer_timeout_s)
     runtime.on_transfer_events(worker.on_transfer_events)
     runtime.attach_metrics(prefill=lambda: worker.stats)
     await runtime.serve([
@@ -42,11 +42,12 @@ async def serve(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="tandem prefill", description=__doc__)
-    add_worker_args(parser)
-    args = parser.parse_args(argv)
+    flags = worker_flags()
+    flags.add_to(parser)
+    config = flags.parse(parser, argv, role=Role.PREFILL)
     setup_logging()
     setup_tracing("tandem-prefill")
-    asyncio.run(serve(args))
+    asyncio.run(serve(config))
 
 
 if __name__ == "__main__":

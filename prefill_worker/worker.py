@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from cluster.errors import HandshakeMismatch, InvalidRequest, TransferFailed
+from cluster.worker_config import WorkerConfig
 from engine.engine import Engine
 from engine.engine_loop import EngineLoop
 from engine.request import Request
@@ -74,7 +75,7 @@ class PrefillWorker:
     """The prefill role over an `EngineLoop` and a transfer agent."""
 
     def __init__(self, loop: EngineLoop, agent: KVTransferAgent, worker_id: str,
-                 transfer_timeout_s: float = 30.0) -> None:
+                 transfer_timeout_s: float = WorkerConfig.transfer_timeout_s) -> None:
         self.loop = loop
         self.agent = agent
         self.worker_id = worker_id

@@ -9,12 +9,11 @@ from cluster.grpc_server import ServiceBinding
 from cluster.process import ProcessOptions, serve_until_stopped
 from index.prefix_index import PrefixIndexReader
 from index.prefix_tail import PrefixIndexTail
-from index.redis_client import RedisConfig, connect
+from index.redis_client import connect
 from index.registry import WorkerRegistry
 from observability.logging_setup import setup_logging
 from observability.tracing import setup_tracing
-from router.clients import ClientTimeouts
-from router.config import RouterConfig, add_router_args, router_config_from_args
+from router.config import RouterConfig, router_flags
 from router.prefix import IndexSource, PrefixLookup, TailSource
 from router.router import Router
 from router.service import RouterServicer
@@ -23,16 +22,14 @@ from tandem_proto.tandem.v1 import router_pb2_grpc
 
 
 async def build_router(config: RouterConfig) -> Router:
-    redis_cfg = RedisConfig(url=config.redis_url, namespace=config.namespace)
+    redis_cfg = config.redis_config()
     redis = connect(redis_cfg)
-    timeouts = ClientTimeouts(rpc_s=config.rpc_timeout_s, status_s=config.status_timeout_s,
-                              cleanup_s=config.cleanup_timeout_s)
-    pool = WorkerPool(WorkerRegistry(redis, redis_cfg), config.block_size, config.hash_seed,
-                      timeouts, config.refresh_interval_s)
+    pool = WorkerPool(WorkerRegistry(redis, redis_cfg), config)
     await pool.start()
     source: IndexSource
     if config.prefix_index == "tail":
-        tail = TailSource(PrefixIndexTail(redis, redis_cfg), lambda: list(pool.workers))
+        tail = TailSource(PrefixIndexTail(redis, redis_cfg), lambda: list(pool.workers),
+                          config.tail_sync_interval_s, config.tail_stale_after_s)
         tail.start()
         source = tail
     else:
@@ -55,8 +52,9 @@ async def serve(config: RouterConfig) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="tandem router", description=__doc__)
-    add_router_args(parser)
-    config = router_config_from_args(parser.parse_args(argv))
+    flags = router_flags()
+    flags.add_to(parser)
+    config = flags.parse(parser, argv)
     setup_logging()
     setup_tracing("tandem-router")
     asyncio.run(serve(config))

@@ -1,84 +1,111 @@
-"""The router process's configuration, from flags or `TANDEM_*` environment variables."""
+"""The router process's configuration: every field is a flag and a `TANDEM_*` variable.
+
+`router_flags()` derives both from the fields (`cluster/settings.py`): `--policy` ↔
+`TANDEM_POLICY`, and so on; a flag wins over its variable.
+"""
 
 from __future__ import annotations
 
-import argparse
-import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 
+from cluster.settings import ConfigFlags
 from engine.block_hash import DEFAULT_HASH_SEED
+from index.redis_client import RedisConfig
 
 
 @dataclass(frozen=True)
 class RouterConfig:
     """How the router routes, queues and retries."""
 
-    model: str  # model directory: its tokenizer.json and config.json (no weights are read)
-    redis_url: str  # registry (where workers are) and prefix index
-    listen: str = "127.0.0.1:0"
-    namespace: str = "tandem"
-    policy: str = "kv_aware"  # round_robin | least_loaded | kv_aware
-    block_size: int = 16  # must match the workers' (checked against their status)
-    hash_seed: int = DEFAULT_HASH_SEED
-    max_inflight: int = 256  # requests being routed / streamed at once
-    max_queue: int = 1024  # requests waiting for an in-flight slot; beyond: RESOURCE_EXHAUSTED
-    queue_timeout_s: float = 30.0  # longest wait for a slot (or for decode capacity)
-    max_attempts: int = 3  # (prefill, decode) pairs tried before the first token
-    lease_ms: int = 30_000  # decode reservation lease
-    refresh_interval_s: float = 0.5  # worker list + status polling period
-    rpc_timeout_s: float = 60.0  # unary calls to workers (Reserve, Prefill)
-    index_retry_s: float = 1.0  # in degraded mode, how often Redis is tried again
-    default_max_tokens: int = 16
-    no_capacity_backoff_s: float = 0.05  # wait when every decode worker is out of KV blocks
-    cleanup_timeout_s: float = 5.0  # a best-effort Cancel of what a worker holds
-    status_timeout_s: float = 1.0  # one worker status poll
-    # "tail": an in-memory copy of the index fed by the workers' Redis streams (no Redis round
-    # trip per request); "pipelined": look each prompt up in Redis (python -m router.bench).
-    prefix_index: str = "tail"
-    metrics_listen: str = "127.0.0.1:0"  # host:port of /metrics ("" turns it off)
+    model: str = field(metadata={
+        "help": "model directory: its tokenizer.json and config.json (no weights are read)"})
+    redis_url: str = field(metadata={"help": "Redis of the worker registry and prefix index"})
+    listen: str = field(default="127.0.0.1:0", metadata={
+        "help": "gRPC host:port to serve on (port 0: any free port)"})
+    namespace: str = field(default="tandem", metadata={
+        "help": "Redis key prefix, so several clusters can share one Redis"})
+    policy: Literal["round_robin", "least_loaded", "kv_aware"] = field(
+        default="kv_aware", metadata={"help": "how a (prefill, decode) pair is chosen"})
+    block_size: int = field(default=16, metadata={
+        "help": "tokens per KV block; workers whose block size differs are not used"})
+    hash_seed: int = field(default=DEFAULT_HASH_SEED, metadata={
+        "help": "seed of the chained block hashes; workers whose seed differs are not used"})
+    max_inflight: int = field(default=256, metadata={
+        "help": "requests being routed or streamed at once"})
+    max_queue: int = field(default=1024, metadata={
+        "help": "requests waiting for an in-flight slot; beyond it: RESOURCE_EXHAUSTED"})
+    queue_timeout_s: float = field(default=30.0, metadata={
+        "help": "longest wait for an in-flight slot, or for decode capacity"})
+    max_attempts: int = field(default=3, metadata={
+        "help": "(prefill, decode) pairs tried before the first token"})
+    no_capacity_backoff_s: float = field(default=0.05, metadata={
+        "help": "when every decode worker is out of KV blocks, wait this long before asking "
+                "again"})
+    lease_ms: int = field(default=30_000, metadata={"help": "decode reservation lease"})
+    rpc_timeout_s: float = field(default=60.0, metadata={
+        "help": "deadline of the unary calls to workers (Reserve, Prefill)"})
+    cleanup_timeout_s: float = field(default=5.0, metadata={
+        "help": "deadline of the best-effort release and cancel calls to workers, and of "
+                "those still pending when the router stops"})
+    default_max_tokens: int = field(default=16, metadata={
+        "help": "max_tokens of a request that gives none"})
+    refresh_interval_s: float = field(default=0.5, metadata={
+        "help": "period of the worker list and status polls"})
+    status_timeout_s: float = field(default=1.0, metadata={
+        "help": "deadline of one worker status poll"})
+    worker_down_s: float = field(default=3.0, metadata={
+        "help": "a worker that failed a call or a status poll is skipped this long"})
+    worker_forget_after_s: float = field(default=10.0, metadata={
+        "help": "a worker missing from the registry this long is dropped"})
+    channel_close_delay_s: float = field(default=120.0, metadata={
+        "help": "a dropped worker's channel is closed this long later, once in-flight calls "
+                "have ended"})
+    prefix_index: Literal["tail", "pipelined"] = field(default="tail", metadata={
+        "help": "tail: an in-memory copy of the prefix index fed by the workers' Redis streams "
+                "(no Redis round trip per request); pipelined: look each prompt up in Redis"})
+    tail_sync_interval_s: float = field(default=0.005, metadata={
+        "help": "prefix_index tail: how often the copy reads the workers' streams"})
+    tail_stale_after_s: float = field(default=1.0, metadata={
+        "help": "prefix_index tail: a copy not synced for this long is stale, and the router "
+                "routes by load (degraded mode)"})
+    index_retry_s: float = field(default=1.0, metadata={
+        "help": "in degraded mode, how often the prefix index is tried again"})
+    redis_op_timeout_s: float = field(default=RedisConfig.op_timeout_s, metadata={
+        "help": "hard bound on one Redis operation (registry list, index lookup or sync)"})
+    metrics_listen: str = field(default="127.0.0.1:0", metadata={
+        "help": "host:port serving Prometheus /metrics (port 0: any free port; empty: off)"})
 
     def __post_init__(self) -> None:
         if not self.model:
             raise ValueError("model: --model (or TANDEM_MODEL) is required (for the tokenizer)")
         if not self.redis_url:
             raise ValueError("redis_url: --redis-url (or TANDEM_REDIS_URL) is required")
-        for name in ("max_inflight", "max_queue", "max_attempts", "block_size"):
+        for name in ("max_inflight", "max_queue", "max_attempts", "block_size", "lease_ms",
+                     "default_max_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        for name in ("queue_timeout_s", "rpc_timeout_s", "cleanup_timeout_s",
+                     "refresh_interval_s", "status_timeout_s", "tail_sync_interval_s",
+                     "tail_stale_after_s", "redis_op_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")
+        for name in ("no_capacity_backoff_s", "worker_down_s", "worker_forget_after_s",
+                     "channel_close_delay_s", "index_retry_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
         if self.policy not in ("round_robin", "least_loaded", "kv_aware"):
             raise ValueError(f"policy: unknown {self.policy!r}")
         if self.prefix_index not in ("tail", "pipelined"):
             raise ValueError(f"prefix_index: must be 'tail' or 'pipelined', "
                              f"got {self.prefix_index!r}")
 
-
-def _env(name: str, default: str) -> str:
-    return os.environ.get(f"TANDEM_{name.upper()}", default)
-
-
-def add_router_args(parser: argparse.ArgumentParser) -> None:
-    add = parser.add_argument
-    add("--model", default=_env("model", ""))
-    add("--redis-url", default=_env("redis_url", ""))
-    add("--listen", default=_env("listen", "127.0.0.1:0"))
-    add("--namespace", default=_env("namespace", "tandem"))
-    add("--policy", default=_env("policy", "kv_aware"),
-        choices=["round_robin", "least_loaded", "kv_aware"])
-    add("--block-size", type=int, default=int(_env("block_size", "16")))
-    add("--hash-seed", type=int, default=int(_env("hash_seed", str(DEFAULT_HASH_SEED))))
-    add("--max-inflight", type=int, default=int(_env("max_inflight", "256")))
-    add("--max-queue", type=int, default=int(_env("max_queue", "1024")))
-    add("--queue-timeout-s", type=float, default=float(_env("queue_timeout_s", "30")))
-    add("--lease-ms", type=int, default=int(_env("lease_ms", "30000")))
-    add("--prefix-index", default=_env("prefix_index", "tail"), choices=["tail", "pipelined"])
-    add("--metrics-listen", default=_env("metrics_listen", "127.0.0.1:0"),
-        help="host:port serving Prometheus /metrics (port 0: any free port; empty: off)")
+    def redis_config(self) -> RedisConfig:
+        """Where the registry and the prefix index live."""
+        return RedisConfig(url=self.redis_url, namespace=self.namespace,
+                           op_timeout_s=self.redis_op_timeout_s)
 
 
-def router_config_from_args(args: argparse.Namespace) -> RouterConfig:
-    return RouterConfig(
-        model=args.model, redis_url=args.redis_url, listen=args.listen,
-        namespace=args.namespace, policy=args.policy, block_size=args.block_size,
-        hash_seed=args.hash_seed, max_inflight=args.max_inflight, max_queue=args.max_queue,
-        queue_timeout_s=args.queue_timeout_s, lease_ms=args.lease_ms,
-        prefix_index=args.prefix_index, metrics_listen=args.metrics_listen)
+def router_flags() -> ConfigFlags[RouterConfig]:
+    """The flags of `tandem router`."""
+    return ConfigFlags(RouterConfig)

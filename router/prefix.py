@@ -18,6 +18,7 @@ from typing import Protocol
 from cluster.errors import IndexUnavailable
 from engine.block_hash import BlockHash
 from index.prefix_tail import PrefixIndexTail
+from router.config import RouterConfig
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,8 @@ class TailSource:
     raises IndexUnavailable when the last successful sync is older than `stale_after_s`."""
 
     def __init__(self, tail: PrefixIndexTail, workers: Callable[[], Collection[str]],
-                 sync_interval_s: float = 0.005, stale_after_s: float = 1.0) -> None:
+                 sync_interval_s: float = RouterConfig.tail_sync_interval_s,
+                 stale_after_s: float = RouterConfig.tail_stale_after_s) -> None:
         self.tail = tail
         self.workers = workers
         self.sync_interval_s = sync_interval_s
@@ -77,7 +79,8 @@ class TailSource:
 
 
 class PrefixLookup:
-    def __init__(self, reader: IndexSource, retry_s: float = 1.0) -> None:
+    def __init__(self, reader: IndexSource,
+                 retry_s: float = RouterConfig.index_retry_s) -> None:
         self.reader = reader
         self.retry_s = retry_s
         self.mode = IndexMode.EXACT

@@ -83,10 +83,10 @@ class Router:
         self._tasks: set[asyncio.Future[None]] = set()
 
     async def close(self) -> None:
-        """Lets pending cleanup calls finish (5 s at most), then stops the index tail and the
-        worker pool."""
+        """Lets pending cleanup calls finish (`cleanup_timeout_s` at most), then stops the
+        index tail and the worker pool."""
         if self._tasks:
-            await asyncio.wait(self._tasks, timeout=5.0)
+            await asyncio.wait(self._tasks, timeout=self.config.cleanup_timeout_s)
         await self.lookup.close()
         await self.pool.close()
 

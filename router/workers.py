@@ -3,7 +3,7 @@
 Every `refresh_interval_s` the pool lists the registry (keeping its last known list while
 Redis is unreachable, so routing goes on in degraded mode) and asks each worker for its
 `Status` (load, KV usage, compatibility hash, block size). A worker that fails a call or a
-status poll is marked down for a few seconds and is not routed to. Prefill/decode pairs whose
+status poll is marked down for `worker_down_s` and is not routed to. Prefill/decode pairs whose
 KV compatibility hashes differ are reported as pair errors and never chosen.
 """
 
@@ -21,14 +21,11 @@ from cluster.roles import Role
 from index.registry import WorkerRegistry
 from observability.grpc_tracing import client_interceptors
 from router.clients import ClientTimeouts, DecodeClient, PrefillClient, WorkerFailed
+from router.config import RouterConfig
 from router.load import WorkerLoad
 from tandem_proto.tandem.v1 import common_pb2
 
 log = logging.getLogger(__name__)
-
-DOWN_FOR_S = 3.0  # how long a failed worker is skipped before it is tried again
-FORGET_AFTER_S = 10.0  # a worker missing from the registry this long is dropped
-CLOSE_DELAY_S = 120.0  # a dropped worker's channel is closed after in-flight calls ended
 
 
 @dataclass
@@ -58,15 +55,15 @@ class WorkerHandle:
 
 
 class WorkerPool:
-    """Live workers by role, refreshed in the background."""
+    """Live workers by role, refreshed in the background (periods, timeouts and the block
+    size and hash seed workers must have: `config`)."""
 
-    def __init__(self, registry: WorkerRegistry, block_size: int, hash_seed: int,
-                 timeouts: ClientTimeouts, refresh_interval_s: float = 0.5) -> None:
+    def __init__(self, registry: WorkerRegistry, config: RouterConfig) -> None:
         self.registry = registry
-        self.timeouts = timeouts
-        self.block_size = block_size
-        self.hash_seed = hash_seed
-        self.refresh_interval_s = refresh_interval_s
+        self.config = config
+        self.timeouts = ClientTimeouts(rpc_s=config.rpc_timeout_s,
+                                       status_s=config.status_timeout_s,
+                                       cleanup_s=config.cleanup_timeout_s)
         self.workers: dict[str, WorkerHandle] = {}
         self.registry_ok = True
         self._task: asyncio.Task[None] | None = None
@@ -101,8 +98,9 @@ class WorkerPool:
     def mark_down(self, worker_id: str, why: str) -> None:
         handle = self.workers.get(worker_id)
         if handle is not None:
-            log.warning("worker %s marked down for %.0f s: %s", worker_id, DOWN_FOR_S, why)
-            handle.down_until = time.monotonic() + DOWN_FOR_S
+            down_s = self.config.worker_down_s
+            log.warning("worker %s marked down for %.0f s: %s", worker_id, down_s, why)
+            handle.down_until = time.monotonic() + down_s
             handle.last_error = why
 
     def incompatible_pairs(self) -> dict[tuple[str, str], str]:
@@ -126,11 +124,12 @@ class WorkerPool:
         status = handle.status
         if status is None:
             return False
-        ok = status.block_size == self.block_size and status.hash_seed == self.hash_seed
+        want = self.config
+        ok = status.block_size == want.block_size and status.hash_seed == want.hash_seed
         if not ok:
             handle.last_error = (f"block size {status.block_size} / hash seed {status.hash_seed}"
-                                 f" differ from the router's {self.block_size} / "
-                                 f"{self.hash_seed}")
+                                 f" differ from the router's {want.block_size} / "
+                                 f"{want.hash_seed}")
         return ok
 
     async def refresh(self) -> None:
@@ -154,7 +153,7 @@ class WorkerPool:
                 # worker has not re-registered yet. Keep it (routable while its status polls
                 # succeed) until it has been missing for a while.
                 handle.missing_since = handle.missing_since or now
-                if now - handle.missing_since > FORGET_AFTER_S:
+                if now - handle.missing_since > self.config.worker_forget_after_s:
                     self._remove(worker_id)
         except IndexUnavailable as error:
             if self.registry_ok:
@@ -169,7 +168,7 @@ class WorkerPool:
             worker_id, channel, self.timeouts)
         old = self.workers.get(worker_id)
         if old is not None:  # re-registered at a new address: the old channel is useless
-            self._track(asyncio.ensure_future(_close_later(old.channel)))
+            self._track(asyncio.ensure_future(self._close_later(old.channel)))
         self.workers[worker_id] = WorkerHandle(worker_id, role, address, channel, client)
         log.info("worker %s (%s) at %s joined", worker_id, role.value, address)
 
@@ -181,7 +180,7 @@ class WorkerPool:
         handle = self.workers.pop(worker_id)
         log.info("worker %s left the registry", worker_id)
         # calls still running on the channel finish or fail on their own deadlines
-        self._track(asyncio.ensure_future(_close_later(handle.channel)))
+        self._track(asyncio.ensure_future(self._close_later(handle.channel)))
 
     async def _poll(self, handle: WorkerHandle) -> None:
         try:
@@ -195,16 +194,15 @@ class WorkerPool:
 
     async def _run(self) -> None:
         while True:
-            await asyncio.sleep(self.refresh_interval_s)
+            await asyncio.sleep(self.config.refresh_interval_s)
             try:
                 await self.refresh()
             except Exception:
                 log.exception("refreshing workers")
 
-
-async def _close_later(channel: aio.Channel) -> None:
-    await asyncio.sleep(CLOSE_DELAY_S)
-    await channel.close()
+    async def _close_later(self, channel: aio.Channel) -> None:
+        await asyncio.sleep(self.config.channel_close_delay_s)
+        await channel.close()
 
 
 def layout_mismatch(prefill: common_pb2.WorkerStatus, decode: common_pb2.WorkerStatus) -> str:
