@@ -25,7 +25,7 @@ class EngineConfig:
     tests shrink them.
     """
 
-    dtype: str = "float32"
+    dtype: str | None = None  # float32 | bfloat16 | float16; None: the checkpoint's own dtype
     device: str = "cpu"
     block_size: int = 16
     num_blocks: int | None = None
@@ -43,8 +43,8 @@ class EngineConfig:
     decode_mirror_bytes: int = 1 << 30
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype: must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ValueError(f"dtype: must be one of {sorted(DTYPES)} or unset, got {self.dtype!r}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size: must be a power of two, got {self.block_size}")
         if self.num_blocks is not None and self.num_blocks < 1:
@@ -64,7 +64,3 @@ class EngineConfig:
             raise ValueError(f"decode_mirror_bytes: must be >= 0, got {self.decode_mirror_bytes}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len: must be >= 2, got {self.max_model_len}")
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
