@@ -41,8 +41,7 @@ class WorkerRuntime:
         self.config = config
         self.worker_id = config.id
         self.engine = Engine(config.model, config.engine)
-        spec = KVLayoutSpec.from_cache_shape(self.engine.cache_shape,
-                                             self.engine.model_config.name)
+        spec = KVLayoutSpec.from_cache_shape(self.engine.cache_shape, self.engine.model_id)
         self.agent: KVTransferAgent = create_agent(spec, config.transfer_config())
         self.agent.register_cache(self.engine.runner.kv_cache)
         self.loop: EngineLoop | None = None

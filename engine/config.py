@@ -8,11 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
-
 from engine.block_hash import DEFAULT_HASH_SEED
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from engine.weights import DTYPES
 
 
 @dataclass(frozen=True)
@@ -25,8 +22,9 @@ class EngineConfig:
     tests shrink them.
     """
 
-    dtype: str = field(default="float32", metadata={
-        "help": "compute and KV dtype; default: the checkpoint's torch_dtype"})
+    dtype: str | None = field(default=None, metadata={
+        "help": "compute and KV dtype: float32, bfloat16 or float16; unset: the checkpoint's "
+                "own (config.json torch_dtype / dtype)"})
     device: str = field(default="cpu", metadata={"help": "torch device: cpu, cuda, cuda:1, ..."})
     block_size: int = field(default=16, metadata={
         "help": "tokens per KV cache block (a power of two); router and workers must agree"})
@@ -56,8 +54,9 @@ class EngineConfig:
                 "the KV cache (engine/kernels/decode_mirror.py); 0 turns it off"})
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype: must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ValueError(f"dtype: must be one of {sorted(DTYPES)} or unset, "
+                             f"got {self.dtype!r}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size: must be a power of two, got {self.block_size}")
         if self.num_blocks is not None and self.num_blocks < 1:
@@ -77,7 +76,3 @@ class EngineConfig:
             raise ValueError(f"decode_mirror_bytes: must be >= 0, got {self.decode_mirror_bytes}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len: must be >= 2, got {self.max_model_len}")
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from engine.block_manager import Allocation, BlockManager
+from engine.checkpoint_id import checkpoint_identity
 from engine.config import EngineConfig
 from engine.cpu_features import compute_dtype
 from engine.errors import DuplicateRequest, InvalidInput
@@ -32,7 +33,7 @@ from engine.request import FinishReason, Request, RequestStatus
 from engine.sampler import sample
 from engine.sampling import SamplingParams
 from engine.scheduler import ScheduledBatch, Scheduler
-from engine.weights import iter_weights
+from engine.weights import iter_weights, resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,12 @@ class Engine:
         self.config = config or EngineConfig()
         self.model_config = ModelConfig.from_dir(model_dir)
         mc, cfg = self.model_config, self.config
+        # the checkpoint's dtype unless configured: of the weights as loaded and the KV cache
+        self.dtype = resolve_dtype(cfg.dtype, mc.dtype)
+        # content, not folder name: peers with the same id may exchange KV (engine.checkpoint_id)
+        self.model_id = checkpoint_identity(model_dir)
+        log.info("model %s is %s, running in %s", model_dir, self.model_id,
+                 str(self.dtype).removeprefix("torch."))
         if cfg.num_threads is not None:
             torch.set_num_threads(cfg.num_threads)
         self.device = torch.device(cfg.device)
@@ -90,18 +97,18 @@ class Engine:
             keep_freed_memory()  # no page faults on every step's activations
         self.max_model_len = min(cfg.max_model_len or mc.max_position_embeddings,
                                  mc.max_position_embeddings)
-        model = LlamaModel(mc, cfg.torch_dtype, self.max_model_len)
+        model = LlamaModel(mc, self.dtype, self.max_model_len)
         model.decode_mirror.max_bytes = cfg.decode_mirror_bytes
-        model.load_weights(iter_weights(model_dir, cfg.torch_dtype))
+        model.load_weights(iter_weights(model_dir, self.dtype))
         model.to(self.device)
         # bf16 on a CPU without bf16 matmuls computes in float32 (engine.cpu_features): widen
         # the weights now, before the KV cache is sized from the memory that is left
-        compute = compute_dtype(cfg.torch_dtype, self.device)
+        compute = compute_dtype(self.dtype, self.device)
         if compute != model.compute_dtype:
             model.use_compute_dtype(compute)
         self.num_blocks = self._num_blocks()
         self.cache_shape = CacheShape.for_model(mc, self.num_blocks, cfg.block_size,
-                                                cfg.torch_dtype, cfg.kv_layer_group)
+                                                self.dtype, cfg.kv_layer_group)
         kv_cache = allocate_kv_cache(self.cache_shape, self.device)
         self.block_manager = BlockManager(self.num_blocks, cfg.block_size,
                                           cfg.enable_prefix_caching)
@@ -368,7 +375,7 @@ class Engine:
         else:
             budget = min(int(_available_host_memory() * cfg.kv_cache_fraction),
                          CPU_CACHE_CAP_BYTES)
-        blocks = blocks_for_budget(mc, cfg.block_size, cfg.torch_dtype, budget)
+        blocks = blocks_for_budget(mc, cfg.block_size, self.dtype, budget)
         if blocks < 1:
             raise ValueError(f"kv_cache_bytes: {budget} bytes hold no KV block of this model")
         return blocks

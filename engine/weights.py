@@ -38,6 +38,24 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return DTYPES[name]
 
 
+def resolve_dtype(configured: str | None, checkpoint: str | None) -> torch.dtype:
+    """The dtype an engine runs a checkpoint in: `configured` when given, else the checkpoint's
+    own (config.json's `torch_dtype` / `dtype`: `ModelConfig.dtype`), else float32.
+
+    Raises ValueError naming `dtype` when the checkpoint's dtype is one the engine cannot run
+    (e.g. float8): then `dtype` must be configured.
+    """
+    if configured is not None:
+        return parse_dtype(configured)
+    if checkpoint is None:
+        return torch.float32
+    name = checkpoint.removeprefix("torch.")
+    if name not in DTYPES:
+        raise ValueError(f"dtype: the checkpoint's dtype {checkpoint!r} (config.json) is not one "
+                         f"the engine runs; set dtype to one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
 def weight_files(model_dir: str | Path) -> dict[Path, list[str]]:
     """Each safetensors file of the checkpoint → the tensor names it holds, in shard order.
 

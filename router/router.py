@@ -264,6 +264,7 @@ class Router:
                          stops.matched)
 
         released = False  # the decode worker ended the request itself: nothing to cancel
+        final: Delta | None = None
         try:
             text, stopped = stops.push([bound.first.token_id])
             if stopped:
@@ -273,20 +274,28 @@ class Router:
             completion = 1
             async with decode.stream(bound.attempt_id, bound.first.token_id) as chunks:
                 async for chunk in chunks:
+                    if final is not None:
+                        break  # nothing may follow a finish reason
                     completion += len(chunk.token_ids)
                     text, stopped = stops.push(chunk.token_ids)
-                    if not stopped and chunk.finish_reason is None:
-                        if chunk.token_ids:
-                            yield Delta(chunk.token_ids, text)
-                        continue
-                    released = chunk.finish_reason is not None
-                    yield last(chunk.token_ids, text + ("" if stopped else stops.flush()),
-                               "stop" if stopped else str(chunk.finish_reason), completion)
-                    return
-            raise NoWorker(f"decode worker {decode.worker_id} ended the stream early")
+                    if stopped:
+                        final = last(chunk.token_ids, text, "stop", completion)
+                        break  # leaving the stream cancels what the worker would still send
+                    if chunk.finish_reason is not None:
+                        released = True  # read on: the call (and its span) ends cleanly
+                        final = last(chunk.token_ids, text + stops.flush(),
+                                     chunk.finish_reason, completion)
+                    elif chunk.token_ids:
+                        yield Delta(chunk.token_ids, text)
+            if final is None:
+                raise NoWorker(f"decode worker {decode.worker_id} ended the stream early")
+            yield final
         except WorkerFailed as failed:
             if failed.down:
                 self.pool.mark_down(decode.worker_id, f"decode stream: {failed.code.name}")
+            if final is not None:  # it failed after the last message: the request is whole
+                yield final
+                return
             raise NoWorker(f"decode worker {decode.worker_id} failed mid-request: "
                            f"{failed.code.name}: {failed}") from None
         finally:

@@ -17,9 +17,13 @@ def hf_model(model_dir: Path, dtype: torch.dtype = torch.float32) -> transformer
 
 
 def hf_greedy(model_dir: Path, prompt: list[int], max_new_tokens: int) -> list[int]:
-    """transformers `generate`, greedy, never stopping early (no EOS)."""
-    config = GenerationConfig(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
-                              do_sample=False, eos_token_id=None, pad_token_id=0)
+    """transformers `generate`, greedy, never stopping early (no EOS).
+
+    `eos_token_id=[]`, not None: None lets transformers take the checkpoint's EOS, and then
+    `min_new_tokens` would mask it out of the logits: not greedy wherever EOS is the argmax.
+    """
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False,
+                              eos_token_id=[], pad_token_id=0)
     with torch.inference_mode():
         model = hf_model(model_dir)
         out = model.generate(torch.tensor([prompt]), generation_config=config)  # type: ignore[operator]

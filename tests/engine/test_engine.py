@@ -1,7 +1,10 @@
-"""The aggregated engine end to end: greedy tokens identical to transformers `generate`."""
+"""The aggregated engine end to end: greedy tokens identical to transformers `generate`, in the
+dtype the checkpoint or the config says."""
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -11,6 +14,8 @@ from engine.config import EngineConfig
 from engine.engine import Engine, RequestOutput
 from engine.request import FinishReason
 from engine.sampling import SamplingParams
+from engine.tiny_model import make_tiny_model
+from kv_transfer.spec import KVLayoutSpec
 from tests.engine.hf_reference import hf_greedy
 
 NEW = 12
@@ -146,6 +151,45 @@ def test_bfloat16_engine_runs_and_mostly_agrees(tiny_llama: Path) -> None:
     tokens = make_engine(tiny_llama, dtype="bfloat16").generate([prompt], GREEDY)[0]
     assert len(tokens) == NEW
     assert tokens[:2] == hf_greedy(tiny_llama, prompt, NEW)[:2]
+
+
+def _with_config(src: Path, dst: Path, **fields: object) -> Path:
+    """A copy of a checkpoint with config.json fields replaced (None: removed)."""
+    model_dir = Path(shutil.copytree(src, dst))
+    raw = json.loads((model_dir / "config.json").read_text())
+    raw.update(fields)
+    raw = {k: v for k, v in raw.items() if v is not None}
+    (model_dir / "config.json").write_text(json.dumps(raw))
+    return model_dir
+
+
+def test_engine_runs_in_the_checkpoints_dtype_unless_configured(
+        tiny_llama: Path, tmp_path: Path) -> None:
+    bf16 = make_tiny_model(tmp_path / "bf16", seed=1, dtype="bfloat16")
+    undeclared = _with_config(tiny_llama, tmp_path / "undeclared", torch_dtype=None)
+    v5 = _with_config(bf16, tmp_path / "v5", torch_dtype=None, dtype="bfloat16")
+    for model_dir, configured, expected in [
+        (bf16, None, torch.bfloat16), (v5, None, torch.bfloat16),
+        (bf16, "float32", torch.float32), (tiny_llama, None, torch.float32),
+        (undeclared, None, torch.float32), (tiny_llama, "bfloat16", torch.bfloat16),
+    ]:
+        engine = make_engine(model_dir, dtype=configured)
+        assert engine.dtype == expected, (model_dir.name, configured)
+        assert engine.cache_shape.dtype == engine.runner.kv_cache.dtype == expected
+        assert engine.runner.model.dtype == expected
+        spec = KVLayoutSpec.from_cache_shape(engine.cache_shape, engine.model_id)
+        assert spec.dtype == str(expected).removeprefix("torch.")
+    prompt = random_prompt(25, 61)  # a bf16 checkpoint run as is mostly agrees with float32
+    tokens = make_engine(bf16).generate([prompt], GREEDY)[0]
+    assert tokens[:2] == make_engine(bf16, dtype="float32").generate([prompt], GREEDY)[0][:2]
+
+
+def test_a_checkpoint_dtype_the_engine_cannot_run_is_named(tiny_llama: Path,
+                                                          tmp_path: Path) -> None:
+    fp8 = _with_config(tiny_llama, tmp_path / "fp8", torch_dtype="float8_e4m3fn")
+    with pytest.raises(ValueError, match="^dtype: the checkpoint's dtype 'float8_e4m3fn'"):
+        make_engine(fp8)
+    assert make_engine(fp8, dtype="float32").dtype == torch.float32
 
 
 def test_decode_mirror_off_gives_the_same_tokens(tiny_llama: Path) -> None:

@@ -18,6 +18,7 @@ from engine.weights import (
     iter_weights,
     load_state_dict,
     parse_dtype,
+    resolve_dtype,
     weight_files,
 )
 
@@ -77,6 +78,24 @@ def test_rejects_unsupported_dtype(single: Path) -> None:
             parse_dtype(bad)
     with pytest.raises(ValueError, match="float64"):
         next(iter_weights(single, "float64"))
+
+
+@pytest.mark.parametrize(("configured", "checkpoint", "expected"), [
+    (None, "bfloat16", torch.bfloat16),  # the checkpoint's own
+    (None, "torch.float16", torch.float16),
+    (None, None, torch.float32),  # config.json names no dtype
+    ("float32", "bfloat16", torch.float32),  # configured wins
+    ("bfloat16", "float8_e4m3fn", torch.bfloat16),  # even over one the engine cannot run
+])
+def test_resolve_dtype(configured: str | None, checkpoint: str | None,
+                       expected: torch.dtype) -> None:
+    assert resolve_dtype(configured, checkpoint) == expected
+
+
+def test_resolve_dtype_refuses_a_checkpoint_dtype_it_cannot_run() -> None:
+    for checkpoint in ("float8_e4m3fn", "int8", "auto"):
+        with pytest.raises(ValueError, match=f"^dtype: the checkpoint's dtype '{checkpoint}'"):
+            resolve_dtype(None, checkpoint)
 
 
 def test_no_weights_names_the_files(tmp_path: Path) -> None:
