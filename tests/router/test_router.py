@@ -21,6 +21,7 @@ from index.redis_client import RedisConfig, connect
 from index.registry import WorkerRegistry
 from router.__main__ import build_router
 from router.config import RouterConfig
+from router.prefix import TailSource
 from router.request import Delta, GenerateInput
 from router.router import Router
 from tests.router.fakes import FIRST_TOKEN, FakeDecode, FakePrefill, Script, serve
@@ -192,3 +193,14 @@ async def test_request_ids_outside_the_safe_alphabet_are_refused(
         with pytest.raises(InvalidRequest, match=message):
             await collect(cluster.router, request(request_id))
         assert cluster.decode[0].calls["reserve"] == 0
+
+
+async def test_closing_the_router_stops_its_index_tail(redis: LocalRedisServer,
+                                                      tiny_llama: Path) -> None:
+    router = await build_router(RouterConfig(model=str(tiny_llama), redis_url=redis.url,
+                                             namespace="tail-stop", prefix_index="tail"))
+    source = router.lookup.reader
+    assert isinstance(source, TailSource) and source._task is not None
+    task = source._task
+    await router.close()
+    assert task.done() and source._task is None
