@@ -26,7 +26,6 @@ from prometheus_client import CollectorRegistry
 
 from cluster.convert import sampling_to_pb
 from cluster.errors import AlreadyRunning, NoCapacity, NoWorker
-from cluster.grpc_errors import status_for
 from cluster.roles import Role
 from engine.block_hash import BlockHash, hash_prompt_blocks
 from engine.model_config import ModelConfig
@@ -38,6 +37,7 @@ from router.clients import FirstToken, PairFailed, WorkerFailed, WorkerFull
 from router.config import RouterConfig
 from router.decide import PREFIX_POLICIES, Decider
 from router.load import Assignment, InFlightTracker, Route
+from router.measure import measured
 from router.pair_health import PairHealth
 from router.policies import Policy, make_policy
 from router.prefix import PrefixLookup
@@ -94,34 +94,9 @@ class Router:
         """Pairs never to pick now, with why: incompatible KV layouts, or failing transfers."""
         return {**self.pair_health.broken(), **self.pool.incompatible_pairs()}
 
-    async def generate(self, request: GenerateInput) -> AsyncIterator[Delta]:
-        """Streams a request's deltas; records its metrics whatever ends it."""
-        self.metrics.request_started()
-        started = last_at = time.perf_counter()
-        ttft: float | None = None
-        outcome, usage = "cancelled", None
-        try:
-            async for delta in self._generate(request):
-                now = time.perf_counter()
-                if ttft is None:
-                    ttft = now - started
-                    self.metrics.first_token(ttft)
-                elif delta.token_ids:
-                    self.metrics.inter_token((now - last_at) / len(delta.token_ids))
-                last_at = now
-                if delta.finish_reason is not None:
-                    outcome, usage = delta.finish_reason, delta.usage
-                yield delta
-        except Exception as error:
-            outcome = status_for(error)[0].name
-            raise
-        finally:
-            self.stats.outcomes[outcome] += 1
-            self.metrics.request_finished(
-                outcome, time.perf_counter() - started,
-                prompt_tokens=usage.prompt_tokens if usage else 0,
-                generation_tokens=usage.completion_tokens if usage else 0,
-                cached_tokens=usage.cached_tokens if usage else 0, ttft_seconds=ttft)
+    def generate(self, request: GenerateInput) -> AsyncIterator[Delta]:
+        """Streams a request's deltas, its metrics recorded whatever ends it."""
+        return measured(self._generate(request), self.metrics, self.stats.outcomes)
 
     async def _generate(self, request: GenerateInput) -> AsyncIterator[Delta]:
         prompt = await self.validator.prompt_ids(request)
