@@ -16,6 +16,9 @@ A request's life here:
 Blocks of a request released before its KV completed are kept out of use for
 `quarantine_s`, so a write still in flight from the prefill side cannot land in blocks that
 already belong to another request.
+
+The lease checker and every delayed quarantine release are background tasks held in
+`BackgroundTasks` (kept, failures logged); `stop()` cancels and awaits them.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from dataclasses import dataclass, field
 
 from opentelemetry.trace import SpanKind
 
+from cluster.background import BackgroundTasks
 from cluster.errors import NoCapacity, UnknownRequest
 from engine.engine import Engine, RequestOutput
 from engine.engine_loop import EngineLoop
@@ -92,14 +96,15 @@ class DecodeWorker:
         self.quarantine_s = quarantine_s
         self.stats = DecodeStats()
         self.reservations: dict[str, Reservation] = {}
-        self._lease_task: asyncio.Task[None] | None = None
+        self.tasks = BackgroundTasks(f"decode worker {worker_id}")
 
     def start(self) -> None:
-        self._lease_task = asyncio.create_task(self._expire_leases())
+        self.tasks.spawn(self._expire_leases(), "lease expiry")
 
     async def stop(self) -> None:
-        if self._lease_task is not None:
-            self._lease_task.cancel()
+        """Cancels and awaits the background tasks (pending quarantine releases included:
+        the blocks go with the process)."""
+        await self.tasks.close()
 
     # ---- reserve -------------------------------------------------------------------------
 
@@ -263,10 +268,13 @@ class DecodeWorker:
                 engine.quarantine(request_id)
 
         await self.loop.call(release)
-        if not kv_complete and self.quarantine_s > 0:
-            asyncio.get_running_loop().call_later(
-                self.quarantine_s, lambda: asyncio.ensure_future(
-                    self.loop.call(lambda e: e.release_quarantined(request_id))))
+        if not kv_complete and self.quarantine_s > 0 and not self.tasks.closed:
+            self.tasks.spawn(self._release_quarantined(request_id),
+                             f"quarantine release {request_id}")
+
+    async def _release_quarantined(self, request_id: str) -> None:
+        await asyncio.sleep(self.quarantine_s)
+        await self.loop.call(lambda e: e.release_quarantined(request_id))
 
     async def _expire_leases(self) -> None:
         while True:

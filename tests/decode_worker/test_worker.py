@@ -92,3 +92,47 @@ async def test_decode_of_an_unknown_request_is_not_found(worker: DecodeWorker) -
     with pytest.raises(UnknownRequest, match="holds no reservation"):
         async for _ in worker.decode("never-reserved", 5):
             pass
+
+
+async def test_quarantine_release_is_a_kept_task_that_frees_the_blocks(
+        worker: DecodeWorker) -> None:
+    import gc
+
+    await worker.reserve("q", PROMPT, SamplingParams())
+    assert await worker.cancel("q", "router released")  # KV never came: quarantined
+    assert await free_blocks(worker) < 32
+    assert len(worker.tasks) == 2  # the lease checker and this release
+    gc.collect()  # the release task must survive a collection (asyncio holds it weakly)
+    for _ in range(50):
+        if await free_blocks(worker) == 32:
+            break
+        await asyncio.sleep(0.05)
+    assert await free_blocks(worker) == 32
+    assert len(worker.tasks) == 1
+
+
+async def test_a_failed_quarantine_release_is_logged(worker: DecodeWorker,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    await worker.reserve("q", PROMPT, SamplingParams())
+    with caplog.at_level(logging.ERROR, logger="cluster.background"):
+        assert await worker.cancel("q", "router released")
+        worker.loop.fatal = RuntimeError("engine gone")  # the engine dies meanwhile
+        try:
+            for _ in range(50):
+                if len(worker.tasks) == 1:
+                    break
+                await asyncio.sleep(0.05)
+        finally:
+            worker.loop.fatal = None
+    assert len(worker.tasks) == 1  # the release ended ...
+    assert "quarantine release q" in caplog.text and "engine gone" in caplog.text  # ... loudly
+
+
+async def test_stop_cancels_pending_releases(worker: DecodeWorker) -> None:
+    await worker.reserve("q", PROMPT, SamplingParams())
+    await worker.cancel("q", "router released")
+    assert len(worker.tasks) == 2
+    await worker.stop()
+    assert len(worker.tasks) == 0 and worker.tasks.closed
