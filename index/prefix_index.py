@@ -78,7 +78,8 @@ class PrefixIndexWriter:
         # Exported by the worker (tandem_prefix_index_{republishes,publish_failures}_total):
         self.republishes = 0  # full-state publishes: at start, then each means Redis lost
         # (or may have lost) this worker's state
-        self.publish_failures = 0  # publishes and re-publishes Redis did not take
+        self.publish_failures = 0  # publishes, re-publishes and epoch checks Redis did not
+        # answer (while it is down, `run()` fails one every `retry_interval_s`)
 
     # -- event intake (called by the engine; never blocks) -------------------------------
 
@@ -152,8 +153,12 @@ class PrefixIndexWriter:
         it re-published. Raises IndexUnavailable."""
         async with self._lock:
             if not self._dirty:
-                async with bounded("get epoch", self._config.op_timeout_s):
-                    epoch = _as_bytes(await self._redis.get(self._keys.epoch))
+                try:
+                    async with bounded("get epoch", self._config.op_timeout_s):
+                        epoch = _as_bytes(await self._redis.get(self._keys.epoch))
+                except IndexUnavailable:
+                    self.publish_failures += 1
+                    raise
                 if epoch == self._epoch:
                     return False
                 logger.warning("prefix index: epoch %r gone (now %r); re-publishing %s",

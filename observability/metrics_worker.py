@@ -340,8 +340,8 @@ class _WorkerCollector(Collector):
                         "did not reach Redis (the worker drops out of routing once its record "
                         "expires).", c.heartbeat_failures)
         yield f.counter("tandem_prefix_index_publish_failures_total", "Prefix-index publishes "
-                        "Redis did not take (the worker re-publishes its whole state once it "
-                        "answers).", c.publish_failures)
+                        "(and epoch checks between them) Redis did not answer; the worker "
+                        "re-publishes its whole state once it answers.", c.publish_failures)
         yield f.counter("tandem_prefix_index_republishes_total", "Full prefix-index state "
                         "publishes: one at start, then one each time Redis lost (or may have "
                         "lost) the worker's state.", c.republishes)
