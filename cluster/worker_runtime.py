@@ -4,7 +4,8 @@ The engine on its own thread (`EngineLoop`), the KV transfer agent registered on
 cache, the gRPC server (health, reflection, error mapping), and — when a Redis URL is given —
 the registry heartbeat and the prefix-index writer fed by the block manager's events. The
 engine thread polls the transfer agent and drains block events between steps and hands them
-to the event loop; nothing here blocks the loop.
+to the event loop; nothing here blocks the loop. Its background tasks (the index writer, the
+engine watch) are kept in `BackgroundTasks`: failures logged, cancelled and awaited on close.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
+from cluster.background import BackgroundTasks
 from cluster.grpc_server import ServiceBinding
 from cluster.process import ProcessOptions, serve_until_stopped
 from cluster.worker_config import WorkerConfig
@@ -29,7 +31,7 @@ from index.registry import Heartbeat, LoadReport, WorkerRecord, WorkerRegistry
 from kv_transfer.base import KVTransferAgent, TransferEvent
 from kv_transfer.registry import create_agent
 from kv_transfer.spec import KVLayoutSpec
-from observability.metrics_worker import WorkerMetrics, WorkerSources
+from observability.metrics_worker import IndexCounts, WorkerMetrics, WorkerSources
 
 log = logging.getLogger(__name__)
 
@@ -46,13 +48,14 @@ class WorkerRuntime:
         self.agent.register_cache(self.engine.runner.kv_cache)
         self.loop: EngineLoop | None = None
         self.writer: PrefixIndexWriter | None = None
+        self.heartbeat: Heartbeat | None = None
         self.started_ms = int(time.time() * 1000)
         self.address = ""  # host:port peers dial, known once serving
         self.registry = CollectorRegistry()
         self.queued_prompt_blocks = 0  # set by the engine thread between steps
         self._aio: asyncio.AbstractEventLoop | None = None
         self._transfer_listeners: list[Callable[[list[TransferEvent]], None]] = []
-        self._tasks: list[asyncio.Task[Any]] = []
+        self.tasks = BackgroundTasks(f"{config.role.value} worker {self.worker_id}")
         self._stopping = asyncio.Event()
 
     # ---- wiring --------------------------------------------------------------------------
@@ -99,10 +102,20 @@ class WorkerRuntime:
         metrics = WorkerMetrics(self.registry, self.config.role.value, self.worker_id,
                                 WorkerSources.from_engine(self.engine,
                                                           transfer=self.agent.stats.snapshot,
-                                                          decode=decode, prefill=prefill))
+                                                          decode=decode, prefill=prefill,
+                                                          index=self.index_counts))
         self.loop.on_step = lambda step: metrics.step(step.seconds, step.prefill_tokens,
                                                       step.decode_seqs, step.batch_size)
         return metrics
+
+    def index_counts(self) -> IndexCounts:
+        """The Redis fallbacks so far: failed heartbeats, failed and full publishes (zeros
+        when this worker runs without Redis)."""
+        writer, heartbeat = self.writer, self.heartbeat
+        return IndexCounts(
+            heartbeat_failures=heartbeat.failures if heartbeat is not None else 0,
+            publish_failures=writer.publish_failures if writer is not None else 0,
+            republishes=writer.republishes if writer is not None else 0)
 
     def load(self) -> LoadReport:
         """Approximate, lock-free read of the engine's load (ints read from another thread)."""
@@ -121,27 +134,25 @@ class WorkerRuntime:
         """Serves `services` (see `cluster.process`): registers with Redis once serving,
         deregisters first when stopping; a dead engine stops the process."""
         cfg = self.config
-        heartbeat: Heartbeat | None = None
 
         async def started(address: str) -> None:
-            nonlocal heartbeat
             self.address = address
             if cfg.redis_url:
                 redis_cfg = cfg.redis_config()
                 redis = connect(redis_cfg)
                 self.writer = PrefixIndexWriter(redis, redis_cfg, self.worker_id)
                 registry = WorkerRegistry(redis, redis_cfg, ttl_s=cfg.heartbeat_ttl_s)
-                heartbeat = Heartbeat(registry, lambda: WorkerRecord(
+                self.heartbeat = Heartbeat(registry, lambda: WorkerRecord(
                     worker_id=self.worker_id, role=cfg.role, address=address,
                     transfer_metadata=self.agent.metadata().encode(), load=self.load(),
                     started_unix_ms=self.started_ms))
-                self._tasks.append(asyncio.create_task(self._run_writer()))
-                await heartbeat.start()
-            self._tasks.append(asyncio.create_task(self._watch_engine()))
+                self.tasks.spawn(self._run_writer(), "prefix index writer")
+                await self.heartbeat.start()
+            self.tasks.spawn(self._watch_engine(), "engine watch")
 
         async def stopping() -> None:
-            if heartbeat is not None:
-                await heartbeat.stop(deregister=True)
+            if self.heartbeat is not None:
+                await self.heartbeat.stop(deregister=True)
 
         options = ProcessOptions(
             name=f"{cfg.role.value} worker {self.worker_id}", listen=cfg.listen,
@@ -164,8 +175,9 @@ class WorkerRuntime:
         self._stopping.set()
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
+        """Stops the background tasks, takes this worker out of the prefix index, stops the
+        engine thread and the transfer agent."""
+        await self.tasks.close()
         if self.writer is not None:
             try:
                 await asyncio.wait_for(self.writer.remove(), timeout=1.0)

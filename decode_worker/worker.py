@@ -16,6 +16,9 @@ A request's life here:
 Blocks of a request released before its KV completed are kept out of use for
 `quarantine_s`, so a write still in flight from the prefill side cannot land in blocks that
 already belong to another request.
+
+The lease checker and every delayed quarantine release are background tasks held in
+`BackgroundTasks` (kept, failures logged); `stop()` cancels and awaits them.
 """
 
 from __future__ import annotations
@@ -29,10 +32,12 @@ from dataclasses import dataclass, field
 
 from opentelemetry.trace import SpanKind
 
+from cluster.background import BackgroundTasks
 from cluster.errors import NoCapacity, UnknownRequest
 from cluster.worker_config import WorkerConfig
 from engine.engine import Engine, RequestOutput
 from engine.engine_loop import EngineLoop
+from engine.errors import DuplicateRequest
 from engine.request import FinishReason
 from engine.sampling import SamplingParams
 from kv_transfer.base import EventKind, KVTransferAgent, TransferEvent
@@ -70,6 +75,8 @@ class Reservation:
         default_factory=lambda: asyncio.get_running_loop().create_future())
     decoding: bool = False
     local_prefill: bool = False  # the transfer failed and the prompt was recomputed here
+    released: str = ""  # why it was released while decoding (a cancel, a shutdown); "" if not
+    outputs: asyncio.Queue[RequestOutput | BaseException] | None = None  # its decode stream
 
     @property
     def writes_settled(self) -> bool:
@@ -93,14 +100,15 @@ class DecodeWorker:
         self.lease_check_interval_s = lease_check_interval_s
         self.stats = DecodeStats()
         self.reservations: dict[str, Reservation] = {}
-        self._lease_task: asyncio.Task[None] | None = None
+        self.tasks = BackgroundTasks(f"decode worker {worker_id}")
 
     def start(self) -> None:
-        self._lease_task = asyncio.create_task(self._expire_leases())
+        self.tasks.spawn(self._expire_leases(), "lease expiry")
 
     async def stop(self) -> None:
-        if self._lease_task is not None:
-            self._lease_task.cancel()
+        """Cancels and awaits the background tasks (pending quarantine releases included:
+        the blocks go with the process)."""
+        await self.tasks.close()
 
     # ---- reserve -------------------------------------------------------------------------
 
@@ -109,7 +117,7 @@ class DecodeWorker:
         """Allocates blocks for `prompt` (its block hashes salted with `cache_salt`);
         NoCapacity if they are not free now."""
         if request_id in self.reservations:
-            raise ValueError(f"request_id: {request_id!r} is already reserved here")
+            raise DuplicateRequest(f"request_id: {request_id!r} is already reserved here")
         lease = lease_s or self.lease_s
 
         def reserve_on_engine(engine: Engine) -> tuple[list[int], int] | None:
@@ -165,7 +173,7 @@ class DecodeWorker:
         reservation.decoding = True
         finished = False
         try:
-            queue = self.loop.subscribe(request_id)
+            queue = reservation.outputs = self.loop.subscribe(request_id)
             with span("decode.admission") as admission:
                 first = await self._start(reservation, first_token)
                 admission.set_attribute("tandem.local_prefill", reservation.local_prefill)
@@ -195,19 +203,31 @@ class DecodeWorker:
                                               kv_complete=reservation.writes_settled)
 
     async def _start(self, reservation: Reservation, first_token: int) -> RequestOutput:
-        """Admits the request with its transferred KV, or prefills it here if that failed."""
+        """Admits the request with its transferred KV, or prefills it here if that failed;
+        a request released meanwhile ends at once, cancelled."""
         rid = reservation.request_id
         remaining = max(reservation.lease_deadline - time.monotonic(), 0.0)
         try:
             await asyncio.wait_for(asyncio.shield(reservation.kv_ready), timeout=remaining)
-            return await self.loop.call(lambda e: e.admit_prefilled(rid, first_token))
+            if not reservation.released:
+                return await self.loop.call(lambda e: e.admit_prefilled(rid, first_token))
         except (TransferFailed, TimeoutError) as error:
-            why = "KV did not arrive before the lease ended" if isinstance(
-                error, TimeoutError) else str(error)
-            log.warning("request %s: KV transfer failed (%s); prefilling locally on %s",
-                        rid, why, self.worker_id)
-            self.stats.local_prefills += 1
-            return await self._prefill_locally(reservation, first_token)
+            if not reservation.released:
+                why = "KV did not arrive before the lease ended" if isinstance(
+                    error, TimeoutError) else str(error)
+                log.warning("request %s: KV transfer failed (%s); prefilling locally on %s",
+                            rid, why, self.worker_id)
+                self.stats.local_prefills += 1
+                return await self._prefill_locally(reservation, first_token)
+        except KeyError:  # released between the KV's arrival and its admission
+            if not reservation.released:
+                raise
+        return self._cancelled(reservation)
+
+    def _cancelled(self, reservation: Reservation) -> RequestOutput:
+        """The last output of a request released while decoding: no tokens, CANCELLED."""
+        return RequestOutput(reservation.request_id, [], True, FinishReason.CANCELLED,
+                             len(reservation.prompt), reservation.num_cached_tokens)
 
     async def _prefill_locally(self, reservation: Reservation, first_token: int,
                                ) -> RequestOutput:
@@ -220,6 +240,8 @@ class DecodeWorker:
             reason = FinishReason.STOP if ends else FinishReason.LENGTH
             return RequestOutput(rid, [first_token], True, reason, len(reservation.prompt), 0)
         rest = dataclasses.replace(sampling, max_tokens=sampling.max_tokens - 1)
+        if reservation.released:
+            return self._cancelled(reservation)
         await self.loop.call(lambda e: e.add_request(rid, [*reservation.prompt, first_token],
                                                      rest, reservation.cache_salt))
         return RequestOutput(rid, [first_token], False, None, len(reservation.prompt), 0)
@@ -243,15 +265,25 @@ class DecodeWorker:
     # ---- release -------------------------------------------------------------------------
 
     async def cancel(self, request_id: str, reason: str = "cancelled") -> bool:
-        """Drops a reservation or stops a running request. False if unknown here."""
+        """Drops a reservation, or stops a decoding request and ends its stream with
+        FINISH_REASON_CANCELLED. False if unknown here."""
         log.info("releasing %s: %s", request_id, reason)
         reservation = self.reservations.get(request_id)
-        if reservation is None or reservation.decoding:
-            # unknown here, or decoding: stopping it on the engine ends its stream, whose
-            # `finally` drops the reservation
+        if reservation is None:
             return await self.loop.call(lambda e: e.release(request_id))
-        del self.reservations[request_id]
+        if not reservation.decoding:
+            del self.reservations[request_id]
+            await self._release_on_engine(request_id, kv_complete=reservation.writes_settled)
+            return True
+        if reservation.released:
+            return True
+        reservation.released = reason
+        if not reservation.kv_ready.done():  # still waiting for its KV: stop waiting
+            reservation.kv_ready.set_exception(TransferFailed(f"released: {reason}"))
+            reservation.kv_ready.exception()
         await self._release_on_engine(request_id, kv_complete=reservation.writes_settled)
+        if reservation.outputs is not None:  # the stream ends after what it already has
+            reservation.outputs.put_nowait(self._cancelled(reservation))
         return True
 
     async def _release_on_engine(self, request_id: str, kv_complete: bool) -> None:
@@ -264,10 +296,13 @@ class DecodeWorker:
                 engine.quarantine(request_id)
 
         await self.loop.call(release)
-        if not kv_complete and self.quarantine_s > 0:
-            asyncio.get_running_loop().call_later(
-                self.quarantine_s, lambda: asyncio.ensure_future(
-                    self.loop.call(lambda e: e.release_quarantined(request_id))))
+        if not kv_complete and self.quarantine_s > 0 and not self.tasks.closed:
+            self.tasks.spawn(self._release_quarantined(request_id),
+                             f"quarantine release {request_id}")
+
+    async def _release_quarantined(self, request_id: str) -> None:
+        await asyncio.sleep(self.quarantine_s)
+        await self.loop.call(lambda e: e.release_quarantined(request_id))
 
     async def _expire_leases(self) -> None:
         while True:

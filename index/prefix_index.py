@@ -75,7 +75,11 @@ class PrefixIndexWriter:
         self._epoch: bytes | None = None
         self._dirty = True  # Redis may not hold our state: re-publish before the next batch
         self._lock = asyncio.Lock()
-        self.republishes = 0  # for a metric: each one means Redis lost or may have lost state
+        # Exported by the worker (tandem_prefix_index_{republishes,publish_failures}_total):
+        self.republishes = 0  # full-state publishes: at start, then each means Redis lost
+        # (or may have lost) this worker's state
+        self.publish_failures = 0  # publishes, re-publishes and epoch checks Redis did not
+        # answer (while it is down, `run()` fails one every `retry_interval_s`)
 
     # -- event intake (called by the engine; never blocks) -------------------------------
 
@@ -135,6 +139,7 @@ class PrefixIndexWriter:
                 epoch = await self._publish(ops)
             except IndexUnavailable:
                 self._dirty = True
+                self.publish_failures += 1
                 raise
             if epoch != self._epoch:
                 logger.warning("prefix index: epoch changed (%r -> %r): Redis lost its state; "
@@ -148,8 +153,12 @@ class PrefixIndexWriter:
         it re-published. Raises IndexUnavailable."""
         async with self._lock:
             if not self._dirty:
-                async with bounded("get epoch", self._config.op_timeout_s):
-                    epoch = _as_bytes(await self._redis.get(self._keys.epoch))
+                try:
+                    async with bounded("get epoch", self._config.op_timeout_s):
+                        epoch = _as_bytes(await self._redis.get(self._keys.epoch))
+                except IndexUnavailable:
+                    self.publish_failures += 1
+                    raise
                 if epoch == self._epoch:
                     return False
                 logger.warning("prefix index: epoch %r gone (now %r); re-publishing %s",
@@ -257,6 +266,7 @@ class PrefixIndexWriter:
             async with bounded("republish", timeout):
                 await pipe.execute()
         except IndexUnavailable:
+            self.publish_failures += 1
             logger.warning("prefix index: re-publish of %s failed; will retry", worker)
             raise
         self._epoch = epoch
@@ -278,7 +288,7 @@ class PrefixIndexReader:
         self._keys = PrefixKeys(config.namespace)
         self._first_chunk = first_chunk
         self._max_chunk = max_chunk
-        self.round_trips = 0  # total, for a metric and for tests
+        self.round_trips = 0  # total, for tests
 
     async def lookup(self, hashes: Sequence[BlockHash],
                      workers: Collection[str] | None = None) -> dict[str, int]:

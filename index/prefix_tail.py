@@ -19,6 +19,7 @@ from typing import Any, cast
 
 from redis.asyncio import Redis
 
+from cluster.errors import IndexUnavailable
 from engine.block_hash import BlockHash, hash_from_hex
 from index.prefix_keys import PrefixKeys
 from index.redis_client import RedisConfig, bounded
@@ -43,11 +44,20 @@ class PrefixIndexTail:
         self._last_id: dict[str, bytes] = {}
         self._last_seq: dict[str, int] = {}
         self._epoch: bytes | None = None
-        self.reloads = 0  # for a metric: each is a gap, a reset, a new worker or a new epoch
+        # Exported by the router (tandem_router_prefix_tail_{reloads,sync_failures}_total):
+        self.reloads = 0  # each is a gap, a reset, a new worker or a new epoch
+        self.sync_failures = 0  # syncs Redis did not answer (the copy goes stale)
 
     async def sync(self, workers: Collection[str]) -> None:
         """Catches up with the streams of `workers` (others are dropped).
         Raises IndexUnavailable; the copy is then stale and the router should degrade."""
+        try:
+            await self._sync(workers)
+        except IndexUnavailable:
+            self.sync_failures += 1
+            raise
+
+    async def _sync(self, workers: Collection[str]) -> None:
         timeout = self._config.op_timeout_s
         async with bounded("tail epoch", timeout):
             epoch = await self._redis.get(self._keys.epoch)

@@ -90,6 +90,9 @@ class WorkerRegistry:
         self._config = config
         self.ttl_s = ttl_s
         self._set_key = f"{config.namespace}:workers"
+        # listings Redis did not answer; the router exports it
+        # (tandem_router_registry_list_failures_total)
+        self.list_failures = 0
 
     def _key(self, worker_id: str) -> str:
         return f"{self._config.namespace}:worker:{worker_id}"
@@ -115,6 +118,13 @@ class WorkerRegistry:
 
     async def list_workers(self, role: Role | None = None) -> list[WorkerRecord]:
         """Live workers (heartbeat within `ttl_s`), sorted by id. Raises IndexUnavailable."""
+        try:
+            return await self._list_workers(role)
+        except IndexUnavailable:
+            self.list_failures += 1
+            raise
+
+    async def _list_workers(self, role: Role | None) -> list[WorkerRecord]:
         async with bounded("list workers", self._config.op_timeout_s):
             ids = sorted(i.decode() if isinstance(i, bytes) else i
                          for i in await self._redis.smembers(self._set_key))
@@ -139,7 +149,9 @@ class Heartbeat:
         self._registry = registry
         self._record = record
         self._task: asyncio.Task[None] | None = None
-        self.failures = 0  # heartbeats that did not reach Redis, for a metric
+        # heartbeats that did not reach Redis; the worker exports it
+        # (tandem_registry_heartbeat_failures_total)
+        self.failures = 0
 
     async def start(self) -> None:
         await self._registry.heartbeat(self._record())

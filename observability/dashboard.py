@@ -7,7 +7,10 @@
 replaced, so tests can run each against a real Prometheus.
 
 Rows: service level (TTFT / ITL / end-to-end percentiles, throughput, requests by outcome,
-error rate, goodput), router, prefill, decode, KV transfer.
+error rate, goodput), router, prefill, decode, KV transfer, fallbacks (every path that keeps
+serving in a lesser way: Redis outages seen by workers and routers, prefix-index re-publishes,
+failed KV pushes and peer connects; lease expiries, local prefills and retries are in their
+roles' rows).
 """
 
 from __future__ import annotations
@@ -211,8 +214,40 @@ def _transfer_row() -> Row:
     ])
 
 
+def _fallback_row() -> Row:
+    def per_worker(metric: str, legend: str) -> Target:
+        return Target(f"sum by (worker) ({rate(metric)})", f"{{{{worker}}}} {legend}")
+
+    def per_router(metric: str, legend: str) -> Target:
+        return Target(f"sum by (instance) ({rate(metric)})", f"{{{{instance}}}} {legend}")
+
+    return Row("Fallbacks", [
+        Panel("Workers: Redis failures", "Registry heartbeats and prefix-index publishes that "
+              "did not reach Redis. A worker whose heartbeats fail drops out of routing once "
+              "its record expires.",
+              [per_worker("tandem_registry_heartbeat_failures_total", "heartbeats"),
+               per_worker("tandem_prefix_index_publish_failures_total", "publishes")], "ops"),
+        Panel("Prefix index re-publishes", "Full-state publishes per worker over 10 minutes: "
+              "one at start, then one each time Redis lost (or may have lost) its state.",
+              [Target("sum by (worker) (increase(tandem_prefix_index_republishes_total[10m]))",
+                      "{{worker}}")]),
+        Panel("Router: index and registry", "Workers reloaded into the router's in-memory "
+              "prefix index, syncs and registry listings Redis did not answer, index mode "
+              "changes.",
+              [per_router("tandem_router_prefix_tail_reloads_total", "tail reloads"),
+               per_router("tandem_router_prefix_tail_sync_failures_total", "tail sync failures"),
+               per_router("tandem_router_registry_list_failures_total", "registry failures"),
+               per_router("tandem_router_index_mode_transitions_total", "mode changes")], "ops"),
+        Panel("Prefill: failed pushes", "Prefills whose KV push failed, and prefills refused "
+              "because the decode peer could not be (re)connected or was backing off.",
+              [per_worker("tandem_prefill_transfer_failures_total", "push failures"),
+               per_worker("tandem_prefill_connect_failures_total", "connect failures")], "ops"),
+    ])
+
+
 def rows() -> list[Row]:
-    return [_service_row(), _router_row(), _prefill_row(), _decode_row(), _transfer_row()]
+    return [_service_row(), _router_row(), _prefill_row(), _decode_row(), _transfer_row(),
+            _fallback_row()]
 
 
 # ---- Grafana JSON ----------------------------------------------------------------------------

@@ -9,7 +9,9 @@ build several in one process:
     metrics = RouterMetrics(registry)          # the router; workers: observability.metrics_worker
     port = start_metrics_server(registry, "127.0.0.1", 0)
 
-The router records request-level events as they happen (histograms, counters, gauges). The
+The router records request-level events as they happen (histograms, counters, gauges); its
+fallback counters (prefix-tail reloads and failed syncs, failed registry listings, index mode
+changes) are read at scrape time from the objects that keep them (`watch_fallbacks`). The
 workers' metrics (`observability.metrics_worker.WorkerMetrics`) are read from their stats objects
 at scrape time. All metric names are here or there; the dashboard
 (`observability.dashboard`) and the alert rules (`deploy/prometheus/alerts.yaml`) use them,
@@ -18,9 +20,11 @@ and tests check that every name they use is exported. No torch import: the route
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.metrics_core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 # ---- buckets: wide enough for a CPU box (seconds per token) and a GPU (milliseconds) --------
 
@@ -54,6 +58,20 @@ ROLES = ("prefill", "decode")
 TRANSFER_FAILURE_REASONS = ("timeout", "peer_lost", "handshake", "auth", "aborted", "protocol",
                             "backend", "closed")
 TRANSFER_FAILURE_WHERE = ("write", "request", "handshake")
+
+# The router's fallback counters: `RouterMetrics.watch_fallbacks` argument → (name, help).
+ROUTER_FALLBACKS: Mapping[str, tuple[str, str]] = {
+    "prefix_tail_reloads": ("tandem_router_prefix_tail_reloads", "Workers reloaded whole into "
+                            "the router's in-memory prefix index: new worker, stream gap, "
+                            "worker re-publish or Redis epoch change."),
+    "prefix_tail_sync_failures": ("tandem_router_prefix_tail_sync_failures", "Syncs of the "
+                                  "in-memory prefix index Redis did not answer."),
+    "registry_list_failures": ("tandem_router_registry_list_failures", "Worker registry "
+                               "listings Redis did not answer (the router keeps routing to the "
+                               "workers it knew)."),
+    "index_mode_transitions": ("tandem_router_index_mode_transitions", "Changes of prefix "
+                               "index mode (exact to degraded and back)."),
+}
 
 WORKER_LABELS = ("worker", "role")
 
@@ -119,6 +137,8 @@ class RouterMetrics:
         self.live_workers = Gauge(
             "tandem_router_live_workers", "Workers the router can route to, by role.", ["role"],
             registry=r)
+        self._fallbacks = _FallbackCounters()
+        r.register(self._fallbacks)
         for outcome in OUTCOMES:
             self.requests.labels(outcome)
         for reason in RETRY_REASONS:
@@ -209,6 +229,34 @@ class RouterMetrics:
         if live_workers is not None:
             for role in ROLES:
                 self.live_workers.labels(role).set_function(_count_of(live_workers, role))
+
+    def watch_fallbacks(self, prefix_tail_reloads: Callable[[], float] | None = None,
+                        prefix_tail_sync_failures: Callable[[], float] | None = None,
+                        registry_list_failures: Callable[[], float] | None = None,
+                        index_mode_transitions: Callable[[], float] | None = None) -> None:
+        """Reads the fallback counters from these callables at every scrape (each a count
+        since start kept by its owner: `PrefixIndexTail.reloads` and `.sync_failures`,
+        `WorkerRegistry.list_failures`, `PrefixLookup.transitions`). Unwatched ones are
+        exported as 0: a router without the tail never reloads it."""
+        sources = {"prefix_tail_reloads": prefix_tail_reloads,
+                   "prefix_tail_sync_failures": prefix_tail_sync_failures,
+                   "registry_list_failures": registry_list_failures,
+                   "index_mode_transitions": index_mode_transitions}
+        self._fallbacks.sources.update({k: v for k, v in sources.items() if v is not None})
+
+
+class _FallbackCounters(Collector):
+    """The router's fallback counters, read at scrape time (`RouterMetrics.watch_fallbacks`)."""
+
+    def __init__(self) -> None:
+        self.sources: dict[str, Callable[[], float]] = {}
+
+    def collect(self) -> Iterator[Metric]:
+        for key, (name, doc) in ROUTER_FALLBACKS.items():
+            source = self.sources.get(key)
+            family = CounterMetricFamily(name, doc)
+            family.add_metric([], float(source()) if source is not None else 0.0)
+            yield family
 
 
 def _is_mode(mode: Callable[[], str], name: str) -> Callable[[], float]:

@@ -5,10 +5,12 @@
     metrics.step(seconds, num_prefill_tokens, num_decode_seqs, batch_size)  # engine thread
 
 A worker's counters and gauges already live in plain stats objects (`EngineStats`,
-`BlockManagerStats`, `DecodeStats`, `PrefillStats`, `TransferStats`): a custom collector reads
-them at every scrape (counters as Prometheus counters, the transfer histograms as cumulative
-histograms), so the services keep no extra bookkeeping. Every series carries `worker` and
-`role` labels. The stats objects are read through Protocols: no service (nor torch) import.
+`BlockManagerStats`, `DecodeStats`, `PrefillStats`, `TransferStats`, and the Redis fallbacks
+as `IndexCounts`: failed heartbeats, failed and full prefix-index publishes): a custom
+collector reads them at every scrape (counters as Prometheus counters, the transfer histograms
+as cumulative histograms), so the services keep no extra bookkeeping. Every series carries
+`worker` and `role` labels. The stats objects are read through Protocols: no service (nor
+torch) import.
 Names, buckets and shared label values live in `observability.metrics`.
 """
 
@@ -80,6 +82,16 @@ class PrefillStatsLike(Protocol):
     requests: int
     blocks_sent: int
     transfer_failures: int
+    connect_failures: int
+
+
+class IndexCounts(NamedTuple):
+    """A worker's Redis fallbacks so far (`index.registry.Heartbeat.failures`,
+    `index.prefix_index.PrefixIndexWriter.publish_failures` and `.republishes`)."""
+
+    heartbeat_failures: int
+    publish_failures: int
+    republishes: int
 
 
 class KVBlockCounts(NamedTuple):
@@ -138,13 +150,16 @@ class WorkerSources:
     decode_stats: Callable[[], DecodeStatsLike] | None = None
     prefill_stats: Callable[[], PrefillStatsLike] | None = None
     transfer: Callable[[], Mapping[str, Any]] | None = None  # TransferStats.snapshot
+    index: Callable[[], IndexCounts] | None = None
 
     @classmethod
     def from_engine(cls, engine: EngineLike,
                     transfer: Callable[[], Mapping[str, Any]] | None = None,
                     decode: Callable[[], DecodeStatsLike] | None = None,
-                    prefill: Callable[[], PrefillStatsLike] | None = None) -> WorkerSources:
-        """Sources reading an `Engine` (stats, blocks, scheduler) plus the role's stats."""
+                    prefill: Callable[[], PrefillStatsLike] | None = None,
+                    index: Callable[[], IndexCounts] | None = None) -> WorkerSources:
+        """Sources reading an `Engine` (stats, blocks, scheduler) plus the role's stats and
+        the Redis fallbacks."""
         bm = engine.block_manager
         return cls(
             engine_stats=lambda: engine.stats,
@@ -153,7 +168,7 @@ class WorkerSources:
                                          engine.num_blocks),
             requests=lambda: RequestCounts(len(engine.scheduler.running),
                                            len(engine.scheduler.waiting)),
-            decode_stats=decode, prefill_stats=prefill, transfer=transfer)
+            decode_stats=decode, prefill_stats=prefill, transfer=transfer, index=index)
 
 
 class WorkerMetrics:
@@ -228,7 +243,7 @@ class _WorkerCollector(Collector):
             ("engine_stats", self._engine), ("block_stats", self._block_stats),
             ("blocks", self._blocks), ("requests", self._requests),
             ("decode_stats", self._decode), ("prefill_stats", self._prefill),
-            ("transfer", self._transfer)]
+            ("transfer", self._transfer), ("index", self._index)]
         for name, part in parts:
             if getattr(s, name) is None:
                 continue
@@ -313,6 +328,23 @@ class _WorkerCollector(Collector):
                         "workers.", p.blocks_sent)
         yield f.counter("tandem_prefill_transfer_failures_total", "Prefills whose KV push "
                         "failed.", p.transfer_failures)
+        yield f.counter("tandem_prefill_connect_failures_total", "Prefills refused because "
+                        "the decode peer could not be (re)connected, or was backing off after "
+                        "a failed connect.", p.connect_failures)
+
+    def _index(self) -> Iterator[Metric]:
+        assert self.sources.index is not None
+        c = self.sources.index()
+        f = self.f
+        yield f.counter("tandem_registry_heartbeat_failures_total", "Registry heartbeats that "
+                        "did not reach Redis (the worker drops out of routing once its record "
+                        "expires).", c.heartbeat_failures)
+        yield f.counter("tandem_prefix_index_publish_failures_total", "Prefix-index publishes "
+                        "(and epoch checks between them) Redis did not answer; the worker "
+                        "re-publishes its whole state once it answers.", c.publish_failures)
+        yield f.counter("tandem_prefix_index_republishes_total", "Full prefix-index state "
+                        "publishes: one at start, then one each time Redis lost (or may have "
+                        "lost) the worker's state.", c.republishes)
 
     def _transfer(self) -> Iterator[Metric]:
         assert self.sources.transfer is not None

@@ -10,6 +10,13 @@ contiguous region and the transfer of a group overlaps the compute of the next o
 write of the last group of the last chunk is marked `last`, so the decode side knows when the
 request is complete. `prefill` returns the first sampled token once every write has landed,
 then frees the blocks (they stay in this worker's prefix cache).
+
+Links to decode workers are the agent's: every request asks it for the peer
+(`agent.connect`, no I/O while the link is alive), so a link the agent lost — the decode
+worker restarted, or either side stalled past the transfer peer timeout (SIGSTOP, a long GC
+pause) — is made again by the next request. A failed connect fails its request with
+`TransferFailed` (ABORTED: the router tries another pair) and backs off: until the backoff
+ends, requests for that peer fail at once without dialing it.
 """
 
 from __future__ import annotations
@@ -17,11 +24,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from cluster.errors import HandshakeMismatch, InvalidRequest, TransferFailed
+from cluster.errors import Cancelled, HandshakeMismatch, InvalidRequest, TransferFailed
 from cluster.worker_config import WorkerConfig
 from engine.engine import Engine
 from engine.engine_loop import EngineLoop
@@ -52,7 +60,7 @@ class PrefillResult:
 class PushPlan:
     """Where one request's KV goes; touched by the engine thread and the event loop."""
 
-    peer: str
+    peer: str  # the decode worker's agent name
     dst_blocks: list[int]
     trace_context: str
     next_block: int  # first block not yet final on the decode side
@@ -60,15 +68,28 @@ class PushPlan:
     blocks_sent: set[int] = field(default_factory=set)
     last_posted: bool = False
     error: str = ""
+    cancelled: bool = False
     done: asyncio.Future[None] | None = None
     aio: asyncio.AbstractEventLoop | None = None
 
 
 @dataclass
 class PrefillStats:
-    requests: int = 0
+    """Counters for metrics and status (cumulative)."""
+
+    requests: int = 0  # accepted: connected to the decode peer and queued in the engine
     blocks_sent: int = 0
-    transfer_failures: int = 0
+    transfer_failures: int = 0  # accepted requests whose KV push failed
+    connect_failures: int = 0  # requests refused: the decode peer could not be (re)connected
+
+
+@dataclass(frozen=True)
+class PeerBackoff:
+    """A decode peer whose last connect failed: not dialed again before `retry_at`."""
+
+    failures: int  # consecutive failed connects
+    retry_at: float  # time.monotonic()
+    error: str
 
 
 class PrefillWorker:
@@ -83,7 +104,7 @@ class PrefillWorker:
         self.stats = PrefillStats()
         self.plans: dict[str, PushPlan] = {}
         self._lock = threading.Lock()
-        self._peers: dict[str, str] = {}  # decode agent metadata → peer name
+        self._backoff: dict[str, PeerBackoff] = {}  # decode agent metadata → its last failure
         self.block_bytes = (  # one block, all layers
             loop.engine.cache_shape.block_bytes_per_layer * loop.engine.model_config.num_layers)
 
@@ -100,55 +121,61 @@ class PrefillWorker:
         if not 0 <= num_cached_blocks < needed:
             raise InvalidRequest("target.num_cached_blocks",
                                  f"{num_cached_blocks} not in [0, {needed})")
-        peer = await self._connect(target_metadata)
+        self._check_backoff(target_metadata)
         aio = asyncio.get_running_loop()
         # kv.send covers every write of this request; its traceparent rides in the transfer
         # notifications, so the decode side's kv.receive span is its child
         send = tracer().start_span("kv.send", kind=SpanKind.PRODUCER, attributes={
-            "tandem.peer": peer, "tandem.kv.backend": self.agent.config.backend,
+            "tandem.kv.backend": self.agent.config.backend,
             "tandem.kv.first_block": num_cached_blocks})
-        plan = PushPlan(peer, list(dst_blocks), traceparent_of(send), num_cached_blocks,
-                        done=aio.create_future(), aio=aio)
+        done: asyncio.Future[None] = aio.create_future()
         queue = self.loop.subscribe(request_id)
 
-        def add(engine: Engine) -> Request:
+        def add(engine: Engine) -> tuple[Request, PushPlan]:
+            # the peer first: a request whose KV has nowhere to go is not queued
+            plan = PushPlan(self._connect(target_metadata), list(dst_blocks),
+                            traceparent_of(send), num_cached_blocks, done=done, aio=aio)
             request = engine.add_prefill_request(request_id, prompt, sampling, cache_salt)
             with self._lock:
                 self.plans[request_id] = plan
-            return request
+            return request, plan
 
+        plan: PushPlan | None = None
         try:
             with span("prefill.compute") as compute:
-                request = await self.loop.call(add)
+                request, push = await self.loop.call(add)
+                plan = push  # for the `finally`
                 self.stats.requests += 1
+                send.set_attribute("tandem.peer", push.peer)
                 item = await queue.get()
                 if isinstance(item, BaseException):
                     raise item
                 compute.set_attributes({
                     "tandem.tokens.computed": len(prompt) - request.num_cached_tokens,
                     "tandem.tokens.cached": request.num_cached_tokens})
-            assert plan.done is not None
             try:
-                await asyncio.wait_for(asyncio.shield(plan.done), self.transfer_timeout_s)
+                await asyncio.wait_for(asyncio.shield(done), self.transfer_timeout_s)
             except TimeoutError:
-                plan.error = plan.error or f"writes not done after {self.transfer_timeout_s} s"
-            if plan.error:
+                push.error = push.error or f"writes not done after {self.transfer_timeout_s} s"
+            if push.cancelled:
+                raise Cancelled(f"prefill of {request_id} on {self.worker_id} was cancelled")
+            if push.error:
                 self.stats.transfer_failures += 1
                 raise TransferFailed(f"KV transfer from {self.worker_id} to decode peer "
-                                     f"{peer} failed: {plan.error}")
-            self.stats.blocks_sent += len(plan.blocks_sent)
+                                     f"{push.peer} failed: {push.error}")
+            self.stats.blocks_sent += len(push.blocks_sent)
             return PrefillResult(item.new_token_ids[0],
                                  len(prompt) - request.num_cached_tokens,
-                                 request.num_cached_tokens, len(plan.blocks_sent))
+                                 request.num_cached_tokens, len(push.blocks_sent))
         finally:
             self.loop.unsubscribe(request_id)
             with self._lock:
                 self.plans.pop(request_id, None)
-            blocks = len(plan.blocks_sent)
+            blocks = len(plan.blocks_sent) if plan is not None else 0
             send.set_attributes({"tandem.kv.blocks": blocks,
                                  "tandem.kv.layers": self.loop.engine.model_config.num_layers,
                                  "tandem.kv.bytes": blocks * self.block_bytes})
-            if plan.error:
+            if plan is not None and plan.error:
                 send.set_status(Status(StatusCode.ERROR, plan.error))
             send.end()
             await self.loop.call(lambda e: e.release(request_id))
@@ -157,6 +184,7 @@ class PrefillWorker:
         """For the Worker service's status (cumulative)."""
         return {"prefill_requests": self.stats.requests, "kv_blocks_sent": self.stats.blocks_sent,
                 "transfer_failures": self.stats.transfer_failures,
+                "connect_failures": self.stats.connect_failures,
                 "kv_bytes_sent": self.agent.stats.bytes_sent}
 
     def gauges(self) -> dict[str, float]:
@@ -164,28 +192,73 @@ class PrefillWorker:
         return {"pushes": len(self.plans)}
 
     async def cancel(self, request_id: str, reason: str = "cancelled") -> bool:
-        """Stops a prefill in progress and its writes; its `prefill` call fails."""
+        """Stops a prefill in progress and its writes; its `prefill` call raises `Cancelled`."""
         log.info("cancelling %s: %s", request_id, reason)
         with self._lock:
             plan = self.plans.pop(request_id, None)
         found = await self.loop.call(lambda e: e.release(request_id))
         if plan is not None and plan.done is not None and not plan.done.done():
-            plan.error = "cancelled"
+            plan.cancelled = True
+            plan.error = plan.error or "cancelled"
             plan.done.set_result(None)
         return found or plan is not None
 
-    async def _connect(self, metadata: str) -> str:
-        peer = self._peers.get(metadata)
-        if peer is not None:
-            return peer
+    # ---- decode peers --------------------------------------------------------------------
+
+    def _check_backoff(self, metadata: str) -> None:
+        """Fails the request at once while the peer at `metadata` is backing off."""
+        with self._lock:
+            backoff = self._backoff.get(metadata)
+        if backoff is None:
+            return
+        wait = backoff.retry_at - time.monotonic()
+        if wait > 0:
+            with self._lock:
+                self.stats.connect_failures += 1
+            raise TransferFailed(f"decode peer at {metadata} unreachable ({backoff.failures} "
+                                 f"failed connects, last: {backoff.error}); next try in "
+                                 f"{wait:.1f} s")
+
+    def _connect(self, metadata: str) -> str:
+        """Engine thread: the peer's name from the agent, which reuses a live link and makes
+        a new one otherwise (first use, or the last link was lost).
+
+        A failure backs off exponentially from the agent's heartbeat interval up to its peer
+        timeout: a link is declared lost after `peer_timeout_s` of silence, so dialing a
+        silent peer more often than that learns nothing, and one still booting gets a quick
+        second try. No tunable of its own."""
         try:
-            peer = await self.loop.call(lambda e: self.agent.connect(metadata))
+            peer = self.agent.connect(metadata)
         except HandshakeError as error:
+            with self._lock:
+                self.stats.connect_failures += 1
             raise HandshakeMismatch(self.worker_id, "decode peer", str(error)) from None
         except TransferError as error:
-            raise TransferFailed(f"cannot reach decode peer: {error}") from None
-        self._peers[metadata] = peer
+            failures, delay = self._back_off(metadata, str(error))
+            log.warning("cannot connect to decode peer at %s (attempt %d): %s; next try in "
+                        "%.1f s", metadata, failures, error, delay)
+            raise TransferFailed(f"cannot reach decode peer at {metadata}: {error}") from None
+        with self._lock:
+            if self._backoff.pop(metadata, None) is not None:
+                log.info("decode peer at %s (%s) reachable again", metadata, peer)
         return peer
+
+    def _back_off(self, metadata: str, error: str) -> tuple[int, float]:
+        """Records a failed connect; returns (consecutive failures, seconds until the next
+        try). Entries idle for a peer timeout past their retry time are dropped (a peer that
+        nobody asks for any more, or that starts afresh with a short backoff)."""
+        config = self.agent.config
+        now = time.monotonic()
+        with self._lock:
+            self.stats.connect_failures += 1
+            for stale in [m for m, b in self._backoff.items()
+                          if now - b.retry_at > config.peer_timeout_s]:
+                del self._backoff[stale]
+            last = self._backoff.get(metadata)
+            failures = last.failures + 1 if last is not None else 1
+            delay = min(config.heartbeat_interval_s * 2 ** (failures - 1), config.peer_timeout_s)
+            self._backoff[metadata] = PeerBackoff(failures, now + delay, error)
+        return failures, delay
 
     # ---- engine thread -------------------------------------------------------------------
 

@@ -24,17 +24,27 @@ from tandem_proto.tandem.v1 import router_pb2_grpc
 async def build_router(config: RouterConfig) -> Router:
     redis_cfg = config.redis_config()
     redis = connect(redis_cfg)
-    pool = WorkerPool(WorkerRegistry(redis, redis_cfg), config)
+    registry = WorkerRegistry(redis, redis_cfg)
+    pool = WorkerPool(registry, config)
     await pool.start()
     source: IndexSource
+    tail: PrefixIndexTail | None = None
     if config.prefix_index == "tail":
-        tail = TailSource(PrefixIndexTail(redis, redis_cfg), lambda: list(pool.workers),
-                          config.tail_sync_interval_s, config.tail_stale_after_s)
-        tail.start()
-        source = tail
+        tail = PrefixIndexTail(redis, redis_cfg)
+        tail_source = TailSource(tail, lambda: list(pool.workers), config.tail_sync_interval_s,
+                                 config.tail_stale_after_s)
+        tail_source.start()
+        source = tail_source
     else:
         source = PrefixIndexReader(redis, redis_cfg)
-    return Router(config, pool, PrefixLookup(source, config.index_retry_s))
+    lookup = PrefixLookup(source, config.index_retry_s)
+    router = Router(config, pool, lookup)
+    router.metrics.watch_fallbacks(
+        prefix_tail_reloads=(lambda: tail.reloads) if tail is not None else None,
+        prefix_tail_sync_failures=(lambda: tail.sync_failures) if tail is not None else None,
+        registry_list_failures=lambda: registry.list_failures,
+        index_mode_transitions=lambda: lookup.transitions)
+    return router
 
 
 async def serve(config: RouterConfig) -> None:

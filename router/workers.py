@@ -51,7 +51,8 @@ class WorkerHandle:
         load = self.status.load if self.status is not None else common_pb2.WorkerLoad()
         return WorkerLoad(worker_id=self.worker_id, role=self.role, running=load.running,
                           waiting=load.waiting, kv_blocks_used=load.kv_blocks_used,
-                          kv_blocks_total=load.kv_blocks_total, max_running=load.max_running)
+                          kv_blocks_total=load.kv_blocks_total, max_running=load.max_running,
+                          queued_prompt_blocks=load.queued_prompt_blocks)
 
 
 class WorkerPool:

@@ -92,3 +92,95 @@ async def test_decode_of_an_unknown_request_is_not_found(worker: DecodeWorker) -
     with pytest.raises(UnknownRequest, match="holds no reservation"):
         async for _ in worker.decode("never-reserved", 5):
             pass
+
+
+async def test_quarantine_release_is_a_kept_task_that_frees_the_blocks(
+        worker: DecodeWorker) -> None:
+    import gc
+
+    await worker.reserve("q", PROMPT, SamplingParams())
+    assert await worker.cancel("q", "router released")  # KV never came: quarantined
+    assert await free_blocks(worker) < 32
+    assert len(worker.tasks) == 2  # the lease checker and this release
+    gc.collect()  # the release task must survive a collection (asyncio holds it weakly)
+    for _ in range(50):
+        if await free_blocks(worker) == 32:
+            break
+        await asyncio.sleep(0.05)
+    assert await free_blocks(worker) == 32
+    assert len(worker.tasks) == 1
+
+
+async def test_a_failed_quarantine_release_is_logged(worker: DecodeWorker,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    await worker.reserve("q", PROMPT, SamplingParams())
+    with caplog.at_level(logging.ERROR, logger="cluster.background"):
+        assert await worker.cancel("q", "router released")
+        worker.loop.fatal = RuntimeError("engine gone")  # the engine dies meanwhile
+        try:
+            for _ in range(50):
+                if len(worker.tasks) == 1:
+                    break
+                await asyncio.sleep(0.05)
+        finally:
+            worker.loop.fatal = None
+    assert len(worker.tasks) == 1  # the release ended ...
+    assert "quarantine release q" in caplog.text and "engine gone" in caplog.text  # ... loudly
+
+
+async def test_stop_cancels_pending_releases(worker: DecodeWorker) -> None:
+    await worker.reserve("q", PROMPT, SamplingParams())
+    await worker.cancel("q", "router released")
+    assert len(worker.tasks) == 2
+    await worker.stop()
+    assert len(worker.tasks) == 0 and worker.tasks.closed
+
+
+async def test_a_request_released_while_waiting_for_its_kv_ends_cancelled(
+        worker: DecodeWorker) -> None:
+    """No local prefill for a request that was released: its stream ends, cancelled."""
+    from engine.request import FinishReason
+
+    await worker.reserve("waiting", PROMPT, SamplingParams(max_tokens=8), lease_s=30.0)
+    outputs = []
+
+    async def consume() -> None:
+        async for output in worker.decode("waiting", 5):
+            outputs.append(output)
+    stream = asyncio.create_task(consume())
+    await asyncio.sleep(0.2)  # waiting for KV that never comes
+    assert await worker.cancel("waiting", "operator")
+    await asyncio.wait_for(stream, 5)
+    assert [(o.new_token_ids, o.finish_reason) for o in outputs] == [([], FinishReason.CANCELLED)]
+    assert worker.stats.local_prefills == 0
+    for _ in range(50):  # quarantined (a write could still land), then freed
+        if await free_blocks(worker) == 32:
+            break
+        await asyncio.sleep(0.1)
+    assert await free_blocks(worker) == 32
+
+
+async def test_a_decoding_request_released_ends_its_stream_cancelled(
+        worker: DecodeWorker) -> None:
+    from engine.request import FinishReason
+
+    sampling = SamplingParams(max_tokens=80, ignore_eos=True)  # fits 32 blocks of 4
+    await worker.reserve("long", PROMPT, sampling, lease_s=0.3)  # KV never comes: local prefill
+    outputs = []
+
+    async def consume() -> None:
+        async for output in worker.decode("long", 5):
+            outputs.append(output)
+            if len(outputs) == 4:
+                assert await worker.cancel("long", "operator")
+    await asyncio.wait_for(consume(), 30)
+    assert outputs[-1].finished and outputs[-1].finish_reason is FinishReason.CANCELLED
+    assert all(not o.finished for o in outputs[:-1])
+    assert "long" not in worker.reservations
+    for _ in range(50):  # the first reservation's blocks sit out their quarantine
+        if await free_blocks(worker) == 32:
+            break
+        await asyncio.sleep(0.1)
+    assert await free_blocks(worker) == 32

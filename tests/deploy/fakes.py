@@ -2,7 +2,8 @@
 
 No model, no network besides `/metrics`: the stats dataclasses are the real ones
 (`EngineStats`, `BlockManagerStats`, `DecodeStats`, `PrefillStats`, `TransferStats`), filled
-by `FakeCluster.traffic()` as a running cluster would fill them.
+by `FakeCluster.traffic()` as a running cluster would fill them; the Redis fallback counts
+(`IndexCounts`) are what a healthy worker reports: one full publish, at start.
 """
 
 from __future__ import annotations
@@ -20,7 +21,13 @@ from observability.metrics import (
     RouterMetrics,
     serve_metrics,
 )
-from observability.metrics_worker import KVBlockCounts, RequestCounts, WorkerMetrics, WorkerSources
+from observability.metrics_worker import (
+    IndexCounts,
+    KVBlockCounts,
+    RequestCounts,
+    WorkerMetrics,
+    WorkerSources,
+)
 from prefill_worker.worker import PrefillStats
 
 
@@ -37,6 +44,8 @@ class FakeWorker:
     total_blocks: int = 64
     running: int = 0
     waiting: int = 0
+    index: IndexCounts = field(default_factory=lambda: IndexCounts(
+        heartbeat_failures=0, publish_failures=0, republishes=1))
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
 
     def __post_init__(self) -> None:
@@ -47,7 +56,8 @@ class FakeWorker:
             requests=lambda: RequestCounts(self.running, self.waiting),
             transfer=self.transfer.snapshot,
             decode_stats=(lambda: self.decode) if self.role == "decode" else None,
-            prefill_stats=(lambda: self.prefill) if self.role == "prefill" else None)
+            prefill_stats=(lambda: self.prefill) if self.role == "prefill" else None,
+            index=lambda: self.index)
         self.metrics = WorkerMetrics(self.registry, self.role, self.worker_id, sources)
 
 

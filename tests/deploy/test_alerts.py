@@ -16,7 +16,11 @@ from tests.deploy.fakes import FakeCluster
 from tests.support.prometheus_server import LocalPrometheus, promtool
 
 REQUIRED = {"TandemHighTTFT", "TandemHighITL", "TandemHighErrorRate", "TandemKVCacheNearlyFull",
-            "TandemKVTransferFailures", "TandemRouterDegraded", "TandemWorkerDown"}
+            "TandemKVTransferFailures", "TandemRouterDegraded", "TandemWorkerDown",
+            # fallbacks an operator is paged for (issue #9, bug 7)
+            "TandemRegistryHeartbeatsFailing", "TandemPrefixIndexRepublishing",
+            "TandemPrefixIndexPublishFailing", "TandemRouterRegistryUnreachable",
+            "TandemPrefillPeerUnreachable"}
 
 
 def alert_rules() -> list[dict[str, Any]]:

@@ -22,7 +22,7 @@ from tests.deploy.conftest import DASHBOARD, REPO
 from tests.deploy.fakes import FakeCluster
 from tests.support.prometheus_server import LocalPrometheus, PromQLError
 
-ROWS = ["Service level", "Router", "Prefill", "Decode", "KV transfer"]
+ROWS = ["Service level", "Router", "Prefill", "Decode", "KV transfer", "Fallbacks"]
 # What the issue asks the dashboard to show, by the metric that shows it.
 REQUIRED_METRICS = [
     "tandem_time_to_first_token_seconds_bucket", "tandem_inter_token_latency_seconds_bucket",
@@ -34,7 +34,14 @@ REQUIRED_METRICS = [
     "tandem_num_requests_running", "tandem_decode_batch_size_bucket",
     "tandem_kv_cache_usage_ratio", "tandem_lease_expiries_total",
     "tandem_local_prefill_fallbacks_total", "tandem_kv_transfer_bytes_total",
-    "tandem_kv_transfer_latency_seconds_bucket", "tandem_kv_transfer_failures_total"]
+    "tandem_kv_transfer_latency_seconds_bucket", "tandem_kv_transfer_failures_total",
+    # every fallback (issue #9, bug 7)
+    "tandem_registry_heartbeat_failures_total", "tandem_prefix_index_publish_failures_total",
+    "tandem_prefix_index_republishes_total", "tandem_router_prefix_tail_reloads_total",
+    "tandem_router_prefix_tail_sync_failures_total",
+    "tandem_router_registry_list_failures_total", "tandem_router_index_mode_transitions_total",
+    "tandem_prefill_transfer_failures_total", "tandem_prefill_connect_failures_total",
+    "tandem_router_retries_total", "tandem_decode_kv_arrivals_total"]
 
 
 def dashboard() -> dict[str, Any]:

@@ -1,25 +1,45 @@
-"""Helpers for end-to-end tests: worker status over gRPC, polling, the HF referee."""
+"""Helpers for end-to-end tests: worker status over gRPC, /metrics, polling, the HF referee."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+import urllib.request
+from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from grpc import aio
+from prometheus_client.parser import text_string_to_metric_families
 
 from cli.local_cluster import LocalCluster, ServiceProcess
 from tandem_proto.tandem.v1 import common_pb2, worker_pb2_grpc
 from tests.engine.hf_reference import hf_greedy
 
 
+async def worker_status(process: ServiceProcess) -> common_pb2.WorkerStatus:
+    """A worker's `tandem.v1.Worker` status, asked of the worker itself."""
+    async with aio.insecure_channel(process.address) as channel:
+        return await worker_pb2_grpc.WorkerStub(channel).Status(common_pb2.StatusRequest(),
+                                                                 timeout=5)
+
+
 async def counters(process: ServiceProcess) -> dict[str, float]:
     """A worker's status counters and gauges in one dict, asked of the worker itself."""
-    async with aio.insecure_channel(process.address) as channel:
-        status = await worker_pb2_grpc.WorkerStub(channel).Status(common_pb2.StatusRequest(),
-                                                                   timeout=5)
+    status = await worker_status(process)
     return {**status.counters, **status.gauges}
+
+
+def scrape(process: ServiceProcess) -> dict[str, float]:
+    """A process's /metrics samples, summed over their labels, by sample name."""
+    url = f"http://{process.metrics_address}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as reply:
+        text = reply.read().decode()
+    sums: dict[str, float] = defaultdict(float)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            sums[sample.name] += sample.value
+    return dict(sums)
 
 
 async def all_counters(cluster: LocalCluster) -> dict[str, dict[str, float]]:

@@ -1,4 +1,5 @@
-"""The disaggregated cluster end to end: correctness, prefix reuse, bad input, cancellation.
+"""The disaggregated cluster end to end: correctness, prefix reuse and cache salts, the
+workers' status counters, bad input, cancellation.
 
 Real processes on loopback: redis-server, 2 prefill and 2 decode workers (KV over NIXL/UCX),
 the router; a real gRPC client.
@@ -15,7 +16,14 @@ import torch
 
 from cli.local_cluster import LocalCluster
 from cli.router_client import RouterClient
-from tests.e2e.helpers import all_counters, blocks_all_free, expected, wait_until
+from tandem_proto.tandem.v1 import common_pb2
+from tests.e2e.helpers import (
+    all_counters,
+    blocks_all_free,
+    expected,
+    wait_until,
+    worker_status,
+)
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -70,6 +78,116 @@ async def test_prefix_reuse_computes_and_sends_less(cluster: LocalCluster,
     assert sent == 1  # D already held the 10 prefix blocks: only the tail block moved
 
 
+def random_prompt(n: int, seed: int) -> list[int]:
+    return torch.randint(3, 500, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def delta(before: dict[str, dict[str, float]], after: dict[str, dict[str, float]], name: str,
+          role: str) -> float:
+    """How much `name` grew, summed over the workers of `role`."""
+    return sum(after[w].get(name, 0) - before[w].get(name, 0) for w in after
+               if w.startswith(role))
+
+
+def served(before: dict[str, dict[str, float]], after: dict[str, dict[str, float]]) -> set[str]:
+    """The prefill workers that took a request between the two readings."""
+    return {w for w in after if w.startswith("prefill") and
+            after[w]["prefill_requests"] > before[w]["prefill_requests"]}
+
+
+async def test_cache_salt_keeps_prefix_caches_apart(cluster: LocalCluster,
+                                                    tiny_llama: Path) -> None:
+    prompt = random_prompt(100, 21)  # 6 full blocks of 16, and 4 tokens
+    want = expected(tiny_llama, prompt, 3)
+    async with RouterClient(cluster.router_address) as client:
+        start = await all_counters(cluster)
+        salted = await client.complete(token_ids=prompt, max_tokens=3, ignore_eos=True,
+                                       cache_salt="tenant-a")
+        await asyncio.sleep(1.0)  # block events reach the index, status reaches the router
+        # other salts, and none: nothing of tenant-a's cache is used, on P or on D
+        before = await all_counters(cluster)
+        holders = served(start, before)  # the prefill worker that cached tenant-a's prompt
+        others = [await client.complete(token_ids=prompt, max_tokens=3, ignore_eos=True,
+                                        cache_salt=salt) for salt in ("tenant-b", "tenant-c")]
+        others.append(await client.complete(token_ids=prompt, max_tokens=3, ignore_eos=True))
+        after = await all_counters(cluster)
+        # the same salt again: a prefix hit
+        await asyncio.sleep(1.0)
+        again = await client.complete(token_ids=prompt, max_tokens=3, ignore_eos=True,
+                                      cache_salt="tenant-a")
+    assert [r.token_ids for r in [salted, *others, again]] == [want] * 5  # salts change no token
+    assert salted.cached_tokens == 0
+    assert [r.cached_tokens for r in others] == [0, 0, 0]
+    assert delta(before, after, "prefill_tokens_computed", "prefill") == 3 * len(prompt)
+    assert delta(before, after, "kv_blocks_sent", "prefill") == 3 * 7  # D reused none either
+    assert delta(before, after, "cached_prompt_tokens", "decode") == 0
+    # the worker holding tenant-a's prompt served some of those: it really missed
+    assert len(holders) == 1 and holders & served(before, after), (holders, before, after)
+    assert again.cached_tokens == 96
+
+
+async def test_status_counters_count_every_request_and_gauges_return_to_zero(
+        cluster: LocalCluster, tiny_llama: Path) -> None:
+    await wait_until(lambda: blocks_all_free(cluster), what="a quiet cluster")
+    prompts = [random_prompt(20 + 9 * i, 300 + i) for i in range(6)]
+    n_tokens = 5
+    before = await all_counters(cluster)
+    async with RouterClient(cluster.router_address) as client:
+        results = await asyncio.gather(*(
+            client.complete(token_ids=p, max_tokens=n_tokens, ignore_eos=True, timeout=120)
+            for p in prompts))
+    for prompt, result in zip(prompts, results, strict=True):
+        assert result.token_ids == expected(tiny_llama, prompt, n_tokens)
+    await wait_until(lambda: blocks_all_free(cluster), what="every block free again")
+    after = await all_counters(cluster)
+    n = len(prompts)
+    blocks = sum(-(-len(p) // 16) for p in prompts)
+    assert delta(before, after, "prefill_requests", "prefill") == n
+    assert delta(before, after, "prefill_tokens_computed", "prefill") == sum(map(len, prompts))
+    assert delta(before, after, "kv_blocks_sent", "prefill") == blocks
+    assert delta(before, after, "reservations", "decode") == n
+    assert delta(before, after, "transfers_completed", "decode") == n
+    # one decode step per token after the first (which the prefill worker sampled)
+    assert delta(before, after, "decode_tokens_computed", "decode") == n * (n_tokens - 1)
+    sent = delta(before, after, "kv_bytes_sent", "prefill")
+    assert sent > 0 and delta(before, after, "kv_bytes_received", "decode") == sent
+    for name, role in [("transfer_failures", "prefill"), ("connect_failures", "prefill"),
+                       ("transfers_failed", "decode"), ("local_prefills", "decode"),
+                       ("lease_expiries", "decode"), ("cached_prompt_tokens", "decode"),
+                       ("prefill_tokens_computed", "decode"), ("decode_tokens_computed",
+                                                               "prefill"),
+                       ("prefix_hit_tokens", "prefill"), ("preemptions", "")]:
+        assert delta(before, after, name, role) == 0, name
+
+    # counters are cumulative (none went down), gauges are current (back to rest)
+    statuses = await asyncio.gather(*(worker_status(p) for p in
+                                      cluster.workers("prefill") + cluster.workers("decode")))
+    for status in statuses:
+        role = "prefill" if status.role == common_pb2.WORKER_ROLE_PREFILL else "decode"
+        assert set(status.counters) == COUNTERS[role], status.worker_id
+        assert set(status.gauges) == GAUGES[role], status.worker_id
+        assert all(after[status.worker_id][k] >= before[status.worker_id][k]
+                   for k in status.counters)
+        resting = {k: v for k, v in status.gauges.items() if k not in ("kv_blocks_free",
+                                                                        "kv_blocks_total")}
+        assert resting == dict.fromkeys(resting, 0.0), (status.worker_id, resting)
+        assert status.load.queued_prompt_blocks == 0
+
+
+ENGINE_COUNTERS = {"prefill_tokens_computed", "decode_tokens_computed", "prefix_hit_tokens",
+                   "preemptions"}
+COUNTERS = {
+    "prefill": ENGINE_COUNTERS | {"prefill_requests", "kv_blocks_sent", "transfer_failures",
+                                  "connect_failures", "kv_bytes_sent"},
+    "decode": ENGINE_COUNTERS | {"reservations", "lease_expiries", "local_prefills",
+                                 "transfers_completed", "transfers_failed",
+                                 "cached_prompt_tokens", "kv_bytes_received"},
+}
+ENGINE_GAUGES = {"requests", "running", "waiting", "kv_blocks_free", "kv_blocks_total"}
+GAUGES = {"prefill": ENGINE_GAUGES | {"pushes"},
+          "decode": ENGINE_GAUGES | {"reservations_waiting"}}
+
+
 @pytest.mark.parametrize(("kwargs", "field"), [
     ({}, "prompt"),
     ({"text": "hello", "token_ids": [5, 6]}, "prompt"),
@@ -104,6 +222,7 @@ async def test_stop_string_and_status(cluster: LocalCluster) -> None:
     roles = sorted(w.role for w in status.workers)
     assert roles == [1, 1, 2, 2] and status.prefix_index_mode == 1
     assert status.policy == "kv_aware" and not status.pair_errors
+    await wait_until(lambda: blocks_all_free(cluster), what="blocks freed after a stop string")
 
 
 async def test_client_cancel_frees_blocks_everywhere(cluster: LocalCluster) -> None:

@@ -11,7 +11,8 @@ import grpc
 import pytest
 
 from cli.local_cluster import LocalCluster
-from cli.router_client import RouterClient
+from cli.router_client import Chunk, RouterClient
+from tandem_proto.tandem.v1 import common_pb2, worker_pb2_grpc
 from tests.e2e.helpers import blocks_all_free, expected, wait_until
 
 pytestmark = pytest.mark.timeout(300)
@@ -60,3 +61,34 @@ async def test_an_id_that_would_forge_a_log_line_is_refused(cluster: LocalCluste
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert (caught.value.details() or "").startswith("request_id: must be 1 to 128")
     assert "CRITICAL forged" not in cluster.router.log()
+
+
+async def test_a_request_its_decode_worker_releases_ends_cancelled_at_once(
+        cluster: LocalCluster) -> None:
+    """`Worker.Cancel` on the decode worker (what an operator or a draining worker does) ends
+    the client's stream with a finish reason instead of leaving it waiting for its deadline."""
+    async with RouterClient(cluster.router_address) as client:
+        chunks: list[Chunk] = []
+
+        async def consume() -> None:
+            async for chunk in client.generate(token_ids=list(range(40, 90)), max_tokens=1500,
+                                               ignore_eos=True, request_id="released"):
+                chunks.append(chunk)
+        stream = asyncio.create_task(consume())
+
+        async def decoding() -> bool:
+            return len(chunks) >= 3
+        await wait_until(decoding, what="tokens streaming")
+        found = []
+        for decode in cluster.workers("decode"):
+            async with grpc.aio.insecure_channel(decode.address) as channel:
+                reply = await worker_pb2_grpc.WorkerStub(channel).Cancel(
+                    common_pb2.CancelRequest(request_id="released.0", reason="test"), timeout=5)
+            found.append(reply.found)
+        assert any(found)
+        await asyncio.wait_for(stream, 10)
+        status = await client.status()
+    assert chunks[-1].finish_reason == "cancelled"
+    assert 3 <= chunks[-1].completion_tokens < 1500
+    assert status.counters["inflight"] == 0
+    await wait_until(lambda: blocks_all_free(cluster), what="every block free again")

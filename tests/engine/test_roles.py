@@ -97,3 +97,26 @@ def test_reserve_returns_none_when_full(tiny_llama: Path) -> None:
     assert decode.num_requests() == 1
     decode.release("big")
     assert decode.block_manager.num_free_blocks == 64
+
+
+def test_queued_prompt_blocks_count_prefill_work_not_yet_computed(tiny_llama: Path) -> None:
+    """What a prefill worker reports as `queued_prompt_blocks`: the blocks (a partial last one
+    counted) of every accepted prompt's part not computed yet, chunk by chunk."""
+    prefill, decode = engines(tiny_llama)  # 16-token chunks, 4-token blocks
+    sampling = SamplingParams(max_tokens=1, ignore_eos=True)
+    assert prefill.num_queued_prompt_blocks() == 0
+    prefill.add_prefill_request("a", list(range(10, 40)), sampling)  # 30 tokens: 8 blocks
+    prefill.add_prefill_request("b", list(range(50, 55)), sampling)  # 5 tokens: 2 blocks
+    assert prefill.num_queued_prompt_blocks() == 10
+    seen = []
+    while prefill.has_unfinished():
+        prefill.step()
+        seen.append(prefill.num_queued_prompt_blocks())
+    # a: 16 tokens (14 left: 4 blocks), then 14 with b's first 2 (b: 3 left, 1 block), then b
+    assert seen == [4 + 2, 1, 0]
+    prefill.release("a")
+    prefill.release("b")
+    assert prefill.num_queued_prompt_blocks() == 0
+    # the decode role computes no prompt: its reservations are not prefill work
+    assert decode.reserve("r", list(range(10, 40)), sampling) is not None
+    assert decode.num_queued_prompt_blocks() == 0

@@ -17,6 +17,7 @@ from cluster.errors import IndexUnavailable
 from cluster.roles import Role
 from engine.block_hash import hash_prompt_blocks
 from index.prefix_index import PrefixIndexReader, PrefixIndexWriter
+from index.prefix_tail import PrefixIndexTail
 from index.redis_client import RedisConfig
 from index.registry import WorkerRecord, WorkerRegistry
 
@@ -51,10 +52,12 @@ async def test_outage_raises_index_unavailable_promptly(
     writer.stored(HASHES)
     await writer.flush()
     reader = PrefixIndexReader(redis_client, redis_config)
+    tail = PrefixIndexTail(redis_client, redis_config)
     registry = WorkerRegistry(redis_client, redis_config)
     record = WorkerRecord("p0", Role.PREFILL, "127.0.0.1:1")
     await registry.heartbeat(record)
     assert await reader.lookup(HASHES) == {"p0": 16}
+    await tail.sync(["p0"])
 
     if outage == "killed":
         redis_server.kill()
@@ -66,8 +69,12 @@ async def test_outage_raises_index_unavailable_promptly(
         await _fails_promptly(writer.flush)
         await _fails_promptly(lambda: registry.heartbeat(record))
         await _fails_promptly(registry.list_workers)
+        await _fails_promptly(lambda: tail.sync(["p0"]))
     finally:
         redis_server.resume()
+    # each fallback is counted where the metrics read it
+    assert (writer.publish_failures, registry.list_failures, tail.sync_failures) == (1, 1, 1)
+    assert (writer.republishes, tail.reloads) == (1, 1)
 
 
 async def test_restarted_redis_gets_state_back_from_flush(
@@ -98,9 +105,11 @@ async def test_failed_publish_is_repaired_after_the_outage(
         await writer.flush()
     writer.stored(HASHES[8:10])  # while Redis is down: kept in memory only
     assert writer.pending == 0
+    assert (writer.publish_failures, writer.republishes) == (1, 1)
     redis_server.start()
     await writer.flush()
     assert await PrefixIndexReader(redis_client, redis_config).lookup(HASHES) == {"d0": 10}
+    assert (writer.publish_failures, writer.republishes) == (1, 2)  # repaired by a re-publish
 
 
 async def test_run_loop_republishes_idle_state_after_restart(

@@ -21,6 +21,7 @@ from engine.scheduler import Scheduler
 from observability.metrics import (
     ITL_BUCKETS_S,
     OUTCOMES,
+    ROUTER_FALLBACKS,
     TRANSFER_FAILURE_REASONS,
     TRANSFER_FAILURE_WHERE,
     TTFT_BUCKETS_S,
@@ -28,7 +29,7 @@ from observability.metrics import (
     serve_metrics,
     start_metrics_server,
 )
-from observability.metrics_worker import KVBlockCounts, WorkerMetrics, WorkerSources
+from observability.metrics_worker import IndexCounts, KVBlockCounts, WorkerMetrics, WorkerSources
 from tests.deploy.fakes import FakeCluster
 from tests.support.prometheus_server import promtool
 
@@ -126,6 +127,25 @@ def test_index_mode_gauges_set_and_watched() -> None:
     assert value(registry, "tandem_router_live_workers", role="decode") == 0
 
 
+def test_router_fallback_counters_read_at_scrape_time() -> None:
+    registry = CollectorRegistry()
+    metrics = RouterMetrics(registry)
+    names = [name for name, _ in ROUTER_FALLBACKS.values()]
+    assert [value(registry, f"{n}_total") for n in names] == [0, 0, 0, 0]  # before wiring
+    counts = {"reloads": 2, "syncs": 0, "listings": 5}
+    metrics.watch_fallbacks(prefix_tail_reloads=lambda: counts["reloads"],
+                            prefix_tail_sync_failures=lambda: counts["syncs"],
+                            registry_list_failures=lambda: counts["listings"])
+    counts["syncs"] = 3
+    assert value(registry, "tandem_router_prefix_tail_reloads_total") == 2
+    assert value(registry, "tandem_router_prefix_tail_sync_failures_total") == 3
+    assert value(registry, "tandem_router_registry_list_failures_total") == 5
+    assert value(registry, "tandem_router_index_mode_transitions_total") == 0  # not watched
+    family = next(f for f in text_string_to_metric_families(generate_latest(registry).decode())
+                  if f.name == "tandem_router_registry_list_failures")
+    assert family.type == "counter"
+
+
 def test_histogram_buckets_span_cpu_and_gpu_speeds() -> None:
     assert TTFT_BUCKETS_S[0] <= 0.001 and TTFT_BUCKETS_S[-1] >= 60
     assert ITL_BUCKETS_S[0] <= 0.0005 and ITL_BUCKETS_S[-1] >= 5
@@ -168,6 +188,22 @@ def test_worker_counters_and_gauges_from_stats(fake: FakeCluster) -> None:
     # role-specific counters stay on their role
     assert "tandem_prefill_requests_total" not in {n for n, _ in samples(d)}
     assert "tandem_lease_expiries_total" not in {n for n, _ in samples(p)}
+
+
+def test_worker_fallback_counters(fake: FakeCluster) -> None:
+    p, d = fake.prefill, fake.decode
+    pl = {"worker": "prefill-1", "role": "prefill"}
+    dl = {"worker": "decode-1", "role": "decode"}
+    assert value(p.registry, "tandem_prefix_index_republishes_total", **pl) == 1  # the start
+    assert value(p.registry, "tandem_registry_heartbeat_failures_total", **pl) == 0
+    d.index = IndexCounts(heartbeat_failures=4, publish_failures=2, republishes=3)
+    assert value(d.registry, "tandem_registry_heartbeat_failures_total", **dl) == 4
+    assert value(d.registry, "tandem_prefix_index_publish_failures_total", **dl) == 2
+    assert value(d.registry, "tandem_prefix_index_republishes_total", **dl) == 3
+    p.prefill.connect_failures += 2
+    p.prefill.transfer_failures += 1
+    assert value(p.registry, "tandem_prefill_connect_failures_total", **pl) == 2
+    assert value(p.registry, "tandem_prefill_transfer_failures_total", **pl) == 1
 
 
 def test_step_histograms(fake: FakeCluster) -> None:

@@ -1,23 +1,39 @@
 """The prefill worker's push: one write per completed layer group of each step, the last one
 marked `last`, with a real engine and a stand-in agent that copies what each write names
-between two caches (the real transfers are tested in tests/kv_transfer and tests/e2e)."""
+between two caches (the real transfers are tested in tests/kv_transfer and tests/e2e).
+
+Its links to decode workers, with real engines and real NIXL agents in one process: a link the
+agent lost is made again by the next request; an unreachable peer fails requests with
+`TransferFailed` and is not dialed again until its backoff ends. (Stalled processes:
+tests/e2e/test_failures.py.)"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from cluster.addresses import free_port
+from cluster.errors import TransferFailed
 from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.engine_loop import EngineLoop
 from engine.kv_cache import allocate_kv_cache, kv_layer
 from engine.sampling import SamplingParams
 from engine.tiny_model import make_tiny_model
+from kv_transfer import KVLayoutSpec, TransferConfig, create_agent
+from kv_transfer.agent import BaseAgent
+from kv_transfer.base import EventKind, KVTransferAgent
 from prefill_worker.worker import PrefillWorker, PushPlan
+from tests.engine.hf_reference import hf_greedy
+
+pytestmark = pytest.mark.timeout(120)
 
 BS = 4
 
@@ -69,3 +85,121 @@ def test_one_write_per_layer_group_and_chunk(four_layers: Path, layer_group: int
     src = engine.block_manager.block_ids("r")
     assert torch.equal(target[:, dst], engine.runner.kv_cache[:, src])  # every layer arrived
     assert not target[:, dst].eq(0).all()
+
+
+# ---- links to decode workers ----------------------------------------------------------------
+
+PROMPT = list(range(20, 57))  # 37 tokens: 10 blocks of 4
+SAMPLING = SamplingParams(max_tokens=1, ignore_eos=True)
+
+
+@dataclass
+class Pair:
+    worker: PrefillWorker
+    decode: Engine  # the receiving side, driven by the test
+    receiver: KVTransferAgent
+
+
+def make_agent(engine: Engine) -> BaseAgent:
+    agent = create_agent(KVLayoutSpec.from_cache_shape(engine.cache_shape, "tiny"),
+                         TransferConfig(token="test"))
+    agent.register_cache(engine.runner.kv_cache)
+    assert isinstance(agent, BaseAgent)
+    return agent
+
+
+@pytest.fixture
+async def pair(tiny_llama: Path) -> AsyncIterator[Pair]:
+    config = EngineConfig(num_blocks=32, block_size=4, max_num_batched_tokens=16)
+    decode, prefill = Engine(tiny_llama, config), Engine(tiny_llama, config)
+    receiver, sender = make_agent(decode), make_agent(prefill)
+    aio = asyncio.get_running_loop()
+    holder: list[PrefillWorker] = []
+
+    def poll(_engine: Engine) -> None:
+        events = sender.poll()
+        if events and holder:
+            aio.call_soon_threadsafe(holder[0].on_transfer_events, events)
+
+    loop = EngineLoop(prefill, on_layer_done=lambda layer, batch: holder[0].on_layer_done(
+        layer, batch), on_idle=poll)
+    loop.start()
+    holder.append(PrefillWorker(loop, sender, "prefill-test", transfer_timeout_s=10.0))
+    try:
+        yield Pair(holder[0], decode, receiver)
+    finally:
+        loop.stop()
+        sender.close()
+        receiver.close()
+
+
+async def push(pair: Pair, request_id: str) -> int:
+    """One request P → D: reserve on D, prefill on P while D's agent is polled (one-sided
+    writes still need the target's progress here), wait for D to see the KV complete;
+    returns P's first token."""
+    allocation = pair.decode.reserve(request_id, PROMPT, SAMPLING)
+    assert allocation is not None
+    pair.receiver.expect(request_id, 10.0)
+
+    async def received() -> EventKind:
+        while True:
+            done = [e for e in pair.receiver.poll() if e.request_id == request_id]
+            if done:
+                return done[0].kind
+            await asyncio.sleep(0.001)
+
+    arrival = asyncio.create_task(received())
+    try:
+        result = await pair.worker.prefill(request_id, PROMPT, SAMPLING,
+                                           pair.receiver.metadata(), allocation.block_ids, 0)
+        assert await asyncio.wait_for(arrival, 10) is EventKind.REQUEST_COMPLETE
+        return result.first_token
+    finally:
+        arrival.cancel()
+        pair.receiver.release(request_id)
+        pair.decode.release(request_id)
+
+
+async def test_a_lost_link_is_made_again_by_the_next_request(pair: Pair,
+                                                             tiny_llama: Path) -> None:
+    first = hf_greedy(tiny_llama, PROMPT, 1)[0]
+    assert await push(pair, "r1") == first
+    sender = pair.worker.agent
+    assert sender.stats.peers_connected == 1 and not pair.worker.plans
+    # the agent loses the link (what a stalled peer's missed heartbeats lead to)
+    name = await pair.worker.loop.call(lambda e: sender.connect(pair.receiver.metadata()))
+    await pair.worker.loop.call(lambda e: sender.disconnect(name))
+    assert await push(pair, "r2") == first  # before: "no live connection" forever
+    assert sender.stats.peers_connected == 2
+    assert await push(pair, "r3") == first  # the new link is reused
+    assert sender.stats.peers_connected == 2
+    assert pair.worker.stats.requests == 3 and pair.worker.stats.transfer_failures == 0
+
+
+async def test_an_unreachable_peer_fails_fast_and_backs_off(pair: Pair) -> None:
+    worker = pair.worker
+    nobody = f"127.0.0.1:{free_port()}"  # no agent listens there
+    allocation = pair.decode.reserve("r1", PROMPT, SAMPLING)
+    assert allocation is not None
+
+    async def attempt() -> str:
+        with pytest.raises(TransferFailed) as failed:
+            await worker.prefill("r1", PROMPT, SAMPLING, nobody, allocation.block_ids, 0)
+        return str(failed.value)
+
+    handshakes = lambda: sum(worker.agent.stats.failures.values())  # noqa: E731
+    first = await attempt()
+    assert "cannot reach decode peer" in first and handshakes() == 1
+    second = await attempt()  # within the backoff: refused without dialing
+    assert "next try in" in second and handshakes() == 1
+    assert worker.stats.connect_failures == 2 and worker.stats.requests == 0
+    assert await worker.loop.call(lambda e: e.num_requests()) == 0  # nothing was queued
+    await asyncio.sleep(worker.agent.config.heartbeat_interval_s + 0.1)  # the first backoff
+    await attempt()  # dialed again, failed again: the backoff doubles
+    assert handshakes() == 2
+    backoff = worker._backoff[nobody]
+    assert backoff.failures == 2
+    assert backoff.retry_at - time.monotonic() > worker.agent.config.heartbeat_interval_s
+    # the real peer is unaffected
+    pair.decode.release("r1")
+    assert await push(pair, "r2") >= 0
