@@ -40,6 +40,7 @@ from redis.asyncio import Redis
 from cluster.errors import IndexUnavailable
 from engine.block_hash import BlockHash, hash_to_hex
 from index.prefix_keys import PrefixKeys
+from index.prefix_walk import PrefixWalk
 from index.redis_client import RedisConfig, bounded
 
 logger = logging.getLogger(__name__)
@@ -295,12 +296,9 @@ class PrefixIndexReader:
         """Per worker, the number of leading blocks of `hashes` it holds (only workers with at
         least one); `workers` restricts the answer to those (e.g. the live ones).
         Raises IndexUnavailable."""
-        alive: set[str] | None = None if workers is None else set(workers)
-        if not hashes or alive == set():
-            return {}
-        matched: dict[str, int] = {}
+        walk = PrefixWalk(workers)
         start, chunk = 0, self._first_chunk
-        while start < len(hashes):
+        while start < len(hashes) and not walk.over:
             part = hashes[start:start + chunk]
             pipe = self._redis.pipeline(transaction=False)
             for block_hash in part:
@@ -308,21 +306,12 @@ class PrefixIndexReader:
             async with bounded("lookup", self._config.op_timeout_s):
                 holders_per_block = await pipe.execute()
             self.round_trips += 1
-            for offset, holders in enumerate(holders_per_block):
-                still = {_as_str(w) for w in holders}
-                if alive is not None:
-                    still &= alive
-                    for gone in alive - still:  # held blocks [0, start + offset): recorded
-                        if start + offset:
-                            matched[gone] = start + offset
-                alive = still
-                if not alive:
-                    return matched
+            for holders in holders_per_block:
+                if not walk.step(_as_str(w) for w in holders):
+                    break
             start += len(part)
             chunk = min(chunk * 2, self._max_chunk)
-        for worker in alive or ():
-            matched[worker] = len(hashes)
-        return matched
+        return walk.result()
 
     async def close(self) -> None:
         """Nothing runs in the background; the Redis client is the caller's."""

@@ -22,6 +22,7 @@ from redis.asyncio import Redis
 from cluster.errors import IndexUnavailable
 from engine.block_hash import BlockHash, hash_from_hex
 from index.prefix_keys import PrefixKeys
+from index.prefix_walk import PrefixWalk
 from index.redis_client import RedisConfig, bounded
 
 _Entry = tuple[bytes, dict[bytes, bytes]]  # a stream entry: (id, fields)
@@ -89,21 +90,11 @@ class PrefixIndexTail:
     def lookup(self, hashes: Sequence[BlockHash],
                workers: Collection[str] | None = None) -> dict[str, int]:
         """Per worker, the number of leading blocks of `hashes` it holds (as of the last sync)."""
-        alive: set[str] | None = None if workers is None else set(workers)
-        matched: dict[str, int] = {}
-        for position, block_hash in enumerate(hashes):
-            still = set(self._holders.get(block_hash, ()))
-            if alive is not None:
-                still &= alive
-                for gone in alive - still:
-                    if position:
-                        matched[gone] = position
-            alive = still
-            if not alive:
-                return matched
-        for worker in alive or ():
-            matched[worker] = len(hashes)
-        return matched
+        walk = PrefixWalk(workers)
+        for block_hash in hashes:
+            if walk.over or not walk.step(self._holders.get(block_hash, ())):
+                break
+        return walk.result()
 
     def _apply(self, worker: str, ops: str) -> None:
         held = self._blocks[worker]

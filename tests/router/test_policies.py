@@ -162,3 +162,20 @@ def test_make_policy_rejects_unknown_names() -> None:
     assert make_policy("kv_aware", alpha=2.0).name == "kv_aware"
     with pytest.raises(ValueError, match="policy: unknown 'random'"):
         make_policy("random")
+
+
+def test_the_pool_passes_the_reported_prefill_queue_to_the_policies() -> None:
+    """Workers report `queued_prompt_blocks`; the load the policies weigh carries it."""
+    from grpc import aio
+
+    from router.clients import ClientTimeouts, PrefillClient
+    from router.workers import WorkerHandle
+    from tandem_proto.tandem.v1 import common_pb2
+
+    channel = aio.insecure_channel("127.0.0.1:1")  # never dialled
+    handle = WorkerHandle("p0", P, "127.0.0.1:1", channel,
+                          PrefillClient("p0", channel, ClientTimeouts(1, 1, 1)),
+                          status=common_pb2.WorkerStatus(load=common_pb2.WorkerLoad(
+                              queued_prompt_blocks=94, running=2)))
+    load = handle.load()
+    assert load.queued_prompt_blocks == 94 and load.queued_blocks == 94 and load.running == 2
