@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-import sys
+from collections.abc import Sequence
 
 from cluster.grpc_server import ServiceBinding
 from cluster.roles import Role
-from cluster.worker_config import WorkerConfig, worker_flags
+from cluster.worker_config import WorkerConfig
+from cluster.worker_main import run_worker, serve_role
 from cluster.worker_runtime import WorkerRuntime
-from cluster.worker_service import WorkerServicer
 from decode_worker.service import DecodeServicer
 from decode_worker.worker import DecodeWorker
-from observability.logging_setup import setup_logging
-from observability.tracing import setup_tracing
-from tandem_proto.tandem.v1 import decode_pb2_grpc, worker_pb2_grpc
+from tandem_proto.tandem.v1 import decode_pb2_grpc
 
 
 async def serve(config: WorkerConfig) -> None:
@@ -28,25 +24,15 @@ async def serve(config: WorkerConfig) -> None:
     runtime.attach_metrics(decode=lambda: worker.stats)
     worker.start()
     try:
-        await runtime.serve([
-            ServiceBinding("tandem.v1.Decode", decode_pb2_grpc.add_DecodeServicer_to_server,
-                           DecodeServicer(worker, runtime)),
-            ServiceBinding("tandem.v1.Worker", worker_pb2_grpc.add_WorkerServicer_to_server,
-                           WorkerServicer(Role.DECODE, worker, runtime))])
+        await serve_role(runtime, ServiceBinding(
+            "tandem.v1.Decode", decode_pb2_grpc.add_DecodeServicer_to_server,
+            DecodeServicer(worker, runtime)), worker)
     finally:
         await worker.stop()
-    if loop.fatal is not None:
-        sys.exit(f"decode worker {runtime.worker_id}: engine failed: {loop.fatal!r}")
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="tandem decode", description=__doc__)
-    flags = worker_flags()
-    flags.add_to(parser)
-    config = flags.parse(parser, argv, role=Role.DECODE)
-    setup_logging()
-    setup_tracing("tandem-decode")
-    asyncio.run(serve(config))
+def main(argv: Sequence[str] | None = None) -> None:
+    run_worker(Role.DECODE, serve, argv, __doc__)
 
 
 if __name__ == "__main__":
