@@ -9,6 +9,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import NoReturn
 
 DEFAULT_PROMPTS = (
     "The quick brown fox",
@@ -141,13 +142,15 @@ def generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def passthrough(module: str):  # type: ignore[no-untyped-def]
+ROLE_MODULES = {"router": "router", "prefill": "prefill_worker", "decode": "decode_worker"}
+
+
+def add_role(parser: argparse.ArgumentParser) -> None:
+    """`tandem <role> ...` is dispatched before argparse sees it (`cli.main`): the role's own
+    parser owns every flag, --help included; this only documents it in `tandem --help`."""
+
+
+def run_role(role: str, argv: list[str]) -> NoReturn:
     """`tandem <role> ARGS` runs `python -m <module> ARGS` in this process (exec)."""
-    def add(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("rest", nargs=argparse.REMAINDER,
-                            help=f"arguments of `python -m {module}` (see --help there)")
-
-    def run(args: argparse.Namespace) -> int:
-        os.execv(sys.executable, [sys.executable, "-m", module, *args.rest])
-
-    return add, run
+    module = ROLE_MODULES[role]
+    os.execv(sys.executable, [sys.executable, "-m", module, *argv])

@@ -51,11 +51,11 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "generate": Subcommand("stream a completion from a running router",
                            commands.add_generate, commands.generate),
     "router": Subcommand("run the router (flags: tandem router --help)",
-                         *commands.passthrough("router")),
+                         commands.add_role, lambda args: commands.run_role("router", [])),
     "prefill": Subcommand("run a prefill worker (flags: tandem prefill --help)",
-                          *commands.passthrough("prefill_worker")),
+                          commands.add_role, lambda args: commands.run_role("prefill", [])),
     "decode": Subcommand("run a decode worker (flags: tandem decode --help)",
-                         *commands.passthrough("decode_worker")),
+                         commands.add_role, lambda args: commands.run_role("decode", [])),
 }
 
 
@@ -71,7 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `tandem` console script; returns the process exit status."""
-    args = build_parser().parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    if words and words[0] in commands.ROLE_MODULES:  # the role's own flags, --help included
+        commands.run_role(words[0], words[1:])
+    args = build_parser().parse_args(words)
     try:
         return SUBCOMMANDS[args.command].run(args)
     except (ValueError, FileNotFoundError) as e:  # user errors: one line, no traceback

@@ -63,3 +63,14 @@ def test_console_script_points_at_main() -> None:
     assert script.value == "cli.main:main"
     assert script.load() is cli.main
     assert "make-tiny-model" in cli.SUBCOMMANDS
+
+
+@pytest.mark.parametrize(("role", "flag"), [("router", "--redis-url"),
+                                            ("prefill", "--transfer-token"),
+                                            ("decode", "--lease-ms")])
+def test_a_role_subcommand_hands_every_flag_to_the_role(role: str, flag: str) -> None:
+    done = _tandem(role, "--help")
+    assert done.returncode == 0, done.stderr
+    assert flag in done.stdout and f"usage: tandem {role}" in done.stdout
+    bad = _tandem(role, "--no-such-flag")
+    assert bad.returncode == 2 and "unrecognized arguments: --no-such-flag" in bad.stderr
