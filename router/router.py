@@ -71,6 +71,7 @@ class Router:
         self.tracker = InFlightTracker()
         self.admission = Admission(config.max_inflight, config.max_queue, config.queue_timeout_s)
         self.pair_health = PairHealth()
+        pool.on_removed.append(self.pair_health.forget)
         self.stats = RouterStats()
         self.registry = CollectorRegistry()
         self.metrics = RouterMetrics(self.registry)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from grpc import aio
@@ -66,6 +67,7 @@ class WorkerPool:
                                        status_s=config.status_timeout_s,
                                        cleanup_s=config.cleanup_timeout_s)
         self.workers: dict[str, WorkerHandle] = {}
+        self.on_removed: list[Callable[[str], None]] = []  # told the id of a worker that left
         self.registry_ok = True
         self._task: asyncio.Task[None] | None = None
         self._closing: set[asyncio.Future[None]] = set()
@@ -180,6 +182,8 @@ class WorkerPool:
     def _remove(self, worker_id: str) -> None:
         handle = self.workers.pop(worker_id)
         log.info("worker %s left the registry", worker_id)
+        for listener in self.on_removed:
+            listener(worker_id)
         # calls still running on the channel finish or fail on their own deadlines
         self._track(asyncio.ensure_future(self._close_later(handle.channel)))
 
