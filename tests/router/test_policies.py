@@ -164,7 +164,7 @@ def test_make_policy_rejects_unknown_names() -> None:
         make_policy("random")
 
 
-def test_the_pool_passes_the_reported_prefill_queue_to_the_policies() -> None:
+async def test_the_pool_passes_the_reported_prefill_queue_to_the_policies() -> None:
     """Workers report `queued_prompt_blocks`; the load the policies weigh carries it."""
     from grpc import aio
 
