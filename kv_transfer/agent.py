@@ -206,6 +206,10 @@ class BaseAgent(ABC):
             events, self._events = self._events, []
         return events
 
+    def in_flight(self) -> bool:
+        return not self._closed and (bool(self._writes) or self._tracker.num_landing > 0
+                                     or self._receiving())
+
     def close(self) -> None:
         if self._closed:
             return
@@ -366,6 +370,11 @@ class BaseAgent(ABC):
     @abstractmethod
     def _cancel_write(self, handle: Any) -> None:
         """Gives up on an in-flight write (best effort)."""
+
+    def _receiving(self) -> bool:
+        """True while the backend moves bytes of a write into this cache that have not
+        landed yet (and need `poll()` to progress); one-sided backends never know."""
+        return False
 
     def _accept_peer(self, peer: str, conn_id: int) -> None:  # noqa: B027 (optional hook)
         """A sender passed the handshake (receiver side)."""

@@ -202,6 +202,14 @@ class KVTransferAgent(Protocol):
         Never blocks for long (no network waits); call it often (~1 ms) while transfers run."""
         ...
 
+    def in_flight(self) -> bool:
+        """True while bytes are moving that only `poll()` settles: a write this agent posted
+        that is not yet done or failed, or a request whose KV has started landing here and is
+        not yet complete or failed. A request only expected (nothing landed yet) does not
+        count: its sender may not have started, and a receiver waiting for it need not poll
+        at the fast rate. Cheap; call it from the polling thread."""
+        ...
+
     def close(self) -> None:
         """Fails everything in flight with CLOSED, drops all links, deregisters the cache."""
         ...

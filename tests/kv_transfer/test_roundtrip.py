@@ -4,6 +4,7 @@ writes of whole groups or of any other layer range, one request or many interlea
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 
 import numpy as np
@@ -127,3 +128,48 @@ def test_many_interleaved_requests(make_agent, backend: str) -> None:
         assert torch.equal(cache, expected)
     finally:
         sender.stop()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_in_flight_while_bytes_move(make_agent, backend: str) -> None:
+    """`in_flight()` says when polling is needed: on the sender from a write posted until its
+    WRITE_DONE was polled; on the receiver from a request's first landed write until it is
+    complete or released, not while it is only expected."""
+    sender, _ = make_agent(backend, num_blocks=32, seed=7)
+    receiver, _ = make_agent(backend, num_blocks=32, seed=8)
+    remote_receiver = Peer(backend, num_blocks=32, seed=9)
+    remote_sender = Peer(backend, num_blocks=32, seed=10)
+
+    def poll_until_in_flight() -> None:
+        deadline = time.monotonic() + 20.0
+        while not receiver.in_flight() and time.monotonic() < deadline:
+            assert receiver.poll() == []
+        assert receiver.in_flight()
+
+    try:
+        assert not sender.in_flight() and not receiver.in_flight()
+        peer = sender.connect(remote_receiver.metadata)
+        sender.write(peer, "A", [0, 1], [2, 3], range(SPEC.num_layers), last=True)
+        assert sender.in_flight()  # posted, not yet polled
+        [done] = poll_until(sender, 1, 20.0)
+        assert done.kind == EventKind.WRITE_DONE, done
+        assert not sender.in_flight()
+
+        receiver.expect("B", 20.0)
+        receiver.expect("C", 20.0)
+        assert not receiver.in_flight()  # expected, nothing landed
+        their_peer = remote_sender.call("connect", receiver.metadata())
+        remote_sender.call("write", [(their_peer, "B", [0], [5], (0, 1), False)])
+        poll_until_in_flight()  # B's first layer landed
+        remote_sender.call("write", [(their_peer, "B", [0], [5], (1, SPEC.num_layers), True)])
+        landed = poll_until(receiver, 1, 20.0)
+        assert [(e.request_id, e.kind) for e in landed] == [("B", EventKind.REQUEST_COMPLETE)]
+        assert not receiver.in_flight()  # C is still expected, but nothing of it came
+        remote_sender.call("write", [(their_peer, "C", [1], [6], (0, 1), False)])
+        poll_until_in_flight()
+        receiver.release("C")
+        assert not receiver.in_flight()
+    finally:
+        remote_sender.stop()
+        remote_receiver.stop()
