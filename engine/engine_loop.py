@@ -29,19 +29,24 @@ __all__ = ["EngineDead", "EngineLoop"]
 T = TypeVar("T")
 IDLE_WAIT_S = 0.05  # how long an idle engine thread sleeps before re-checking periodic hooks
 
+IdleHook = Callable[[Engine], float | None]
+"""Runs on the engine thread between steps; returns the longest the thread may then wait for
+a command before calling it again (something outside the engine is in flight: a KV transfer
+to poll), or None when nothing is (the thread re-checks after `IDLE_WAIT_S`)."""
+
 
 class EngineLoop:
     """An engine driven by a background thread, used from asyncio."""
 
     def __init__(self, engine: Engine, on_layer_done: StepLayerCallback | None = None,
-                 on_idle: Callable[[Engine], None] | None = None,
+                 on_idle: IdleHook | None = None,
                  step_delay_s: float = 0.0,
                  on_step: Callable[[StepInfo], None] | None = None) -> None:
         self.engine = engine
         self.on_step = on_step  # engine thread, after every step that ran a batch
         self.step_delay_s = step_delay_s  # fault injection for tests: a slow engine
         self.on_layer_done = on_layer_done
-        self.on_idle = on_idle  # runs on the engine thread at least every IDLE_WAIT_S
+        self.on_idle = on_idle  # engine thread: between steps, and at least as often as it asks
         self.fatal: BaseException | None = None
         self._commands: queue.Queue[tuple[Callable[[Engine], Any], Future[Any]]] = queue.Queue()
         self._subscribers: dict[str, tuple[asyncio.AbstractEventLoop,
@@ -81,10 +86,10 @@ class EngineLoop:
 
     def _run(self) -> None:
         try:
+            wait = IDLE_WAIT_S  # the longest the next command wait may take
             while not self._stop.is_set():
-                self._run_commands(block=not self.engine.has_unfinished())
-                if self.on_idle is not None:
-                    self.on_idle(self.engine)
+                self._run_commands(0.0 if self.engine.has_unfinished() else wait)
+                wait = self._idle()
                 if self.engine.has_unfinished():
                     if self.step_delay_s:
                         time.sleep(self.step_delay_s)
@@ -92,14 +97,21 @@ class EngineLoop:
                     if self.on_step is not None and self.engine.last_step is not None:
                         self.on_step(self.engine.last_step)
                     self._deliver(outputs)
+                    wait = self._idle()  # the step may have started something to poll for
         except BaseException as error:  # the engine is in an unknown state: stop serving
             log.exception("engine step failed; this worker can no longer serve")
             self.fatal = error
             self._fail_all(error)
 
-    def _run_commands(self, block: bool) -> None:
+    def _idle(self) -> float:
+        """Runs the idle hook; how long the thread may wait for a command before the next."""
+        asked = None if self.on_idle is None else self.on_idle(self.engine)
+        return IDLE_WAIT_S if asked is None else min(asked, IDLE_WAIT_S)
+
+    def _run_commands(self, timeout: float) -> None:
+        """Runs every queued command, first waiting up to `timeout` seconds for one."""
         try:
-            fn, future = self._commands.get(timeout=IDLE_WAIT_S) if block else \
+            fn, future = self._commands.get(timeout=timeout) if timeout > 0 else \
                 self._commands.get_nowait()
         except queue.Empty:
             return

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import queue
+import threading
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from engine.config import EngineConfig
 from engine.engine import Engine, RequestOutput
-from engine.engine_loop import EngineDead, EngineLoop
+from engine.engine_loop import IDLE_WAIT_S, EngineDead, EngineLoop
 from engine.sampling import SamplingParams
 from tests.engine.hf_reference import hf_greedy
 
@@ -61,5 +64,51 @@ async def test_a_failing_step_fails_every_request_and_later_calls(tiny_llama: Pa
         assert isinstance(loop.fatal, RuntimeError)
         with pytest.raises(EngineDead):
             await loop.call(lambda e: e.num_requests())
+    finally:
+        loop.stop()
+
+
+class RecordingQueue(queue.Queue):  # type: ignore[type-arg]
+    """The command queue, writing how long the engine thread offers to wait into `timeline`."""
+
+    def __init__(self, timeline: list[tuple[Any, ...]]) -> None:
+        super().__init__()
+        self.timeline = timeline
+
+    def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        self.timeline.append(("wait", timeout if block else 0.0))
+        return super().get(block, timeout)
+
+
+async def test_the_idle_hook_bounds_the_command_wait_even_right_after_a_step(
+        tiny_llama: Path) -> None:
+    """A step that starts something to poll for (a KV write) is followed by the idle hook at
+    once, and the thread then waits no longer than the hook asked, not `IDLE_WAIT_S`."""
+    in_flight = threading.Event()
+    timeline: list[tuple[Any, ...]] = []  # ("wait", timeout) and ("idle", steps, in flight)
+
+    def on_layer_done(layer: int, batch: object) -> None:
+        in_flight.set()  # as a prefill worker posts the write of a layer group
+
+    def on_idle(engine: Engine) -> float | None:
+        timeline.append(("idle", engine.stats.steps, in_flight.is_set()))
+        return 0.002 if in_flight.is_set() else None
+
+    loop = EngineLoop(Engine(tiny_llama, EngineConfig(num_blocks=64, block_size=4)),
+                      on_layer_done=on_layer_done, on_idle=on_idle)
+    loop._commands = RecordingQueue(timeline)
+    loop.start()
+    try:
+        q = loop.subscribe("a")
+        await loop.call(lambda e: e.add_request("a", [5, 6, 7], SamplingParams(max_tokens=1)))
+        await collect(q)
+        await asyncio.sleep(0.2)
+        events = list(timeline)
+        assert events[0] == ("wait", IDLE_WAIT_S)  # nothing in flight: the long idle wait
+        last_before = max(i for i, e in enumerate(events) if e[:2] == ("idle", 0))
+        first_after = events.index(("idle", 1, True))
+        assert first_after == last_before + 1  # the step ran between them, and nothing else
+        waits_after = [e[1] for e in events[first_after:] if e[0] == "wait"]
+        assert len(waits_after) > 3 and set(waits_after) == {0.002}
     finally:
         loop.stop()
