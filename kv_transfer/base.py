@@ -21,7 +21,7 @@ asyncio loop (or an engine thread) calls every millisecond or so.
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -203,11 +203,17 @@ class KVTransferAgent(Protocol):
         ...
 
     def in_flight(self) -> bool:
-        """True while bytes are moving that only `poll()` settles: a write this agent posted
-        that is not yet done or failed, or a request whose KV has started landing here and is
-        not yet complete or failed. A request only expected (nothing landed yet) does not
-        count: its sender may not have started, and a receiver waiting for it need not poll
-        at the fast rate. Cheap; call it from the polling thread."""
+        """True while `poll()` has work to settle: a write this agent posted that is not yet
+        done or failed, or a write a sender announced to this agent that has not landed yet.
+        Poll every ~1 ms while it is: polling also moves transfers on (a NIXL write completes
+        only once the receiver's worker has progressed; ucxx receives progress only in
+        `poll()`). Cheap; call it from the polling thread."""
+        ...
+
+    def set_wakeup(self, wake: Callable[[], None]) -> None:
+        """Receiver: `wake()` is called, from a background thread, as soon as a sender
+        announces a write to this agent (each `write` is announced on the control link), so
+        that a thread that polls slowly while nothing is in flight can poll at once."""
         ...
 
     def close(self) -> None:

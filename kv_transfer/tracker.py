@@ -32,16 +32,10 @@ class RequestTracker:
     def __init__(self, default_timeout_s: float) -> None:
         self._default_timeout_s = default_timeout_s
         self._requests: dict[str, _Request] = {}
-        self._landing: set[str] = set()  # requests with a message landed, not yet finished
         self._forgotten: OrderedDict[str, None] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._requests)
-
-    @property
-    def num_landing(self) -> int:
-        """Incomplete requests of which at least one message has landed."""
-        return len(self._landing)
 
     def expect(self, request_id: str, timeout_s: float | None, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
@@ -56,7 +50,6 @@ class RequestTracker:
     def forget(self, request_id: str) -> str:
         """Drops a request; returns the peer it came from ("" if none yet)."""
         req = self._requests.pop(request_id, None)
-        self._landing.discard(request_id)
         self._remember(request_id)
         return req.peer if req else ""
 
@@ -73,14 +66,12 @@ class RequestTracker:
                               f"messages from two senders ({req.peer}, {peer})")
         req.peer = peer
         req.seqs.add(msg.seq)
-        self._landing.add(msg.request_id)
         req.nbytes += msg.nbytes
         req.trace_context = msg.trace_context or req.trace_context
         if msg.total:
             req.total = msg.total
         if req.total and len(req.seqs) >= req.total:
             del self._requests[msg.request_id]
-            self._landing.discard(msg.request_id)
             self._remember(msg.request_id)
             return TransferEvent(EventKind.REQUEST_COMPLETE, msg.request_id, peer,
                                  nbytes=req.nbytes, latency_s=now - req.started,
@@ -105,13 +96,16 @@ class RequestTracker:
                            f"{self._requests[rid].total or '?'} writes landed)")
                 for rid in ids]
 
+    def finished(self, request_id: str) -> bool:
+        """True for a request completed, failed or forgotten (among the last 65,536)."""
+        return request_id in self._forgotten
+
     def peer_of(self, request_id: str) -> str:
         req = self._requests.get(request_id)
         return req.peer if req else ""
 
     def _fail(self, request_id: str, reason: FailureReason, why: str) -> TransferEvent:
         req = self._requests.pop(request_id)
-        self._landing.discard(request_id)
         self._remember(request_id)
         return TransferEvent(EventKind.REQUEST_FAILED, request_id, req.peer, reason=reason,
                              message=why, nbytes=req.nbytes, trace_context=req.trace_context)

@@ -4,8 +4,10 @@ writes of whole groups or of any other layer range, one request or many interlea
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import replace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -132,21 +134,18 @@ def test_many_interleaved_requests(make_agent, backend: str) -> None:
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_in_flight_while_bytes_move(make_agent, backend: str) -> None:
+def test_announced_writes_wake_the_receiver_and_are_in_flight_until_landed(
+        make_agent, backend: str) -> None:
     """`in_flight()` says when polling is needed: on the sender from a write posted until its
-    WRITE_DONE was polled; on the receiver from a request's first landed write until it is
-    complete or released, not while it is only expected."""
+    WRITE_DONE was polled; on the receiver from a sender's announcement of a write (which
+    calls the wakeup at once) until that write landed. A request only expected is not in
+    flight: nothing is moving yet."""
     sender, _ = make_agent(backend, num_blocks=32, seed=7)
     receiver, _ = make_agent(backend, num_blocks=32, seed=8)
+    woken = threading.Event()
+    receiver.set_wakeup(woken.set)
     remote_receiver = Peer(backend, num_blocks=32, seed=9)
     remote_sender = Peer(backend, num_blocks=32, seed=10)
-
-    def poll_until_in_flight() -> None:
-        deadline = time.monotonic() + 20.0
-        while not receiver.in_flight() and time.monotonic() < deadline:
-            assert receiver.poll() == []
-        assert receiver.in_flight()
-
     try:
         assert not sender.in_flight() and not receiver.in_flight()
         peer = sender.connect(remote_receiver.metadata)
@@ -157,18 +156,23 @@ def test_in_flight_while_bytes_move(make_agent, backend: str) -> None:
         assert not sender.in_flight()
 
         receiver.expect("B", 20.0)
-        receiver.expect("C", 20.0)
-        assert not receiver.in_flight()  # expected, nothing landed
+        assert not receiver.in_flight()  # expected, nothing moving
         their_peer = remote_sender.call("connect", receiver.metadata())
         remote_sender.call("write", [(their_peer, "B", [0], [5], (0, 1), False)])
-        poll_until_in_flight()  # B's first layer landed
+        assert woken.wait(10.0)  # the announcement, before anyone polled
+        # polled from the wakeup on, the announced write is in flight until it landed (B is
+        # not complete: nothing to report), then nothing is
+        landed: list[Any] = receiver.poll()
+        deadline = time.monotonic() + 20.0
+        while receiver.in_flight() and time.monotonic() < deadline:
+            landed += receiver.poll()
+            time.sleep(0.0005)
+        assert not receiver.in_flight() and landed == []
+        woken.clear()
         remote_sender.call("write", [(their_peer, "B", [0], [5], (1, SPEC.num_layers), True)])
+        assert woken.wait(10.0)
         landed = poll_until(receiver, 1, 20.0)
         assert [(e.request_id, e.kind) for e in landed] == [("B", EventKind.REQUEST_COMPLETE)]
-        assert not receiver.in_flight()  # C is still expected, but nothing of it came
-        remote_sender.call("write", [(their_peer, "C", [1], [6], (0, 1), False)])
-        poll_until_in_flight()
-        receiver.release("C")
         assert not receiver.in_flight()
     finally:
         remote_sender.stop()

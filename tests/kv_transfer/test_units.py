@@ -146,22 +146,6 @@ def test_tracker_deadline_and_peer_loss() -> None:
     assert len(tr) == 0
 
 
-def test_tracker_counts_requests_whose_kv_started_landing() -> None:
-    tr = RequestTracker(default_timeout_s=5)
-    tr.expect("done", None, now=0.0)
-    tr.expect("failed", 1.0, now=0.0)
-    tr.expect("forgotten", None, now=0.0)
-    assert tr.num_landing == 0  # expected only: nothing to poll for yet
-    for rid in ("done", "failed", "forgotten"):
-        tr.on_message("P", Notification(rid, 0, 1, 1, 0, 0, 1), now=0.5)
-    assert tr.num_landing == 3
-    tr.on_message("P", Notification("done", 1, 2, 1, 1, 2, 1), now=0.6)
-    [ev] = tr.expired(now=1.0)
-    assert ev.request_id == "failed"
-    tr.forget("forgotten")
-    assert tr.num_landing == 0 and len(tr) == 0
-
-
 def test_tracker_refuses_two_senders_for_one_request() -> None:
     tr = RequestTracker(default_timeout_s=5)
     tr.on_message("P", Notification("a", 0, 1, 1, 0, 0, 1), now=0.0)
