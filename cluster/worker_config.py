@@ -70,8 +70,8 @@ class WorkerConfig:
     transfer_peer_timeout_s: float = field(default=TransferConfig.peer_timeout_s, metadata={
         "help": "KV transfer: a peer silent on the control link this long is lost"})
     transfer_poll_interval_s: float = field(default=0.0005, metadata={
-        "help": "KV transfer: while bytes are moving (writes posted, or a request's KV partly "
-                "landed), the engine thread polls the agent this often: between steps, between "
+        "help": "KV transfer: while writes are in flight (posted here, or announced by a "
+                "sender), the engine thread polls the agent this often: between steps, between "
                 "a prefill's layers, and while idle; how late a landed write may be seen"})
     transfer_timeout_s: float = field(default=30.0, metadata={
         "help": "prefill: all of a request's KV writes must be done within this, or it fails"})

@@ -4,10 +4,11 @@ The engine on its own thread (`EngineLoop`), the KV transfer agent registered on
 cache, the gRPC server (health, reflection, error mapping), and — when a Redis URL is given —
 the registry heartbeat and the prefix-index writer fed by the block manager's events. The
 engine thread polls the transfer agent and drains block events between steps and hands them
-to the event loop; nothing here blocks the loop. While transfers are in flight it polls every
-`transfer_poll_interval_s`, also between the layers of a step (when the role has a layer
-hook) and while the engine is idle, so a write that lands is seen within that interval rather
-than after the next step or the idle wait.
+to the event loop; nothing here blocks the loop. While transfers are in flight
+(`agent.in_flight()`) it polls every `transfer_poll_interval_s`, also between the layers of a
+step (when the role has a layer hook) and while the engine is idle, so a write that lands is
+seen within that interval rather than after the next step or the idle wait; a receiver idles
+until a sender announces a write, which wakes its engine thread (`agent.set_wakeup`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from cluster.process import ProcessOptions, serve_until_stopped
 from cluster.worker_config import WorkerConfig
 from engine.block_manager import BlockEvent
 from engine.engine import Engine, StepLayerCallback
-from engine.engine_loop import EngineLoop
+from engine.engine_loop import EngineLoop, build_engine
 from engine.scheduler import ScheduledBatch
 from index.prefix_index import PrefixIndexWriter
 from index.redis_client import connect
@@ -44,7 +45,7 @@ class WorkerRuntime:
     def __init__(self, config: WorkerConfig) -> None:
         self.config = config
         self.worker_id = config.id
-        self.engine = Engine(config.model, config.engine)
+        self.engine = build_engine(config.model, config.engine)  # not on this thread: see there
         spec = KVLayoutSpec.from_cache_shape(self.engine.cache_shape, self.engine.model_id)
         self.agent: KVTransferAgent = create_agent(spec, config.transfer_config())
         self.agent.register_cache(self.engine.runner.kv_cache)
@@ -82,6 +83,7 @@ class WorkerRuntime:
 
         self.loop = EngineLoop(self.engine, on_layer_done=hook, on_idle=self._on_idle,
                                step_delay_s=self.config.step_delay_s)
+        self.agent.set_wakeup(self.loop.wake)
         self.loop.start()
         return self.loop
 

@@ -1,16 +1,21 @@
-"""The worker runtime's engine-thread hooks: the transfer agent is polled between steps, and
-while bytes are moving also between a step's layers and every poll interval when idle (a real
-engine, a real NIXL agent, a real receiver process)."""
+"""The worker runtime's engine-thread hooks: the transfer agent is polled between steps; while
+writes are in flight also between a step's layers and every poll interval when idle; and a
+sender's announced write wakes an idle receiver (a real engine, a real NIXL agent, a real
+peer process)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from cluster.roles import Role
 from cluster.worker_config import WorkerConfig
 from cluster.worker_runtime import WorkerRuntime
+from engine import engine_loop
 from engine.config import EngineConfig
 from engine.sampling import SamplingParams
 from engine.scheduler import ScheduledBatch
@@ -78,3 +83,38 @@ async def test_writes_in_flight_are_polled_between_layers_and_soon_when_idle(
     finally:
         await runtime.close()
         receiver.stop()
+
+
+async def test_an_idle_receiver_is_woken_by_an_announced_write(
+        tiny_llama: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the idle wait made an hour long, a decode worker's engine thread only polls again
+    if the sender's announcement wakes it: then the write lands, the request completes, and
+    the sender's write (which needs the receiver's progress) is done."""
+    monkeypatch.setattr(engine_loop, "IDLE_WAIT_S", 3600.0)
+    config = WorkerConfig(role=Role.DECODE, model=str(tiny_llama), metrics_listen="",
+                          transfer_token=TOKEN, engine=EngineConfig(num_blocks=32, block_size=4))
+    runtime = WorkerRuntime(config)
+    sender = Peer("nixl", spec=KVLayoutSpec.from_cache_shape(runtime.engine.cache_shape,
+                                                              runtime.engine.model_id),
+                  num_blocks=32)
+    arrived = asyncio.Event()
+    events: list[TransferEvent] = []
+
+    def listener(batch: list[TransferEvent]) -> None:
+        events.extend(batch)
+        arrived.set()
+
+    runtime.on_transfer_events(listener)
+    loop = runtime.start_engine()
+    try:
+        await loop.call(lambda e: runtime.agent.expect("r", 30.0))
+        peer = sender.call("connect", runtime.agent.metadata())
+        await asyncio.sleep(0.2)  # the engine thread is back in its (hour-long) wait
+        sender.call("write", [(peer, "r", [0, 1], [3, 4], (0, 2), True)])
+        await asyncio.wait_for(arrived.wait(), 20.0)
+        assert [(e.kind, e.request_id) for e in events] == [(EventKind.REQUEST_COMPLETE, "r")]
+        [done] = sender.wait_events(1, 20.0)
+        assert done.kind == EventKind.WRITE_DONE
+    finally:
+        await runtime.close()
+        sender.stop()
