@@ -98,6 +98,14 @@ class EngineLoop:
         thread; a KV transfer agent calls it when a peer announces a write)."""
         self._commands.put((lambda _e: None, Future()))
 
+    def post(self, fn: Callable[[Engine], Any]) -> None:
+        """Runs `fn(engine)` on the engine thread between two steps, without waiting for it
+        (any thread); an error it raises is logged. For clean-ups that must not hold the
+        caller until the engine finishes its current step."""
+        future: Future[Any] = Future()
+        future.add_done_callback(_log_failure)
+        self._commands.put((fn, future))
+
     async def call(self, fn: Callable[[Engine], T]) -> T:
         """Runs `fn(engine)` on the engine thread and returns its result (or raises its error)."""
         if self.fatal is not None:
@@ -181,3 +189,9 @@ class EngineLoop:
                 return
             if future.set_running_or_notify_cancel():
                 future.set_exception(EngineDead(f"engine failed: {error!r}"))
+
+
+def _log_failure(future: Future[Any]) -> None:
+    error = future.exception()
+    if error is not None:
+        log.error("a posted engine command failed: %r", error)
