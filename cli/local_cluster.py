@@ -68,7 +68,18 @@ class LocalCluster:
     router_port: int = 0
     log_dir: Path | None = None
     start_timeout_s: float = 180.0
-    threads_per_worker: int = 1  # CPU: several engines share the machine's cores
+    # CPU threads (torch intra-op) of each worker's engine; the workers share the machine's
+    # cores. A prefill is short and latency-bound: by default it takes every core (None:
+    # torch's default), so a request alone gets its first token as fast as the engine alone
+    # computes it. A decode worker computes as long as it has requests: by default it takes
+    # its share of the cores (None: cores // workers, at least 1), so the two roles computing
+    # together do not oversubscribe them much (measured, prefill_worker/bench.py and README).
+    prefill_threads: int | None = None
+    decode_threads: int | None = None
+    # GOMP_SPINCOUNT of the workers: how long an idle OpenMP thread spins before it sleeps
+    # (None: libgomp's own, ~300,000, a few ms). Short, so a thread waiting at a barrier
+    # for a peer preempted by another worker gives its core back within ~0.1 ms.
+    omp_spin_count: int | None = 10_000
     metrics: bool = True  # every process serves /metrics on a free loopback port
     processes: list[ServiceProcess] = field(default_factory=list)
 
@@ -118,11 +129,16 @@ class LocalCluster:
         if role == "router":
             args += self.router_args
         else:
-            args += ["--worker-id", name, "--num-threads", str(self.threads_per_worker),
-                     *self.worker_args]
+            args += ["--worker-id", name]
+            threads = self.threads(role)
+            if threads is not None:
+                args += ["--num-threads", str(threads)]
+            args += self.worker_args
         assert self.log_dir is not None
         log_path = self.log_dir / f"{name}.log"
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "UCX_WARN_UNUSED_ENV_VARS": "n"}
+        if self.omp_spin_count is not None and role != "router":
+            env["GOMP_SPINCOUNT"] = str(self.omp_spin_count)
         with open(log_path, "wb") as log:
             popen = subprocess.Popen(
                 [sys.executable, "-m", MODULES[role], *args, *extra_args],
@@ -130,6 +146,14 @@ class LocalCluster:
         process = ServiceProcess(role, name, popen, log_path, f"127.0.0.1:{port}", metrics)
         self.processes.append(process)
         return process
+
+    def threads(self, role: str) -> int | None:
+        """`--num-threads` of a `role` worker (None: not passed, torch's default)."""
+        if role == "prefill":
+            return self.prefill_threads
+        if self.decode_threads is not None:
+            return self.decode_threads
+        return max(1, (os.cpu_count() or 1) // (self.prefill + self.decode))
 
     def wait_ready(self, process: ServiceProcess, timeout_s: float | None = None) -> None:
         """Waits until the process's health service answers SERVING; raises with its log if it

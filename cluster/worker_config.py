@@ -69,6 +69,10 @@ class WorkerConfig:
         "help": "KV transfer: control-link ping period"})
     transfer_peer_timeout_s: float = field(default=TransferConfig.peer_timeout_s, metadata={
         "help": "KV transfer: a peer silent on the control link this long is lost"})
+    transfer_poll_interval_s: float = field(default=0.0005, metadata={
+        "help": "KV transfer: while writes are in flight (posted here, or announced by a "
+                "sender), the engine thread polls the agent this often: between steps, between "
+                "a prefill's layers, and while idle; how late a landed write may be seen"})
     transfer_timeout_s: float = field(default=30.0, metadata={
         "help": "prefill: all of a request's KV writes must be done within this, or it fails"})
     lease_ms: int = field(default=30_000, metadata={
@@ -90,7 +94,7 @@ class WorkerConfig:
         if self.lease_ms < 1:
             raise ValueError(f"lease_ms: must be >= 1, got {self.lease_ms}")
         for name in ("redis_op_timeout_s", "heartbeat_ttl_s", "transfer_timeout_s",
-                     "lease_check_interval_s"):
+                     "transfer_poll_interval_s", "lease_check_interval_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")
         for name in ("quarantine_s", "shutdown_grace_s", "step_delay_ms"):

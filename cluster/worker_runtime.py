@@ -4,8 +4,13 @@ The engine on its own thread (`EngineLoop`), the KV transfer agent registered on
 cache, the gRPC server (health, reflection, error mapping), and — when a Redis URL is given —
 the registry heartbeat and the prefix-index writer fed by the block manager's events. The
 engine thread polls the transfer agent and drains block events between steps and hands them
-to the event loop; nothing here blocks the loop. Its background tasks (the index writer, the
-engine watch) are kept in `BackgroundTasks`: failures logged, cancelled and awaited on close.
+to the event loop; nothing here blocks the loop. While transfers are in flight
+(`agent.in_flight()`) it polls every `transfer_poll_interval_s`, also between the layers of a
+step (when the role has a layer hook) and while the engine is idle, so a write that lands is
+seen within that interval rather than after the next step or the idle wait; a receiver idles
+until a sender announces a write, which wakes its engine thread (`agent.set_wakeup`). Its
+background tasks (the index writer, the engine watch) are kept in `BackgroundTasks`: failures
+logged, cancelled and awaited on close.
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ from cluster.process import ProcessOptions, serve_until_stopped
 from cluster.worker_config import WorkerConfig
 from engine.block_manager import BlockEvent
 from engine.engine import Engine, StepLayerCallback
-from engine.engine_loop import EngineLoop
+from engine.engine_loop import EngineLoop, build_engine
+from engine.scheduler import ScheduledBatch
 from index.prefix_index import PrefixIndexWriter
 from index.redis_client import connect
 from index.registry import Heartbeat, LoadReport, WorkerRecord, WorkerRegistry
@@ -42,7 +48,7 @@ class WorkerRuntime:
     def __init__(self, config: WorkerConfig) -> None:
         self.config = config
         self.worker_id = config.id
-        self.engine = Engine(config.model, config.engine)
+        self.engine = build_engine(config.model, config.engine)  # not on this thread: see there
         spec = KVLayoutSpec.from_cache_shape(self.engine.cache_shape, self.engine.model_id)
         self.agent: KVTransferAgent = create_agent(spec, config.transfer_config())
         self.agent.register_cache(self.engine.runner.kv_cache)
@@ -53,6 +59,7 @@ class WorkerRuntime:
         self.address = ""  # host:port peers dial, known once serving
         self.registry = CollectorRegistry()
         self.queued_prompt_blocks = 0  # set by the engine thread between steps
+        self._last_poll = 0.0  # engine thread: time.monotonic() of the last agent.poll()
         self._aio: asyncio.AbstractEventLoop | None = None
         self._transfer_listeners: list[Callable[[list[TransferEvent]], None]] = []
         self.tasks = BackgroundTasks(f"{config.role.value} worker {self.worker_id}")
@@ -65,22 +72,43 @@ class WorkerRuntime:
         self._transfer_listeners.append(listener)
 
     def start_engine(self, on_layer_done: StepLayerCallback | None = None) -> EngineLoop:
+        """Starts the engine thread; `on_layer_done` (the role's, engine thread) runs as each
+        layer of a step is cached, followed by a poll of the transfer agent when one is due."""
         self._aio = asyncio.get_running_loop()
-        self.loop = EngineLoop(self.engine, on_layer_done=on_layer_done, on_idle=self._on_idle,
+        hook: StepLayerCallback | None = None
+        if on_layer_done is not None:
+            role_hook = on_layer_done
+
+            def hook(layer: int, batch: ScheduledBatch) -> None:
+                role_hook(layer, batch)
+                if self.agent.in_flight() and time.monotonic() - self._last_poll >= \
+                        self.config.transfer_poll_interval_s:
+                    self._poll_transfer()
+
+        self.loop = EngineLoop(self.engine, on_layer_done=hook, on_idle=self._on_idle,
                                step_delay_s=self.config.step_delay_s)
+        self.agent.set_wakeup(self.loop.wake)
         self.loop.start()
         return self.loop
 
-    def _on_idle(self, engine: Engine) -> None:
-        """Engine thread, between steps: drive the transfer agent, hand off block events."""
+    def _on_idle(self, engine: Engine) -> float | None:
+        """Engine thread, between steps: drive the transfer agent, hand off block events; asks
+        to be called again within the poll interval while transfers are in flight."""
         assert self._aio is not None
         self.queued_prompt_blocks = engine.num_queued_prompt_blocks()
-        events = self.agent.poll()
-        if events:
-            self._aio.call_soon_threadsafe(self._dispatch_transfer, events)
+        self._poll_transfer()
         block_events = engine.block_manager.drain_events()
         if block_events and self.writer is not None:
             self._aio.call_soon_threadsafe(self._publish_blocks, block_events)
+        return self.config.transfer_poll_interval_s if self.agent.in_flight() else None
+
+    def _poll_transfer(self) -> None:
+        """Engine thread: one `agent.poll()`, its events handed to the event loop."""
+        assert self._aio is not None
+        self._last_poll = time.monotonic()
+        events = self.agent.poll()
+        if events:
+            self._aio.call_soon_threadsafe(self._dispatch_transfer, events)
 
     def _dispatch_transfer(self, events: list[TransferEvent]) -> None:
         for listener in self._transfer_listeners:

@@ -97,6 +97,12 @@ PRESETS: dict[str, TinyModelSpec] = {
     # Big enough that batching and paged attention show up in timings, still CPU-friendly.
     "bench": TinyModelSpec(hidden_size=256, intermediate_size=688, num_layers=4, num_heads=8,
                            num_kv_heads=4, vocab_size=1024, tie_word_embeddings=False),
+    # SmolLM2-135M's shape (random weights): what prefill_worker.bench times by default. The
+    # corpus yields fewer merges than 49,152, so the tokenizer is smaller than the embeddings.
+    "smollm2": TinyModelSpec(hidden_size=576, intermediate_size=1536, num_layers=30,
+                             num_heads=9, num_kv_heads=3, vocab_size=49152,
+                             max_position_embeddings=8192, rope_theta=100000.0,
+                             tie_word_embeddings=True),
 }
 
 

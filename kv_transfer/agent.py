@@ -14,7 +14,7 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -84,6 +84,10 @@ class BaseAgent(ABC):
         self._aborted: OrderedDict[tuple[str, str], None] = OrderedDict()
         self._lost_inbound: dict[str, tuple[float, str]] = {}  # peer → (fail its requests at, why)
         self._tracker = RequestTracker(config.request_timeout_s)
+        # receiver: request id → writes announced on the control link minus writes landed
+        # (negative while a notification beat its announcement)
+        self._announced: dict[str, int] = {}
+        self._wakeup: Callable[[], None] | None = None
         self._events: list[TransferEvent] = []
         self._closed = False
 
@@ -102,7 +106,8 @@ class BaseAgent(ABC):
             agent=self.name, backend=self.backend_name, spec=self.spec, config=self.config,
             backend_md=backend_md,
             on_refused=lambda f: self.stats.record_failure(
-                "handshake", FailureReason.AUTH if f == "token" else FailureReason.HANDSHAKE))
+                "handshake", FailureReason.AUTH if f == "token" else FailureReason.HANDSHAKE),
+            on_write=self._on_announced)
 
     def metadata(self) -> str:
         return self._require_control().address
@@ -174,12 +179,19 @@ class BaseAgent(ABC):
         write_id = next(self._write_ids)
         self._writes[write_id] = _Write(write_id, peer, request_id, nbytes, now,
                                         now + self.config.write_timeout_s, trace_context, handle)
+        # wakes the receiver, whose progress the write needs to complete (best effort: a lost
+        # link is reported by the control plane)
+        self._require_control().send(peer, True, {"t": "write", "r": request_id})
         return write_id
 
     def expect(self, request_id: str, timeout_s: float | None = None) -> None:
         self._tracker.expect(request_id, timeout_s)
 
+    def set_wakeup(self, wake: Callable[[], None]) -> None:
+        self._wakeup = wake
+
     def release(self, request_id: str) -> None:
+        self._announced.pop(request_id, None)
         peer = self._tracker.forget(request_id)
         if peer and self._control is not None:
             self._control.send(peer, False, {"t": "abort", "r": request_id})
@@ -205,6 +217,10 @@ class BaseAgent(ABC):
                     self._control.send(ev.peer, False, {"t": "abort", "r": ev.request_id})
             events, self._events = self._events, []
         return events
+
+    def in_flight(self) -> bool:
+        return not self._closed and (bool(self._writes) or self._receiving() or any(
+            n > 0 for n in self._announced.values()))
 
     def close(self) -> None:
         if self._closed:
@@ -257,6 +273,10 @@ class BaseAgent(ABC):
         elif cev.kind == "lost":
             # Notifications already on the wire still land during the grace period.
             self._lost_inbound[cev.peer] = (now + self.config.disconnect_grace_s, cev.detail)
+        elif cev.kind == "write":
+            rid = cev.detail
+            if not self._tracker.finished(rid):  # not a late announcement of a finished one
+                self._count_announced(rid, 1)
         elif cev.kind == "abort":
             self._aborted[(cev.peer, cev.detail)] = None
             while len(self._aborted) > _ABORTED_CAP:
@@ -288,11 +308,28 @@ class BaseAgent(ABC):
                 log.warning("dropping a message from %s: %s", peer, e)
                 self.stats.record_failure("request", FailureReason.PROTOCOL)
                 continue
+            if not self._tracker.finished(msg.request_id):
+                self._count_announced(msg.request_id, -1)
             ev = self._tracker.on_message(peer, msg, now)
             if ev is not None:
                 self._emit(ev)
 
+    def _count_announced(self, request_id: str, delta: int) -> None:
+        n = self._announced.get(request_id, 0) + delta
+        if n:
+            self._announced[request_id] = n
+        else:
+            self._announced.pop(request_id, None)
+
+    def _on_announced(self) -> None:
+        """Control thread: a sender announced a write; wake the polling thread."""
+        wake = self._wakeup
+        if wake is not None:
+            wake()
+
     def _emit(self, ev: TransferEvent) -> None:
+        if ev.kind in (EventKind.REQUEST_COMPLETE, EventKind.REQUEST_FAILED):
+            self._announced.pop(ev.request_id, None)
         if ev.kind == EventKind.REQUEST_COMPLETE:
             self.stats.record_request(ev.nbytes, ev.latency_s)
         elif ev.reason is not None:
@@ -366,6 +403,11 @@ class BaseAgent(ABC):
     @abstractmethod
     def _cancel_write(self, handle: Any) -> None:
         """Gives up on an in-flight write (best effort)."""
+
+    def _receiving(self) -> bool:
+        """True while the backend moves bytes of a write into this cache that have not
+        landed yet (and need `poll()` to progress); one-sided backends never know."""
+        return False
 
     def _accept_peer(self, peer: str, conn_id: int) -> None:  # noqa: B027 (optional hook)
         """A sender passed the handshake (receiver side)."""

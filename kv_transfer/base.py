@@ -21,7 +21,7 @@ asyncio loop (or an engine thread) calls every millisecond or so.
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -200,6 +200,20 @@ class KVTransferAgent(Protocol):
     def poll(self) -> list[TransferEvent]:
         """Drives the backend and returns every event since the last call, each exactly once.
         Never blocks for long (no network waits); call it often (~1 ms) while transfers run."""
+        ...
+
+    def in_flight(self) -> bool:
+        """True while `poll()` has work to settle: a write this agent posted that is not yet
+        done or failed, or a write a sender announced to this agent that has not landed yet.
+        Poll every ~1 ms while it is: polling also moves transfers on (a NIXL write completes
+        only once the receiver's worker has progressed; ucxx receives progress only in
+        `poll()`). Cheap; call it from the polling thread."""
+        ...
+
+    def set_wakeup(self, wake: Callable[[], None]) -> None:
+        """Receiver: `wake()` is called, from a background thread, as soon as a sender
+        announces a write to this agent (each `write` is announced on the control link), so
+        that a thread that polls slowly while nothing is in flight can poll at once."""
         ...
 
     def close(self) -> None:

@@ -2,6 +2,9 @@
 life. It carries the handshake, then heartbeats and aborts, and it is how each side learns that
 the other died: a killed process closes its sockets at once (EOF), a hung or partitioned one
 stops answering pings (`peer_timeout_s`). One-sided writes give the receiver no such signal.
+A sender also announces each write it posts, so a receiver that polls slowly while idle is
+woken at once (`on_write`): a NIXL write completes only once the receiver's worker has
+progressed.
 
 A daemon thread owns the sockets; it never touches the transfer backend. It reports what it saw
 as `ControlEvent`s that the agent's `poll()` drains on the caller's thread.
@@ -33,11 +36,11 @@ _SEND_TIMEOUT_S = 2.0  # a ping or abort that cannot be written in this long mea
 
 @dataclass(frozen=True)
 class ControlEvent:
-    kind: str  # "accepted" | "lost" | "abort" | "refused"
+    kind: str  # "accepted" | "lost" | "abort" | "refused" | "write"
     peer: str
     outbound: bool  # True: a link this agent opened (we are the sender on it)
     conn_id: int = 0
-    detail: str = ""  # lost: why; abort: the request id; refused: the field
+    detail: str = ""  # lost: why; abort, write: the request id; refused: the field
 
 
 @dataclass(eq=False)
@@ -57,10 +60,12 @@ class ControlPlane:
     """Listens for peers, connects to peers, and watches every link."""
 
     def __init__(self, *, agent: str, backend: str, spec: KVLayoutSpec, config: TransferConfig,
-                 backend_md: dict[str, Any], on_refused: Callable[[str], None]) -> None:
+                 backend_md: dict[str, Any], on_refused: Callable[[str], None],
+                 on_write: Callable[[], None]) -> None:
         self._agent, self._backend, self._spec, self._cfg = agent, backend, spec, config
         self._backend_md = backend_md
         self._on_refused = on_refused
+        self._on_write = on_write  # control thread: a sender announced a write to us
         self._events: queue.SimpleQueue[ControlEvent] = queue.SimpleQueue()
         self._pending: queue.SimpleQueue[_Link] = queue.SimpleQueue()
         self._links: dict[tuple[str, bool], _Link] = {}
@@ -268,6 +273,10 @@ class ControlPlane:
             if msg.get("t") == "abort":
                 self._events.put(ControlEvent("abort", link.peer, link.outbound, link.conn_id,
                                               str(msg.get("r", ""))))
+            elif msg.get("t") == "write" and not link.outbound:
+                self._events.put(ControlEvent("write", link.peer, False, link.conn_id,
+                                              str(msg.get("r", ""))))
+                self._on_write()
             elif msg.get("t") == "bye":
                 self._lost(link, "the peer disconnected")
                 return

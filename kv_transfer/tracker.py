@@ -96,6 +96,10 @@ class RequestTracker:
                            f"{self._requests[rid].total or '?'} writes landed)")
                 for rid in ids]
 
+    def finished(self, request_id: str) -> bool:
+        """True for a request completed, failed or forgotten (among the last 65,536)."""
+        return request_id in self._forgotten
+
     def peer_of(self, request_id: str) -> str:
         req = self._requests.get(request_id)
         return req.peer if req else ""

@@ -164,6 +164,9 @@ class UcxxAgent(BaseAgent):
     def _cancel_write(self, handle: Any) -> None:
         pass  # ucxx has no per-request cancel; the requests die with their endpoint
 
+    def _receiving(self) -> bool:
+        return any(inb.header_req is not None or inb.messages for inb in self._in.values())
+
     def _accept_peer(self, peer: str, conn_id: int) -> None:
         self._in[conn_id] = _Inbound(peer)
 

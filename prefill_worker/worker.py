@@ -9,7 +9,8 @@ including ones this worker had cached and did not recompute — so each block's 
 contiguous region and the transfer of a group overlaps the compute of the next ones. The
 write of the last group of the last chunk is marked `last`, so the decode side knows when the
 request is complete. `prefill` returns the first sampled token once every write has landed,
-then frees the blocks (they stay in this worker's prefix cache).
+and has the blocks freed (they stay in this worker's prefix cache) at the engine's next step
+boundary, without waiting for it.
 
 Links to decode workers are the agent's: every request asks it for the peer
 (`agent.connect`, no I/O while the link is alive), so a link the agent lost — the decode
@@ -178,7 +179,8 @@ class PrefillWorker:
             if plan is not None and plan.error:
                 send.set_status(Status(StatusCode.ERROR, plan.error))
             send.end()
-            await self.loop.call(lambda e: e.release(request_id))
+            # not awaited: the first token must not wait for another request's step to end
+            self.loop.post(lambda e: e.release(request_id))
 
     def counters(self) -> dict[str, float]:
         """For the Worker service's status (cumulative)."""

@@ -140,3 +140,5 @@ def test_other_validation_names_the_field() -> None:
         WorkerConfig(role=Role.DECODE, model="/m", lease_check_interval_s=0)
     with pytest.raises(ValueError, match="quarantine_s: must be >= 0"):
         WorkerConfig(role=Role.DECODE, model="/m", quarantine_s=-1)
+    with pytest.raises(ValueError, match="transfer_poll_interval_s: must be > 0"):
+        WorkerConfig(role=Role.PREFILL, model="/m", transfer_poll_interval_s=0)

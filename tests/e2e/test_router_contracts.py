@@ -22,15 +22,18 @@ async def test_a_duplicate_running_id_gets_already_exists_and_harms_no_one(
         cluster: LocalCluster, tiny_llama: Path) -> None:
     prompt = list(range(30, 70))
     async with RouterClient(cluster.router_address) as client:
-        first = asyncio.create_task(client.complete(token_ids=prompt, max_tokens=60,
-                                                    ignore_eos=True, request_id="dup"))
-        await asyncio.sleep(0.3)  # the first is being served
+        # the first is being served once its first token came, with 399 more to go (a sleep
+        # before the duplicate raced the whole first request once it took under 0.3 s)
+        first = client.generate(token_ids=prompt, max_tokens=400, ignore_eos=True,
+                                request_id="dup")
+        tokens = list((await anext(first)).token_ids)
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await client.complete(token_ids=[5, 6, 7], max_tokens=2, request_id="dup")
         assert caught.value.code() == grpc.StatusCode.ALREADY_EXISTS
         assert caught.value.details() == "request_id: 'dup' is already running"
-        result = await first
-        assert result.token_ids == expected(tiny_llama, prompt, 60)
+        async for chunk in first:
+            tokens += chunk.token_ids
+        assert tokens == expected(tiny_llama, prompt, 400)
         status = await client.status()
     assert len(status.workers) == 4 and not status.worker_errors and not status.pair_errors
     await wait_until(lambda: blocks_all_free(cluster), what="every block free again")

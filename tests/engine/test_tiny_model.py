@@ -15,7 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers reads it: ne
 import transformers  # the referee, tests only
 
 from engine.model_config import ModelConfig
-from engine.tiny_model import PRESETS, make_tiny_model
+from engine.tiny_model import PRESETS, hf_config, make_tiny_model
 from engine.weights import load_state_dict, weight_files
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
@@ -160,3 +160,13 @@ def test_unsupported_architecture_is_named(tmp_path: Path) -> None:
         ModelConfig.from_dir(model_dir)
     with pytest.raises(FileNotFoundError, match=r"config\.json"):
         ModelConfig.from_dir(tmp_path / "nowhere")
+
+
+def test_smollm2_preset_has_smollm2s_shape(tmp_path: Path) -> None:
+    # config.json alone (the 540 MB of weights are the benchmark's to write)
+    (tmp_path / "config.json").write_text(json.dumps(hf_config(PRESETS["smollm2"], "llama")))
+    cfg = ModelConfig.from_dir(tmp_path)
+    assert (cfg.hidden_size, cfg.intermediate_size, cfg.num_layers, cfg.num_heads,
+            cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size, cfg.tie_word_embeddings,
+            cfg.rope_theta, cfg.max_position_embeddings) == \
+        (576, 1536, 30, 9, 3, 64, 49152, True, 100000.0, 8192)

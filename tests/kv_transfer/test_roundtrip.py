@@ -4,7 +4,10 @@ writes of whole groups or of any other layer range, one request or many interlea
 
 from __future__ import annotations
 
+import threading
+import time
 from dataclasses import replace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -127,3 +130,50 @@ def test_many_interleaved_requests(make_agent, backend: str) -> None:
         assert torch.equal(cache, expected)
     finally:
         sender.stop()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_announced_writes_wake_the_receiver_and_are_in_flight_until_landed(
+        make_agent, backend: str) -> None:
+    """`in_flight()` says when polling is needed: on the sender from a write posted until its
+    WRITE_DONE was polled; on the receiver from a sender's announcement of a write (which
+    calls the wakeup at once) until that write landed. A request only expected is not in
+    flight: nothing is moving yet."""
+    sender, _ = make_agent(backend, num_blocks=32, seed=7)
+    receiver, _ = make_agent(backend, num_blocks=32, seed=8)
+    woken = threading.Event()
+    receiver.set_wakeup(woken.set)
+    remote_receiver = Peer(backend, num_blocks=32, seed=9)
+    remote_sender = Peer(backend, num_blocks=32, seed=10)
+    try:
+        assert not sender.in_flight() and not receiver.in_flight()
+        peer = sender.connect(remote_receiver.metadata)
+        sender.write(peer, "A", [0, 1], [2, 3], range(SPEC.num_layers), last=True)
+        assert sender.in_flight()  # posted, not yet polled
+        [done] = poll_until(sender, 1, 20.0)
+        assert done.kind == EventKind.WRITE_DONE, done
+        assert not sender.in_flight()
+
+        receiver.expect("B", 20.0)
+        assert not receiver.in_flight()  # expected, nothing moving
+        their_peer = remote_sender.call("connect", receiver.metadata())
+        remote_sender.call("write", [(their_peer, "B", [0], [5], (0, 1), False)])
+        assert woken.wait(10.0)  # the announcement, before anyone polled
+        # polled from the wakeup on, the announced write is in flight until it landed (B is
+        # not complete: nothing to report), then nothing is
+        landed: list[Any] = receiver.poll()
+        deadline = time.monotonic() + 20.0
+        while receiver.in_flight() and time.monotonic() < deadline:
+            landed += receiver.poll()
+            time.sleep(0.0005)
+        assert not receiver.in_flight() and landed == []
+        woken.clear()
+        remote_sender.call("write", [(their_peer, "B", [0], [5], (1, SPEC.num_layers), True)])
+        assert woken.wait(10.0)
+        landed = poll_until(receiver, 1, 20.0)
+        assert [(e.request_id, e.kind) for e in landed] == [("B", EventKind.REQUEST_COMPLETE)]
+        assert not receiver.in_flight()
+    finally:
+        remote_sender.stop()
+        remote_receiver.stop()

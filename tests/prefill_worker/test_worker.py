@@ -1,6 +1,7 @@
 """The prefill worker's push: one write per completed layer group of each step, the last one
-marked `last`, with a real engine and a stand-in agent that copies what each write names
-between two caches (the real transfers are tested in tests/kv_transfer and tests/e2e).
+marked `last`, with a real engine and stand-in agents that copy what each write names between
+two caches or report it done when told (the real transfers are tested in tests/kv_transfer
+and tests/e2e); and its first token not held by another request's step.
 
 Its links to decode workers, with real engines and real NIXL agents in one process: a link the
 agent lost is made again by the next request; an unreachable peer fails requests with
@@ -10,6 +11,7 @@ tests/e2e/test_failures.py.)"""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -26,10 +28,11 @@ from engine.engine import Engine
 from engine.engine_loop import EngineLoop
 from engine.kv_cache import allocate_kv_cache, kv_layer
 from engine.sampling import SamplingParams
+from engine.scheduler import ScheduledBatch
 from engine.tiny_model import make_tiny_model
-from kv_transfer import KVLayoutSpec, TransferConfig, create_agent
+from kv_transfer import KVLayoutSpec, create_agent
 from kv_transfer.agent import BaseAgent
-from kv_transfer.base import EventKind, KVTransferAgent
+from kv_transfer.base import EventKind, KVTransferAgent, TransferConfig, TransferEvent
 from prefill_worker.worker import PrefillWorker, PushPlan
 from tests.engine.hf_reference import hf_greedy
 
@@ -85,6 +88,71 @@ def test_one_write_per_layer_group_and_chunk(four_layers: Path, layer_group: int
     src = engine.block_manager.block_ids("r")
     assert torch.equal(target[:, dst], engine.runner.kv_cache[:, src])  # every layer arrived
     assert not target[:, dst].eq(0).all()
+
+
+class LandingAgent:
+    """Reports each write done (on the event loop, to `worker`) once `landed` is set."""
+
+    config = TransferConfig(token="test")
+
+    def __init__(self, landed: threading.Event) -> None:
+        self.landed = landed
+        self.worker: PrefillWorker | None = None
+        self.aio = asyncio.get_running_loop()
+        self.writes: list[str] = []
+
+    def connect(self, metadata: str) -> str:
+        return "peer"
+
+    def write(self, peer: str, request_id: str, src_blocks: Sequence[int],
+              dst_blocks: Sequence[int], layers: range, *, last: bool,
+              trace_context: str = "") -> int:
+        self.writes.append(request_id)
+        write_id = len(self.writes)
+        done = TransferEvent(EventKind.WRITE_DONE, request_id, peer, write_id=write_id)
+
+        def report() -> None:
+            self.landed.wait(30)
+            assert self.worker is not None
+            self.aio.call_soon_threadsafe(self.worker.on_transfer_events, [done])
+
+        threading.Thread(target=report, daemon=True).start()
+        return write_id
+
+
+async def test_the_first_token_does_not_wait_for_the_next_requests_step(
+        four_layers: Path) -> None:
+    """Once its writes landed, `prefill` returns while the engine computes another request's
+    step; its blocks are freed at the next step boundary."""
+    slow_started, let_slow_finish = threading.Event(), threading.Event()
+    engine = Engine(four_layers, EngineConfig(num_blocks=32, block_size=BS))
+    agent = LandingAgent(landed=slow_started)
+
+    def on_layer_done(layer: int, batch: ScheduledBatch) -> None:
+        worker.on_layer_done(layer, batch)
+        if batch.requests[0].request_id == "slow":  # a long step of another request
+            slow_started.set()
+            let_slow_finish.wait(30)
+
+    loop = EngineLoop(engine, on_layer_done=on_layer_done)
+    worker = PrefillWorker(loop, agent, "prefill-test")  # type: ignore[arg-type]
+    agent.worker = worker
+    loop.start()
+    try:
+        fast = asyncio.create_task(worker.prefill("fast", list(range(40, 50)), SamplingParams(),
+                                                  "decode-peer", list(range(3)), 0))
+        while "fast" not in agent.writes:  # fast's step posted its write
+            await asyncio.sleep(0.01)
+        await loop.call(lambda e: e.add_request("slow", list(range(60, 70)),
+                                                SamplingParams(max_tokens=1)))
+        result = await asyncio.wait_for(fast, 20)  # while slow's step still runs
+        assert slow_started.is_set() and not let_slow_finish.is_set()
+        assert result.num_computed_tokens == 10
+        let_slow_finish.set()
+        assert not await loop.call(lambda e: e.block_manager.has_request("fast"))
+    finally:
+        let_slow_finish.set()
+        loop.stop()
 
 
 # ---- links to decode workers ----------------------------------------------------------------
