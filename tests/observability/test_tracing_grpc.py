@@ -93,6 +93,16 @@ def named(memory: InMemorySpanExporter) -> dict[str, ReadableSpan]:
             for s in memory.get_finished_spans()}
 
 
+async def ended(memory: InMemorySpanExporter, *names: str) -> dict[str, ReadableSpan]:
+    """`named(memory)` once every span in `names` has ended: the server side ends its span
+    after the client already holds the status, so a test reading both waits (5 s at most)."""
+    deadline = asyncio.get_running_loop().time() + 5
+    while not set(names) <= set(named(memory)):
+        assert asyncio.get_running_loop().time() < deadline, f"never ended: {names}"
+        await asyncio.sleep(0.01)
+    return named(memory)
+
+
 def stream_end(spans: dict[str, ReadableSpan]) -> int:
     end = spans["decode.stream"].end_time
     assert end is not None
@@ -121,7 +131,8 @@ async def test_unary_call_server_span_is_child_of_client_span(
             await stub.Reserve(decode_pb2.ReserveRequest(request_id="r-1.0", token_ids=[5]))
     finally:
         log.removeHandler(handler)
-    spans = named(exporter)
+    spans = await ended(exporter, "router.Generate", "tandem.v1.Decode/Reserve client",
+                        "tandem.v1.Decode/Reserve")
     root, client = spans["router.Generate"], spans["tandem.v1.Decode/Reserve client"]
     server = spans["tandem.v1.Decode/Reserve"]
     assert ids(client)[2] == ids(root)[1]
@@ -141,7 +152,8 @@ async def test_a_refused_call_is_an_error_for_the_client_and_keeps_its_status_co
     with pytest.raises(aio.AioRpcError) as raised:
         await stub.Reserve(decode_pb2.ReserveRequest(request_id="r-2.0"))
     assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    spans = named(exporter)
+    spans = await ended(exporter, "tandem.v1.Decode/Reserve",
+                        "tandem.v1.Decode/Reserve client")
     server, client = spans["tandem.v1.Decode/Reserve"], spans["tandem.v1.Decode/Reserve client"]
     for side in (server, client):
         assert (side.attributes or {})["rpc.grpc.status_code"] == \
@@ -161,7 +173,8 @@ async def test_streaming_call_spans_nest_under_the_client(
     call = stub.Decode(decode_pb2.DecodeRequest(request_id="r-3.0", first_token_id=3))
     tokens = [list(m.token_ids) async for m in call]
     assert tokens == [[1], [2], [3]]
-    spans = named(exporter)
+    spans = await ended(exporter, "tandem.v1.Decode/Decode client", "tandem.v1.Decode/Decode",
+                        "decode.stream", "decode.admission")
     client, server = spans["tandem.v1.Decode/Decode client"], spans["tandem.v1.Decode/Decode"]
     assert client.end_time is not None and stream_end(spans) <= client.end_time  # read whole
     admission, stream = spans["decode.admission"], spans["decode.stream"]
@@ -185,12 +198,8 @@ async def test_client_cancelling_a_stream_ends_the_server_spans(
     # the client span ends when its response stream does: read on, to the cancellation
     with pytest.raises(asyncio.CancelledError):
         await call.read()
-    deadline = asyncio.get_running_loop().time() + 5
-    while not {"tandem.v1.Decode/Decode", "tandem.v1.Decode/Decode client"} <= set(
-            named(exporter)):
-        assert asyncio.get_running_loop().time() < deadline, "a call span never ended"
-        await asyncio.sleep(0.01)
-    spans = named(exporter)
+    spans = await ended(exporter, "tandem.v1.Decode/Decode", "tandem.v1.Decode/Decode client",
+                        "decode.stream")
     assert (spans["decode.stream"].attributes or {}).get("tandem.cancelled") is True
     assert spans["decode.stream"].status.status_code is StatusCode.UNSET
     assert ids(spans["tandem.v1.Decode/Decode"])[2] == \
