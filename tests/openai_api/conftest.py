@@ -16,7 +16,6 @@ import pytest
 
 from cli.redis_server import LocalRedisServer
 from cluster.roles import Role
-from engine.tiny_model import make_tiny_model
 from index.redis_client import RedisConfig, connect
 from index.registry import WorkerRegistry
 from openai_api.app import build_app
@@ -25,19 +24,6 @@ from router.__main__ import build_router
 from router.config import RouterConfig
 from router.router import Router
 from tests.router.fakes import FakeDecode, FakePrefill, serve
-
-# A ChatML-like template in the tiny model's own special tokens.
-TINY_CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}"
-    "{{ eos_token }}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
-
-
-@pytest.fixture(scope="session")
-def tiny_chat_llama(models_dir: Path) -> Path:
-    """The tiny Llama (tests/conftest.py's `tiny_llama`, same seed) with a chat template."""
-    path = make_tiny_model(models_dir / "llama-chat", arch="llama", seed=1)
-    (path / "chat_template.jinja").write_text(TINY_CHAT_TEMPLATE, encoding="utf-8")
-    return path
 
 
 @dataclass
@@ -76,7 +62,8 @@ def make_api(redis: LocalRedisServer, tiny_chat_llama: Path) -> Iterator[Factory
                                   ttl_s=60)
         fakes_p = [FakePrefill(f"p{i}", Role.PREFILL) for i in range(prefill)]
         fakes_d = [FakeDecode(f"d{i}", Role.DECODE) for i in range(decode)]
-        for fake in [*fakes_p, *fakes_d]:
+        fakes: list[FakePrefill | FakeDecode] = [*fakes_p, *fakes_d]
+        for fake in fakes:
             await serve(fake, registry)
         router = await build_router(config)
         http = HttpServer(build_app(router), config.http_listen, grace_s=2.0)
@@ -92,7 +79,7 @@ def make_api(redis: LocalRedisServer, tiny_chat_llama: Path) -> Iterator[Factory
         finally:
             await http.stop()
             await router.close()
-            for fake in [*fakes_p, *fakes_d]:
+            for fake in fakes:
                 assert fake.server is not None
                 await fake.server.stop(None)
             await client.aclose()

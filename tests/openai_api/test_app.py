@@ -12,6 +12,7 @@ import grpc
 import httpx2 as httpx
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from engine.tokenizer import Tokenizer
 from openai_api.server import HttpServer
@@ -20,7 +21,7 @@ from tests.router.fakes import FIRST_TOKEN, Script
 
 pytestmark = pytest.mark.timeout(60)
 
-CHAT = [{"role": "user", "content": "Hello there"}]
+CHAT: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Hello there"}]
 
 
 def scripted_text(model: Path, tokens: int) -> str:
