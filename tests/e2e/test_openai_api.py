@@ -65,7 +65,8 @@ async def test_greedy_text_equals_the_grpc_path_and_transformers(
     tokenizer = Tokenizer.from_dir(tiny_chat_llama)
     ids = chat_ids(tiny_chat_llama)
     hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_chat_llama)
-    assert hf_tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True,
+    assert hf_tokenizer.apply_chat_template([dict(m) for m in MESSAGES],  # type: ignore[arg-type]
+                                            add_generation_prompt=True,
                                             tokenize=True, return_dict=False) == ids
     prompt = "Once upon a time"
     prompt_ids = tokenizer.encode(prompt)
