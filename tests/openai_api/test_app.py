@@ -15,6 +15,7 @@ import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
 from engine.tokenizer import Tokenizer
+from openai_api.app import build_app
 from openai_api.server import HttpServer
 from tests.openai_api.conftest import Factory
 from tests.router.fakes import FIRST_TOKEN, Script
@@ -189,3 +190,37 @@ async def test_a_busy_port_is_an_error_naming_http_listen(make_api: Factory) -> 
         address = api.base_url.removeprefix("http://").removesuffix("/v1")
         with pytest.raises(OSError, match="http_listen: cannot listen on"):
             await HttpServer(object(), address, grace_s=1).start()
+
+
+async def test_stopping_the_server_ends_streams_in_flight_after_the_grace(
+        make_api: Factory) -> None:
+    async with make_api() as api:
+        (decode,) = api.decode
+        decode.script = Script(tokens=1, hold=True)
+        http = HttpServer(build_app(api.router),
+                          "127.0.0.1:0", grace_s=0.5)
+        address = await http.start()
+
+        async def call() -> list[str]:
+            async with httpx.AsyncClient(timeout=30) as client, client.stream(
+                    "POST", f"http://{address}/v1/completions",
+                    json={"prompt": "x", "max_tokens": 50, "stream": True}) as reply:
+                return [line async for line in reply.aiter_lines() if line]
+
+        streaming = asyncio.create_task(call())
+        while not decode.holding():
+            await asyncio.sleep(0.01)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await http.stop()
+        assert loop.time() - started < 5
+        with pytest.raises(httpx.RemoteProtocolError):  # cut off, not finished
+            await streaming
+        for _ in range(200):
+            if decode.cancelled:
+                break
+            await asyncio.sleep(0.01)
+        assert len(decode.cancelled) == 1
+        with pytest.raises(httpx.ConnectError):
+            async with httpx.AsyncClient() as client:
+                await client.get(f"http://{address}/health")
