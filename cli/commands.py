@@ -71,6 +71,7 @@ def up(args: argparse.Namespace) -> int:
     try:
         cluster.start()
         print(f"router listening on {cluster.router_address}", flush=True)
+        print(f"OpenAI API on {cluster.http_url}/v1", flush=True)
         if args.demo:
             asyncio.run(_demo(cluster.router_address))
         if not args.exit:
