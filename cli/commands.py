@@ -39,7 +39,9 @@ def add_up(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decode", type=int, default=1, help="decode workers")
     parser.add_argument("--model", help="local HF model dir (default: SmolLM2-135M-Instruct, "
                                          "converted by scripts/setup.sh)")
-    parser.add_argument("--port", type=int, default=50051, help="router port (0: any)")
+    parser.add_argument("--port", type=int, default=50051, help="router gRPC port (0: any)")
+    parser.add_argument("--http-port", type=int, default=8000,
+                        help="the router's OpenAI API port (0: any)")
     parser.add_argument("--transfer-backend", choices=["nixl", "ucxx"], default="nixl")
     parser.add_argument("--policy", choices=["round_robin", "least_loaded", "kv_aware"],
                         default="kv_aware")
@@ -60,6 +62,7 @@ def up(args: argparse.Namespace) -> int:
     model = ensure_model(args.model)
     cluster = LocalCluster(
         model, prefill=args.prefill, decode=args.decode, router_port=args.port,
+        http_port=args.http_port,
         worker_args=["--transfer-backend", args.transfer_backend,
                      "--num-blocks", str(args.num_blocks)],
         router_args=["--policy", args.policy], log_dir=args.log_dir)

@@ -28,7 +28,8 @@ def test_tandem_up_demo_serves_and_leaves_nothing_behind(tiny_llama: Path,
     logs = tmp_path / "logs"
     done = subprocess.run(
         [sys.executable, "-m", "cli.main", "up", "--demo", "--exit", "--port", "0",
-         "--prefill", "1", "--decode", "1", "--model", str(tiny_llama), "--log-dir", str(logs)],
+         "--http-port", "0", "--prefill", "1", "--decode", "1", "--model", str(tiny_llama),
+         "--log-dir", str(logs)],
         capture_output=True, text=True, timeout=240, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert done.returncode == 0, done.stdout + done.stderr
     assert "router listening on 127.0.0.1:" in done.stdout
@@ -47,7 +48,7 @@ def test_tandem_up_demo_serves_smollm2_by_default(tmp_path: Path) -> None:
         pytest.fail(f"the default model is not in {smollm2_dir()}: run scripts/setup.sh")
     done = subprocess.run(
         [sys.executable, "-m", "cli.main", "up", "--demo", "--exit", "--port", "0",
-         "--log-dir", str(tmp_path / "logs")],
+         "--http-port", "0", "--log-dir", str(tmp_path / "logs")],
         capture_output=True, text=True, timeout=240, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert done.returncode == 0, done.stdout + done.stderr
     for question in QUESTIONS:
