@@ -94,7 +94,7 @@ def _add_make_trace(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rate", type=float, default=2.0, help="requests/s")
     parser.add_argument("--prefixes", type=int, default=4, help="shared prefixes")
     parser.add_argument("--prefix-blocks", type=int, default=2, help="blocks per prefix")
-    parser.add_argument("--unique-blocks", type=int, default=2, help="most own blocks")
+    parser.add_argument("--unique-blocks", type=int, default=1, help="most own blocks")
     parser.add_argument("--output-len", type=int, nargs=2, default=[16, 64],
                         metavar=("LO", "HI"))
     parser.add_argument("--trace-block-size", type=int, default=MOONCAKE_BLOCK_SIZE)

@@ -12,7 +12,7 @@ of the cluster's block size, so that shared hash blocks are shared KV blocks too
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,10 +33,8 @@ class TraceEntry:
     hash_ids: tuple[int, ...]
 
     def to_json(self) -> str:
-        line = asdict(self)
-        line["timestamp"] = line.pop("timestamp_ms")
-        line["hash_ids"] = list(self.hash_ids)
-        return json.dumps(line)
+        return json.dumps({"timestamp": self.timestamp_ms, "input_length": self.input_length,
+                           "output_length": self.output_length, "hash_ids": list(self.hash_ids)})
 
 
 def read_trace(path: str | Path) -> list[TraceEntry]:
