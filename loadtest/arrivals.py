@@ -1,5 +1,6 @@
 """When requests are sent: open loop (Poisson or gamma arrivals at a rate, or a trace's own
-times), or closed loop (a fixed number of requests in flight, each sent when one ends).
+times divided by a speed-up), or closed loop (a fixed number of requests in flight, each sent
+when one ends).
 
 A `Load` is one point of a run; a sweep is a list of them.
 """
@@ -19,14 +20,15 @@ class Load:
 
     open loop: `rate` requests/s, gaps drawn from `arrival` ("poisson": exponential; "gamma":
     gamma of shape `burstiness`, the same mean: below 1 burstier than Poisson, above 1
-    smoother), or "trace": each request at its own `arrival_s`; closed loop: `concurrency`
-    requests in flight.
+    smoother), or "trace": each request at its own `arrival_s` divided by `speedup`; closed
+    loop: `concurrency` requests in flight.
     """
 
     rate: float | None = None
     concurrency: int | None = None
     arrival: str = "poisson"
     burstiness: float = 1.0
+    speedup: float = 1.0
 
     def __post_init__(self) -> None:
         if (self.rate is None) == (self.concurrency is None) and self.arrival != "trace":
@@ -41,6 +43,8 @@ class Load:
                              f"{self.arrival!r}")
         if self.burstiness <= 0:
             raise ValueError(f"burstiness: must be > 0, got {self.burstiness}")
+        if self.speedup <= 0:
+            raise ValueError(f"speedup: must be > 0, got {self.speedup}")
 
     @property
     def closed(self) -> bool:
@@ -51,7 +55,7 @@ class Load:
         if self.concurrency is not None:
             return f"concurrency {self.concurrency}"
         if self.arrival == "trace":
-            return "trace"
+            return f"trace x{self.speedup:g}"
         return f"{self.rate:g} req/s"
 
 

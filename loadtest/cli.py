@@ -61,7 +61,8 @@ def _add_run(parser: argparse.ArgumentParser) -> None:
     work.add_argument("--trace-block-size", type=int, default=MOONCAKE_BLOCK_SIZE,
                       help="trace: tokens per hash id")
     work.add_argument("--block-size", type=int, default=16, help="the cluster's KV block size")
-    work.add_argument("--speedup", type=float, default=1.0, help="trace: time compression")
+    work.add_argument("--speedup", type=float, nargs="+", default=[1.0],
+                      help="trace: its times divided by this (several: a sweep)")
 
     load = parser.add_argument_group("load (one point per rate or concurrency: a sweep)")
     load.add_argument("--rate", type=float, nargs="+", help="open loop: requests/s")

@@ -67,7 +67,10 @@ def throughput(runs: Runs, path: Path, bin_s: float = 1.0) -> Path:
 
 
 def _x(point: dict[str, Any]) -> float | None:
+    """Where a point sits in its sweep: its rate, its concurrency or its trace speed-up."""
     load = point["load"]
+    if load["arrival"] == "trace":
+        return float(load["speedup"])
     return load["rate"] if load["rate"] is not None else load["concurrency"]
 
 
@@ -76,16 +79,16 @@ def sweep(runs: Runs, path: Path) -> Path | None:
     if not any(len([p for p in points if _x(p) is not None]) >= 2 for points in runs.values()):
         return None
     fig, (good, ttft) = plt.subplots(1, 2, figsize=(12, 4.5))
-    closed = False
+    kinds = set()
     for name, points in runs.items():
         swept = sorted((p for p in points if _x(p) is not None), key=lambda p: _x(p) or 0.0)
         xs = [_x(p) for p in swept]
-        closed = closed or any(p["load"]["concurrency"] is not None for p in swept)
+        kinds |= {_kind(p["load"]) for p in swept}
         good.plot(xs, [p["summary"]["goodput"]["requests_per_s"] for p in swept], "o-",
                   label=name)
         p99 = [p["summary"]["latency_s"]["ttft"]["p99"] for p in swept]
         ttft.plot(xs, [np.nan if v is None else v * 1000 for v in p99], "o-", label=name)
-    xlabel = "concurrency" if closed else "offered rate (req/s)"
+    xlabel = " / ".join(sorted(kinds))
     for ax, title, ylabel in ((good, "goodput", "requests/s within the SLOs"),
                               (ttft, "p99 TTFT", "ms")):
         ax.set_title(title)
@@ -94,6 +97,12 @@ def sweep(runs: Runs, path: Path) -> Path | None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
     return _save(fig, path)
+
+
+def _kind(load: dict[str, Any]) -> str:
+    if load["arrival"] == "trace":
+        return "trace speed-up"
+    return "offered rate (req/s)" if load["rate"] is not None else "concurrency"
 
 
 def write_plots(runs: Runs, out_dir: Path, prefix: str = "") -> list[Path]:

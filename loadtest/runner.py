@@ -145,7 +145,8 @@ async def run_point(target: Target, requests: Sequence[Request], load: Load, bou
         if load.concurrency is not None:
             await _closed_loop(point, requests, load.concurrency, bounds.duration_s)
         else:
-            offsets = ([r.arrival_s or 0.0 for r in requests] if load.arrival == "trace"
+            offsets = ([(r.arrival_s or 0.0) / load.speedup for r in requests]
+                       if load.arrival == "trace"
                        else [float(t) for t in arrival_times(load, len(requests), seed)])
             await _open_loop(point, requests, offsets, bounds.duration_s)
     finally:

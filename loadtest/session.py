@@ -45,7 +45,7 @@ def make_requests(args: argparse.Namespace, space: TokenSpace) -> list[Request]:
     if args.trace is None:
         raise ValueError("trace: the trace workload needs --trace FILE")
     return trace_requests(read_trace(args.trace), space, args.seed, args.trace_block_size,
-                          args.block_size, args.speedup)
+                          args.block_size)
 
 
 def make_loads(args: argparse.Namespace) -> list[Load]:
@@ -58,7 +58,7 @@ def make_loads(args: argparse.Namespace) -> list[Load]:
     if args.concurrency:
         return [Load(concurrency=c) for c in args.concurrency]
     if args.workload == "trace":
-        return [Load(arrival="trace")]
+        return [Load(arrival="trace", speedup=s) for s in args.speedup]
     raise ValueError("load: give --rate R [R ...] (open loop) or --concurrency C [C ...]")
 
 

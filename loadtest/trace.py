@@ -62,14 +62,12 @@ def write_trace(path: str | Path, entries: list[TraceEntry]) -> None:
 
 
 def trace_requests(entries: list[TraceEntry], space: TokenSpace, seed: int,
-                   trace_block_size: int = MOONCAKE_BLOCK_SIZE, block_size: int = 16,
-                   speedup: float = 1.0) -> list[Request]:
-    """The trace's requests, arriving at its timestamps divided by `speedup`."""
+                   trace_block_size: int = MOONCAKE_BLOCK_SIZE,
+                   block_size: int = 16) -> list[Request]:
+    """The trace's requests; `arrival_s` is the timestamp from the trace's first, in s."""
     if trace_block_size % block_size:
         raise ValueError(f"trace_block_size: must be a multiple of the cluster's block size "
                          f"{block_size}, got {trace_block_size}")
-    if speedup <= 0:
-        raise ValueError(f"speedup: must be > 0, got {speedup}")
     blocks: dict[int, tuple[int, ...]] = {}
 
     def block(h: int) -> tuple[int, ...]:
@@ -86,7 +84,7 @@ def trace_requests(entries: list[TraceEntry], space: TokenSpace, seed: int,
             prompt += space.draw(tail_rng, entry.input_length - len(prompt))
         requests.append(Request(index, prompt[:entry.input_length], entry.output_length,
                                 group=f"h{entry.hash_ids[0]}" if entry.hash_ids else "",
-                                arrival_s=(entry.timestamp_ms - start) / 1000 / speedup))
+                                arrival_s=(entry.timestamp_ms - start) / 1000))
     return requests
 
 

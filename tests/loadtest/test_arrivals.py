@@ -34,7 +34,8 @@ def test_deterministic_per_seed() -> None:
     ({}, "exactly one"), ({"rate": 1.0, "concurrency": 2}, "exactly one"),
     ({"rate": 0.0}, "rate"), ({"concurrency": 0}, "concurrency"),
     ({"rate": 1.0, "arrival": "weibull"}, "arrival"),
-    ({"rate": 1.0, "burstiness": 0.0}, "burstiness")])
+    ({"rate": 1.0, "burstiness": 0.0}, "burstiness"),
+    ({"arrival": "trace", "speedup": 0.0}, "speedup")])
 def test_load_checks(kwargs: dict[str, object], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         Load(**kwargs)  # type: ignore[arg-type]
@@ -43,5 +44,5 @@ def test_load_checks(kwargs: dict[str, object], match: str) -> None:
 def test_labels() -> None:
     assert Load(rate=2.5).label == "2.5 req/s"
     assert Load(concurrency=4).label == "concurrency 4"
-    assert Load(arrival="trace").label == "trace"
+    assert Load(arrival="trace", speedup=4).label == "trace x4"
     assert Load(concurrency=4).closed and not Load(rate=1.0).closed

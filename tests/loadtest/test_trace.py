@@ -58,11 +58,11 @@ def test_equal_hash_ids_give_equal_blocks(tmp_path: Path) -> None:
     assert other[0].token_ids != a.token_ids
 
 
-def test_arrival_times_from_timestamps_with_speedup(tmp_path: Path) -> None:
+def test_arrival_times_from_timestamps(tmp_path: Path) -> None:
     path = tmp_path / "t.jsonl"
     path.write_text(LINES)
-    requests = trace_requests(read_trace(path), SPACE, 0, 16, 16, speedup=2.0)
-    assert [r.arrival_s for r in requests] == [0.0, 0.25, 1.0]
+    requests = trace_requests(read_trace(path), SPACE, 0, 16, 16)
+    assert [r.arrival_s for r in requests] == [0.0, 0.5, 2.0]
     assert [r.max_tokens for r in requests] == [5, 6, 7]
 
 
