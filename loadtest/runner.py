@@ -139,7 +139,7 @@ async def run_point(target: Target, requests: Sequence[Request], load: Load, bou
     """Sends `requests` (the first `bounds.max_requests`) under `load`; returns the records."""
     requests = list(requests[:bounds.max_requests])
     status_before = await _status(target)
-    metrics_before = await scrape(metrics_url) if metrics_url else None
+    metrics_before = await _scrape(metrics_url)
     point = _Point(target, id_prefix, progress, len(requests), load.label)
     try:
         if load.concurrency is not None:
@@ -155,7 +155,7 @@ async def run_point(target: Target, requests: Sequence[Request], load: Load, bou
     if status_before is not None or metrics_url:
         await asyncio.sleep(settle_s)
     status_after = await _status(target) if status_before is not None else None
-    metrics_after = await scrape(metrics_url) if metrics_url else None
+    metrics_after = await _scrape(metrics_url) if metrics_before is not None else None
     cluster = figures(status_before, status_after, metrics_before, metrics_after)
     records = sorted(point.records, key=lambda r: r.index)
     return PointResult(load, records, duration, cluster)
@@ -166,4 +166,14 @@ async def _status(target: Target) -> dict[str, Any] | None:
         return await target.cluster_status()
     except Exception as error:  # the run goes on without the cluster's figures
         log.warning("cannot read the cluster's status: %s", error)
+        return None
+
+
+async def _scrape(url: str | None) -> dict[str, float] | None:
+    if url is None:
+        return None
+    try:
+        return await scrape(url)
+    except Exception as error:  # the run goes on without the metrics
+        log.warning("cannot read %s: %s", url, error)
         return None

@@ -120,3 +120,11 @@ async def test_errors_are_recorded_with_their_code_and_cluster_read() -> None:
     assert failed.ttft is None and failed.e2e is None
     assert target.status_calls == 2
     assert result.cluster["requests"] == 1.0  # the router counter's growth over the run
+
+
+async def test_an_unreachable_metrics_page_leaves_the_run_going() -> None:
+    result = await run_point(TimedTarget(0.001), requests(2, 1), Load(concurrency=1),
+                             Bounds(5, 10), seed=0, id_prefix="t", progress=False, settle_s=0,
+                             metrics_url="http://127.0.0.1:9/metrics")
+    assert [r.outcome for r in result.records] == [OK, OK]
+    assert "prefix_hit_ratio" not in result.cluster and result.cluster["requests"] == 1.0
