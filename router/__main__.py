@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 
 from cluster.grpc_server import ServiceBinding
 from cluster.process import ProcessOptions, serve_until_stopped
@@ -13,12 +14,16 @@ from index.redis_client import connect
 from index.registry import WorkerRegistry
 from observability.logging_setup import setup_logging
 from observability.tracing import setup_tracing
+from openai_api.app import build_app
+from openai_api.server import HttpServer
 from router.config import RouterConfig, router_flags
 from router.prefix import IndexSource, PrefixLookup, TailSource
 from router.router import Router
 from router.service import RouterServicer
 from router.workers import WorkerPool
 from tandem_proto.tandem.v1 import router_pb2_grpc
+
+log = logging.getLogger(__name__)
 
 
 async def build_router(config: RouterConfig) -> Router:
@@ -48,15 +53,25 @@ async def build_router(config: RouterConfig) -> Router:
 
 
 async def serve(config: RouterConfig) -> None:
+    """gRPC and (unless `http_listen` is empty) the OpenAI HTTP API, one router behind both,
+    until SIGTERM: then neither takes new requests, both give those in flight the grace."""
     router = await build_router(config)
+    options = ProcessOptions(name=f"router (policy {config.policy})", listen=config.listen,
+                             metrics_registry=router.registry,
+                             metrics_listen=config.metrics_listen)
+    http = HttpServer(build_app(router), config.http_listen, options.grace_s) \
+        if config.http_listen else None
     try:
+        if http is not None:
+            address = await http.start()
+            log.info("OpenAI API on http://%s/v1 (model %r)", address, config.model_name)
+            options.on_stopping = http.begin_stop
         await serve_until_stopped(
             [ServiceBinding("tandem.v1.Router", router_pb2_grpc.add_RouterServicer_to_server,
-                            RouterServicer(router))],
-            ProcessOptions(name=f"router (policy {config.policy})", listen=config.listen,
-                           metrics_registry=router.registry,
-                           metrics_listen=config.metrics_listen))
+                            RouterServicer(router))], options)
     finally:
+        if http is not None:
+            await http.stop()
         await router.close()
 
 

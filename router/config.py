@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from cluster.settings import ConfigFlags
@@ -75,6 +76,12 @@ class RouterConfig:
         "help": "hard bound on one Redis operation (registry list, index lookup or sync)"})
     metrics_listen: str = field(default="127.0.0.1:0", metadata={
         "help": "host:port serving Prometheus /metrics (port 0: any free port; empty: off)"})
+    http_listen: str = field(default="127.0.0.1:0", metadata={
+        "help": "host:port of the OpenAI-compatible HTTP API (/v1/completions, "
+                "/v1/chat/completions, /v1/models, /health; port 0: any free port; empty: off)"})
+    served_model_name: str | None = field(default=None, metadata={
+        "help": "the model's name in the HTTP API (`model` of requests, /v1/models); "
+                "unset: the model folder's name"})
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -96,9 +103,17 @@ class RouterConfig:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
         if self.policy not in ("round_robin", "least_loaded", "kv_aware"):
             raise ValueError(f"policy: unknown {self.policy!r}")
+        if self.served_model_name is not None and not self.served_model_name.strip():
+            raise ValueError("served_model_name: must not be blank (unset it for the folder's "
+                             "name)")
         if self.prefix_index not in ("tail", "pipelined"):
             raise ValueError(f"prefix_index: must be 'tail' or 'pipelined', "
                              f"got {self.prefix_index!r}")
+
+    @property
+    def model_name(self) -> str:
+        """The name the HTTP API serves the model under."""
+        return self.served_model_name or Path(self.model).resolve().name
 
     def redis_config(self) -> RedisConfig:
         """Where the registry and the prefix index live."""

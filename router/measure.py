@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 
 from cluster.grpc_errors import status_for
 from observability.metrics import RouterMetrics
@@ -16,7 +16,7 @@ from router.request import Delta
 
 
 async def measured(deltas: AsyncIterator[Delta], metrics: RouterMetrics,
-                   outcomes: Counter[str]) -> AsyncIterator[Delta]:
+                   outcomes: Counter[str]) -> AsyncGenerator[Delta, None]:
     """`deltas`, unchanged, with the request's metrics recorded (see the module doc)."""
     metrics.request_started()
     started = last_at = time.perf_counter()

@@ -17,6 +17,9 @@ class GenerateInput:
     sampling: SamplingParams
     stop: list[str] = field(default_factory=list)
     cache_salt: str = ""
+    # Whether tokenizing `text` applies the tokenizer's template (e.g. a bos token). False for
+    # a rendered chat: the chat template already wrote every special token the model expects.
+    add_special_tokens: bool = True
 
 
 @dataclass(frozen=True)

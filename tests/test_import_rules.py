@@ -1,6 +1,7 @@
 """The import rules of docs/architecture.md, checked in fresh interpreters.
 
 - the router never loads torch or kv_transfer (nor the workers);
+- openai_api/ (the router's HTTP front) loads no torch, no kv_transfer, no worker, no CLI;
 - engine/ loads no network code, no protobuf, no other Tandem package;
 - kv_transfer/ knows no roles: no workers, no router, no cluster plumbing;
 - the two workers never import each other;
@@ -32,6 +33,8 @@ def loaded_after(imports: list[str]) -> set[str]:
     (["router.__main__"],
      {"torch", "kv_transfer", "cli", "prefill_worker", "decode_worker", "loadtest"}),
     (["router.bench"], {"torch", "kv_transfer", "prefill_worker", "decode_worker"}),
+    (["openai_api.app", "openai_api.server"],
+     {"torch", "kv_transfer", "cli", "prefill_worker", "decode_worker"}),
     (["engine.engine", "engine.engine_loop", "engine.bench.__main__"],
      {"grpc", "google", "redis", "kv_transfer", "cluster", "observability", "index", "cli",
       "tandem_proto", *SERVICES}),
@@ -39,7 +42,7 @@ def loaded_after(imports: list[str]) -> set[str]:
     (["prefill_worker.__main__"], {"decode_worker", "router", "cli", "loadtest"}),
     (["decode_worker.__main__"], {"prefill_worker", "router", "cli", "loadtest"}),
     (["observability.tracing", "observability.metrics", "observability.metrics_worker",
-      "observability.dashboard", "observability.logging_setup"],
+      "observability.dashboard", "observability.logging_setup", "observability.http_tracing"],
      {"torch", "engine", "kv_transfer", "cluster", "index", "cli", *SERVICES}),
     (["index.prefix_index", "index.prefix_tail", "index.registry"],
      {"torch", "kv_transfer", "cli", *SERVICES}),

@@ -1,4 +1,5 @@
-"""`tandem up --demo --exit`: the README's main command, as a user runs it (a subprocess)."""
+"""`tandem up --demo --exit`: the README's main command, as a user runs it (a subprocess), on a
+generated tiny model (fast) and on the default model, SmolLM2, as converted at set-up."""
 
 from __future__ import annotations
 
@@ -9,7 +10,17 @@ from pathlib import Path
 
 import pytest
 
+from cli.demo import QUESTIONS
+from cli.import_model import is_complete
+from engine.default_model import smollm2_dir
+
 pytestmark = pytest.mark.timeout(300)
+
+
+def finished(stdout: str) -> int:
+    """How many demo requests streamed to their end (a finish line each)."""
+    return sum(1 for line in stdout.splitlines()
+               if line.startswith("[") and line.endswith(" generated]"))
 
 
 def test_tandem_up_demo_serves_and_leaves_nothing_behind(tiny_llama: Path,
@@ -21,12 +32,29 @@ def test_tandem_up_demo_serves_and_leaves_nothing_behind(tiny_llama: Path,
         capture_output=True, text=True, timeout=240, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert done.returncode == 0, done.stdout + done.stderr
     assert "router listening on 127.0.0.1:" in done.stdout
-    assert done.stdout.count("[length:") == 3  # three sample requests streamed to the end
+    assert "OpenAI API on http://127.0.0.1:" in done.stdout
+    assert finished(done.stdout) == 3  # three sample requests streamed to the end
     assert "prefix index exact" in done.stdout
     pids = [line.split()[0] for line in subprocess.run(
         ["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout.splitlines()
         if str(logs) in line or f"--model {tiny_llama}" in line]
     assert not pids, f"processes left behind: {pids}"
+
+
+@pytest.mark.slow
+def test_tandem_up_demo_serves_smollm2_by_default(tmp_path: Path) -> None:
+    if not is_complete(smollm2_dir()):
+        pytest.fail(f"the default model is not in {smollm2_dir()}: run scripts/setup.sh")
+    done = subprocess.run(
+        [sys.executable, "-m", "cli.main", "up", "--demo", "--exit", "--port", "0",
+         "--log-dir", str(tmp_path / "logs")],
+        capture_output=True, text=True, timeout=240, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert done.returncode == 0, done.stdout + done.stderr
+    for question in QUESTIONS:
+        assert f"> {question}\n" in done.stdout
+    assert finished(done.stdout) == 3
+    assert "[stop:" in done.stdout  # an answer ended at <|im_end|>, not at max_tokens
+    assert "Paris" in done.stdout  # "What is the capital of France?", answered
 
 
 def test_tandem_up_without_redis_says_how_to_install(tmp_path: Path) -> None:
