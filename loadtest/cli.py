@@ -27,7 +27,8 @@ def _add_run(parser: argparse.ArgumentParser) -> None:
                         help="server base URL (openai)")
     target.add_argument("--endpoint", choices=sorted(ENDPOINTS), default="completions",
                         help="/v1/completions (token ids) or /v1/chat/completions (text)")
-    target.add_argument("--model", default="default", help="the `model` field (openai)")
+    target.add_argument("--model", help="the `model` field (openai; default: the first the "
+                        "server lists at /v1/models)")
     target.add_argument("--api-key", help="bearer token (openai)")
     target.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false",
                         help="do not send ignore_eos (openai; servers that refuse it)")

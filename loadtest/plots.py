@@ -48,7 +48,7 @@ def latency_cdf(runs: Runs, path: Path) -> Path:
         ax.set_ylabel("fraction of requests" if name != "ITL" else "fraction of gaps")
         ax.grid(alpha=0.3)
         ax.set_ylim(0, 1.01)
-    axes[0].legend(fontsize="small")
+    _legend(axes[0])
     return _save(fig, path)
 
 
@@ -62,7 +62,7 @@ def throughput(runs: Runs, path: Path, bin_s: float = 1.0) -> Path:
     ax.set_xlabel("s from the point's start")
     ax.set_ylabel("output tokens/s")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
+    _legend(ax)
     return _save(fig, path)
 
 
@@ -95,7 +95,7 @@ def sweep(runs: Runs, path: Path) -> Path | None:
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
+        _legend(ax)
     return _save(fig, path)
 
 
@@ -111,6 +111,11 @@ def write_plots(runs: Runs, out_dir: Path, prefix: str = "") -> list[Path]:
              throughput(runs, out_dir / f"{prefix}throughput.png")]
     swept = sweep(runs, out_dir / f"{prefix}sweep.png")
     return paths + ([swept] if swept is not None else [])
+
+
+def _legend(ax: Any) -> None:
+    if ax.get_legend_handles_labels()[0]:  # a point without data draws no line
+        ax.legend(fontsize="small")
 
 
 def _save(fig: Any, path: Path) -> Path:

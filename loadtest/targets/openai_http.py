@@ -4,7 +4,8 @@
 `/v1/chat/completions` as one user message of the ids' decoded text. Every request asks for
 the usage chunk (`stream_options.include_usage`) and, unless told not to, `ignore_eos` (a vLLM
 and SGLang extension) so that output lengths are the ones asked. One kept `httpx.AsyncClient`
-serves the whole run; a chunk with text is one token arrival.
+serves the whole run; a chunk with text is one token arrival. Without a model name, the first
+one `GET /v1/models` lists is used.
 """
 
 from __future__ import annotations
@@ -23,11 +24,12 @@ ENDPOINTS = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
 
 
 class OpenAITarget:
-    """`base_url` like `http://127.0.0.1:8000`; `endpoint` is "completions" or "chat"."""
+    """`base_url` like `http://127.0.0.1:8000`; `endpoint` is "completions" or "chat";
+    `model` None: the server's first."""
 
     name = "openai-http"
 
-    def __init__(self, base_url: str, model: str, endpoint: str = "completions",
+    def __init__(self, base_url: str, model: str | None, endpoint: str = "completions",
                  space: TokenSpace | None = None, ignore_eos: bool = True,
                  api_key: str | None = None, max_connections: int = 1024,
                  timeout_s: float | None = None) -> None:
@@ -35,7 +37,8 @@ class OpenAITarget:
             raise ValueError(f"endpoint: must be one of {', '.join(ENDPOINTS)}, got {endpoint!r}")
         if endpoint == "chat" and (space is None or space.tokenizer is None):
             raise ValueError("endpoint: chat sends text, which needs --tokenizer DIR")
-        self.url = base_url.rstrip("/") + ENDPOINTS[endpoint]
+        self.base_url = base_url.rstrip("/")
+        self.url = self.base_url + ENDPOINTS[endpoint]
         self.model = model
         self.endpoint = endpoint
         self.space = space
@@ -49,6 +52,13 @@ class OpenAITarget:
     async def __aenter__(self) -> OpenAITarget:
         self.client = httpx.AsyncClient(limits=self.limits, timeout=self.timeout,
                                         headers=self.headers)
+        if self.model is None:
+            response = await self.client.get(self.base_url + "/v1/models")
+            response.raise_for_status()
+            models = response.json().get("data") or []
+            if not models:
+                raise ValueError(f"model: {self.base_url}/v1/models lists none; give --model")
+            self.model = str(models[0]["id"])
         return self
 
     async def __aexit__(self, *exc: object) -> None:
