@@ -44,7 +44,8 @@ def _add_run(parser: argparse.ArgumentParser) -> None:
     work.add_argument("--tokenizer", type=Path,
                       help="model dir with tokenizer.json: prompt ids avoid its special tokens")
     work.add_argument("--vocab-size", type=int, help="draw prompt ids from [0, N) instead")
-    work.add_argument("--seed", type=int, default=0)
+    work.add_argument("--seed", type=int, default=0,
+                      help="point i of a sweep draws its prompts and arrivals with seed + i")
     work.add_argument("--input-len", type=LengthDist.parse, default=LengthDist.parse("128"),
                       help="synthetic prompt length: N, fixed:N, uniform:LO,HI, "
                            "lognormal:MEAN,SIGMA")

@@ -31,20 +31,20 @@ def token_space(args: argparse.Namespace) -> TokenSpace:
                      "ids are valid for the model")
 
 
-def make_requests(args: argparse.Namespace, space: TokenSpace) -> list[Request]:
-    """The workload, deterministic from `args.seed`."""
+def make_requests(args: argparse.Namespace, space: TokenSpace, seed: int) -> list[Request]:
+    """The workload, deterministic from `seed`."""
     if args.workload == "synthetic":
         return workloads.synthetic(space, args.max_requests, args.input_len, args.output_len,
-                                   args.seed)
+                                   seed)
     if args.workload == "shared-prefix":
         return workloads.shared_prefix(space, args.groups, args.users, args.system_len,
-                                       args.question_len, args.output_len, args.seed)
+                                       args.question_len, args.output_len, seed)
     if args.workload == "multi-turn":
         return workloads.multi_turn(space, args.conversations, args.turns, args.question_len,
-                                    args.output_len, args.seed)
+                                    args.output_len, seed)
     if args.trace is None:
         raise ValueError("trace: the trace workload needs --trace FILE")
-    return trace_requests(read_trace(args.trace), space, args.seed, args.trace_block_size,
+    return trace_requests(read_trace(args.trace), space, seed, args.trace_block_size,
                           args.block_size)
 
 
@@ -81,8 +81,8 @@ def _config(args: argparse.Namespace) -> dict[str, Any]:
 async def run(args: argparse.Namespace) -> tuple[Path, str]:
     """Runs every point and writes the outputs; returns the output dir and the summary."""
     space = token_space(args)
-    requests = make_requests(args, space)
     loads = make_loads(args)
+    make_requests(args, space, args.seed)  # a bad workload fails before anything is sent
     bounds = Bounds(args.duration, args.max_requests)
     slo = Slo(None if args.slo_ttft_ms is None else args.slo_ttft_ms / 1000,
               None if args.slo_tpot_ms is None else args.slo_tpot_ms / 1000)
@@ -97,8 +97,11 @@ async def run(args: argparse.Namespace) -> tuple[Path, str]:
                                                                     args.cache_salt)
         target = make_target(args, space, salt)
         target_name = target.name
+        # point i's prompts come from seed + i: the same distributions, and no prompt a
+        # server cached at an earlier point (a salt does that over gRPC; HTTP has none)
+        requests = make_requests(args, space, args.seed + i)
         async with target:
-            points.append(await run_point(target, requests, load, bounds, args.seed,
+            points.append(await run_point(target, requests, load, bounds, args.seed + i,
                                           f"lt{run_id}-{i}", args.metrics_url, args.progress))
     report = build_report(name, target_name, _config(args), points, slo)
     write_json(out_dir / "run.json", report)
