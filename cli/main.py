@@ -42,6 +42,17 @@ def _make_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_bench(parser: argparse.ArgumentParser) -> None:
+    """`tandem bench ...` is dispatched before argparse sees it (`main`): the load harness's own
+    parser (`loadtest.cli`) owns every flag, --help included; this only lists it."""
+
+
+def _bench(argv: list[str]) -> int:
+    from loadtest.cli import main as bench
+
+    return bench(argv, prog="tandem bench")
+
+
 SUBCOMMANDS: dict[str, Subcommand] = {
     "make-tiny-model": Subcommand(
         "write a small random-weight HF checkpoint with a tokenizer, for tests and demos",
@@ -78,6 +89,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     words = list(sys.argv[1:] if argv is None else argv)
     if words and words[0] in commands.ROLE_MODULES:  # the role's own flags, --help included
         commands.run_role(words[0], words[1:])
+    if words and words[0] == "bench":
+        return _bench(words[1:])
     args = build_parser().parse_args(words)
     try:
         return SUBCOMMANDS[args.command].run(args)

@@ -7,7 +7,8 @@
 - the two workers never import each other;
 - observability/ and index/ load no torch and no service;
 - cluster/ is plumbing: it imports none of the services that use it, nor the CLI;
-- the block hash and tokenizer (shared with the router) load no torch.
+- the block hash and tokenizer (shared with the router) load no torch;
+- loadtest/ (the load harness) loads no torch and no service; no service loads it.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ def loaded_after(imports: list[str]) -> set[str]:
 
 
 @pytest.mark.parametrize(("imports", "forbidden"), [
-    (["router.__main__"], {"torch", "kv_transfer", "cli", "prefill_worker", "decode_worker"}),
+    (["router.__main__"],
+     {"torch", "kv_transfer", "cli", "prefill_worker", "decode_worker", "loadtest"}),
     (["router.bench"], {"torch", "kv_transfer", "prefill_worker", "decode_worker"}),
     (["openai_api.app", "openai_api.server"],
      {"torch", "kv_transfer", "cli", "prefill_worker", "decode_worker"}),
@@ -37,8 +39,8 @@ def loaded_after(imports: list[str]) -> set[str]:
      {"grpc", "google", "redis", "kv_transfer", "cluster", "observability", "index", "cli",
       "tandem_proto", *SERVICES}),
     (["kv_transfer", "kv_transfer.bench"], {"cluster", "index", "cli", *SERVICES}),
-    (["prefill_worker.__main__"], {"decode_worker", "router", "cli"}),
-    (["decode_worker.__main__"], {"prefill_worker", "router", "cli"}),
+    (["prefill_worker.__main__"], {"decode_worker", "router", "cli", "loadtest"}),
+    (["decode_worker.__main__"], {"prefill_worker", "router", "cli", "loadtest"}),
     (["observability.tracing", "observability.metrics", "observability.metrics_worker",
       "observability.dashboard", "observability.logging_setup", "observability.http_tracing"],
      {"torch", "engine", "kv_transfer", "cluster", "index", "cli", *SERVICES}),
@@ -47,6 +49,9 @@ def loaded_after(imports: list[str]) -> set[str]:
     (["cluster.grpc_server", "cluster.worker_runtime", "cluster.convert"], {"cli", *SERVICES}),
     (["engine.block_hash", "engine.tokenizer", "engine.sampling", "engine.model_config"],
      {"torch"}),
+    (["loadtest.__main__", "loadtest.session", "loadtest.compare",
+      "loadtest.targets.tandem_grpc", "loadtest.targets.openai_http"],
+     {"torch", "kv_transfer", "index", *SERVICES}),
 ])
 def test_import_rules(imports: list[str], forbidden: set[str]) -> None:
     assert not loaded_after(imports) & forbidden
