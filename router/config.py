@@ -55,6 +55,9 @@ class RouterConfig:
         "help": "period of the worker list and status polls"})
     status_timeout_s: float = field(default=1.0, metadata={
         "help": "deadline of one worker status poll"})
+    status_misses_before_down: int = field(default=3, metadata={
+        "help": "status polls in a row that must time out before a worker is marked down (a "
+                "refused poll marks it down at once)"})
     worker_down_s: float = field(default=3.0, metadata={
         "help": "a worker that failed a call or a status poll is skipped this long"})
     worker_forget_after_s: float = field(default=10.0, metadata={
@@ -89,7 +92,7 @@ class RouterConfig:
         if not self.redis_url:
             raise ValueError("redis_url: --redis-url (or TANDEM_REDIS_URL) is required")
         for name in ("max_inflight", "max_queue", "max_attempts", "block_size", "lease_ms",
-                     "default_max_tokens"):
+                     "default_max_tokens", "status_misses_before_down"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
         for name in ("queue_timeout_s", "rpc_timeout_s", "cleanup_timeout_s",

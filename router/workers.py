@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import grpc
 from grpc import aio
 
 from cluster.errors import IndexUnavailable
@@ -43,6 +44,7 @@ class WorkerHandle:
     last_error: str = ""
     counters: dict[str, float] = field(default_factory=dict)
     missing_since: float | None = None  # when the registry stopped listing it
+    status_misses: int = 0  # status polls in a row that ran out of time
 
     @property
     def up(self) -> bool:
@@ -191,9 +193,18 @@ class WorkerPool:
         try:
             status = await handle.client.status()
         except WorkerFailed as error:
-            if handle.status is not None and time.monotonic() >= handle.down_until:
-                self.mark_down(handle.worker_id, f"status poll failed: {error.code.name}")
+            # Refused: the worker is gone. Too slow: it may only be busy (a long prefill
+            # starving its event loop of CPU), so only a run of misses takes it out.
+            handle.status_misses += error.code is grpc.StatusCode.DEADLINE_EXCEEDED
+            unreachable = (error.code is not grpc.StatusCode.DEADLINE_EXCEEDED
+                           or handle.status_misses >= self.config.status_misses_before_down)
+            if unreachable and handle.status is not None \
+                    and time.monotonic() >= handle.down_until:
+                self.mark_down(handle.worker_id, f"status poll failed: {error.code.name}"
+                               + (f" ({handle.status_misses} in a row)"
+                                  if handle.status_misses > 1 else ""))
             return
+        handle.status_misses = 0
         handle.status = status
         handle.counters = dict(status.counters)
 

@@ -53,9 +53,11 @@ class FakeWorker(worker_pb2_grpc.WorkerServicer):
     calls: Counter[str] = field(default_factory=Counter)
     cancelled: list[str] = field(default_factory=list)
     server: GrpcServer | None = None
+    status_delay_s: float = 0.0  # how long Status takes to answer (a busy worker)
 
     async def Status(self, request: common_pb2.StatusRequest,
                      context: aio.ServicerContext) -> common_pb2.WorkerStatus:
+        await asyncio.sleep(self.status_delay_s)
         role = (common_pb2.WORKER_ROLE_PREFILL if self.role is Role.PREFILL
                 else common_pb2.WORKER_ROLE_DECODE)
         return common_pb2.WorkerStatus(

@@ -131,6 +131,32 @@ async def test_a_decode_error_mid_stream_marks_the_worker_down_only_when_unreach
         assert live == (set() if down else {"d0"})
 
 
+async def test_a_worker_slow_to_answer_status_is_marked_down_only_after_several_misses(
+        make_cluster: Factory) -> None:
+    """A status poll that times out says the worker is slow (a long prefill can starve its
+    event loop), not gone: it stays routable until `status_misses_before_down` polls in a row
+    time out. A refused poll (UNAVAILABLE) still marks it down at once (tests/e2e)."""
+    async with make_cluster(1, 1) as cluster:
+        (decode,) = cluster.decode
+        handle = cluster.router.pool.workers["d0"]
+        decode.status_delay_s = 60.0
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while handle.status_misses < 1:
+            assert loop.time() < deadline, "the status poll never timed out"
+            await asyncio.sleep(0.02)
+        assert handle.up
+        deltas = await collect(cluster.router, request("while-slow"))
+        assert deltas[-1].finish_reason == "length"  # still served
+        misses = cluster.router.config.status_misses_before_down
+        while handle.status_misses < misses:
+            assert loop.time() < deadline, "the status polls stopped timing out"
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.01)
+        assert not handle.up
+        assert f"DEADLINE_EXCEEDED ({misses} in a row)" in handle.last_error
+
+
 async def test_a_request_released_by_its_decode_worker_ends_cancelled(
         make_cluster: Factory) -> None:
     async with make_cluster(1, 1) as cluster:
