@@ -131,8 +131,13 @@ TLS files as query arguments (redis-py passes them to its SSL connection). */}}
   value: {{ include "tandem.redisUrl" . | quote }}
 - name: TANDEM_NAMESPACE
   value: {{ .Values.redis.keyPrefix | default .Release.Name | quote }}
+# the root filesystem is read-only: caches (Triton's kernels, XDG) go to the /tmp emptyDir
+- name: HOME
+  value: /tmp/home
 - name: XDG_CACHE_HOME
   value: /tmp/cache
+- name: TRITON_CACHE_DIR
+  value: /tmp/triton
 {{- if .Values.tracing.otlpEndpoint }}
 - name: OTEL_EXPORTER_OTLP_ENDPOINT
   value: {{ .Values.tracing.otlpEndpoint | quote }}
