@@ -110,3 +110,19 @@ def test_kubernetes_validate_catches_an_unknown_field() -> None:
     deployment["spec"]["template"]["spec"]["containers"][0]["livenesProbe"] = {}
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(deployment, KUBERNETES_VERSIONS[-1], strict=True)
+
+
+def test_the_packaged_chart_carries_the_linked_files(tmp_path: Path) -> None:
+    """`helm package` stores the contents of files/'s links, so a chart installed from the
+    archive (away from this repository) still has the alerts and the dashboard."""
+    run = helm("package", str(CHART), "--destination", str(tmp_path))
+    assert run.returncode == 0, run.stderr
+    (archive,) = tmp_path.glob("tandem-0.1.0.tgz")
+    rendered = helm("template", "t", str(archive),
+                    "--set", "monitoring.prometheusRule.enabled=true",
+                    "--set", "monitoring.grafanaDashboard.enabled=true")
+    assert rendered.returncode == 0, rendered.stderr
+    docs = [d for d in yaml.safe_load_all(rendered.stdout) if d]
+    kinds = {d["kind"]: d for d in docs}
+    assert kinds["PrometheusRule"]["spec"]["groups"]
+    assert kinds["ConfigMap"]["data"]["tandem-dashboard.json"].startswith("{")
