@@ -7,7 +7,10 @@
 - the two workers never import each other;
 - observability/ and index/ load no torch and no service;
 - cluster/ is plumbing: it imports none of the services that use it, nor the CLI;
-- the block hash and tokenizer (shared with the router) load no torch.
+- the block hash and tokenizer (shared with the router) load no torch;
+- discovery/ (how the router finds workers) loads no torch, no service, no CLI;
+- planner/ (`tandem scale`) knows the router only through its proto: no router, no worker,
+  no torch, no CLI, no Redis.
 """
 
 from __future__ import annotations
@@ -47,6 +50,11 @@ def loaded_after(imports: list[str]) -> set[str]:
     (["cluster.grpc_server", "cluster.worker_runtime", "cluster.convert"], {"cli", *SERVICES}),
     (["engine.block_hash", "engine.tokenizer", "engine.sampling", "engine.model_config"],
      {"torch"}),
+    (["discovery.base", "discovery.kubernetes", "discovery.pods"],
+     {"torch", "engine", "kv_transfer", "cli", "openai_api", "planner", *SERVICES}),
+    (["planner.__main__"],
+     {"torch", "engine", "kv_transfer", "cli", "index", "redis", "discovery", "openai_api",
+      *SERVICES}),
 ])
 def test_import_rules(imports: list[str], forbidden: set[str]) -> None:
     assert not loaded_after(imports) & forbidden
