@@ -25,6 +25,7 @@ class DeploymentScaler:
         return int(scale.spec.replicas or 0)
 
     async def set_replicas(self, role: Role, replicas: int) -> None:
-        """A merge patch of spec.replicas alone: nothing else of the Deployment is touched."""
+        """A strategic merge patch of spec.replicas alone: nothing else of the Deployment is
+        touched."""
         await self._apps.patch_namespaced_deployment_scale(
             self.config.deployment(role), self.namespace, {"spec": {"replicas": replicas}})

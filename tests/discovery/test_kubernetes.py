@@ -239,6 +239,17 @@ async def test_403_at_start_leaves_no_workers_and_says_why(
     await until(lambda: live(pool) == {"p-0"}, "p-0 once allowed")
 
 
+async def test_a_pod_named_unlike_its_worker_is_not_routed_to(
+        api: KubeApiStandIn, workers: dict[str, FakeWorker], pool: WorkerPool) -> None:
+    misnamed = pod_of(workers["p-0"])
+    misnamed["metadata"]["name"] = "tandem-prefill-7d9f"  # type: ignore[index]
+    api.apply(misnamed)  # the worker calls itself p-0: its prefix-index stream says p-0
+    await pool.start()
+    assert set(pool.workers) == {"tandem-prefill-7d9f"}
+    assert live(pool) == set()
+    assert "its worker_id must match" in pool.config_errors()["tandem-prefill-7d9f"]
+
+
 def test_config_fields_give_the_chart_s_variables(api: KubeApiStandIn) -> None:
     import argparse
 
