@@ -1,4 +1,4 @@
-"""`tandem up`, `tandem generate` and `tandem router|prefill|decode` (see cli/main.py)."""
+"""`tandem up`, `tandem generate` and `tandem router|prefill|decode|scale` (see cli/main.py)."""
 
 from __future__ import annotations
 
@@ -128,7 +128,8 @@ def generate(args: argparse.Namespace) -> int:
     return 0
 
 
-ROLE_MODULES = {"router": "router", "prefill": "prefill_worker", "decode": "decode_worker"}
+ROLE_MODULES = {"router": "router", "prefill": "prefill_worker", "decode": "decode_worker",
+                "scale": "planner"}
 
 
 def add_role(parser: argparse.ArgumentParser) -> None:

@@ -71,6 +71,9 @@ SUBCOMMANDS: dict[str, Subcommand] = {
                           commands.add_role, lambda args: commands.run_role("prefill", [])),
     "decode": Subcommand("run a decode worker (flags: tandem decode --help)",
                          commands.add_role, lambda args: commands.run_role("decode", [])),
+    "scale": Subcommand("run the planner: prefill and decode replicas on Kubernetes from the "
+                        "router's load (flags: tandem scale --help)",
+                        commands.add_role, lambda args: commands.run_role("scale", [])),
 }
 
 

@@ -81,7 +81,10 @@ def _decode(worker_id: str, raw: dict[bytes, bytes]) -> WorkerRecord:
 
 
 class WorkerRegistry:
-    """Register, refresh, list and remove workers (see the module doc)."""
+    """Register, refresh, list and remove workers (see the module doc). The router's default
+    `discovery.base.WorkerSource`."""
+
+    authoritative = False  # Redis restarted empty lists no one until the workers re-register
 
     def __init__(self, redis: Redis, config: RedisConfig, ttl_s: float = 3.0) -> None:
         if ttl_s <= 0:
@@ -93,6 +96,7 @@ class WorkerRegistry:
         # listings Redis did not answer; the router exports it
         # (tandem_router_registry_list_failures_total)
         self.list_failures = 0
+        self.problem = ""  # why the last listing failed ("" once one succeeds)
 
     def _key(self, worker_id: str) -> str:
         return f"{self._config.namespace}:worker:{worker_id}"
@@ -119,10 +123,19 @@ class WorkerRegistry:
     async def list_workers(self, role: Role | None = None) -> list[WorkerRecord]:
         """Live workers (heartbeat within `ttl_s`), sorted by id. Raises IndexUnavailable."""
         try:
-            return await self._list_workers(role)
-        except IndexUnavailable:
+            records = await self._list_workers(role)
+        except IndexUnavailable as error:
             self.list_failures += 1
+            self.problem = f"the worker registry (Redis) is unreachable: {error}"
             raise
+        self.problem = ""
+        return records
+
+    async def start(self) -> None:
+        """Nothing to start: every listing reads Redis (`WorkerSource`)."""
+
+    async def close(self) -> None:
+        """Nothing to close: the Redis client is the caller's (`WorkerSource`)."""
 
     async def _list_workers(self, role: Role | None) -> list[WorkerRecord]:
         async with bounded("list workers", self._config.op_timeout_s):

@@ -71,6 +71,15 @@ ROUTER_FALLBACKS: Mapping[str, tuple[str, str]] = {
                                "workers it knew)."),
     "index_mode_transitions": ("tandem_router_index_mode_transitions", "Changes of prefix "
                                "index mode (exact to degraded and back)."),
+    "discovery_relists": ("tandem_router_discovery_relists", "Relists of the worker pods "
+                          "forced by a watch answered 410 Gone (resourceVersion too old)."),
+    "discovery_watch_drops": ("tandem_router_discovery_watch_drops", "Pod watches that failed "
+                              "mid-stream and were resumed from the last resourceVersion."),
+    "discovery_errors": ("tandem_router_discovery_errors", "Failed Kubernetes API calls of "
+                         "worker discovery (the router keeps routing to the workers it knew)."),
+    "discovery_forbidden": ("tandem_router_discovery_forbidden", "Kubernetes API calls of "
+                            "worker discovery answered 403 Forbidden: the router's "
+                            "ServiceAccount lacks get, list and watch on pods."),
 }
 
 WORKER_LABELS = ("worker", "role")
@@ -233,15 +242,24 @@ class RouterMetrics:
     def watch_fallbacks(self, prefix_tail_reloads: Callable[[], float] | None = None,
                         prefix_tail_sync_failures: Callable[[], float] | None = None,
                         registry_list_failures: Callable[[], float] | None = None,
-                        index_mode_transitions: Callable[[], float] | None = None) -> None:
+                        index_mode_transitions: Callable[[], float] | None = None,
+                        discovery_relists: Callable[[], float] | None = None,
+                        discovery_watch_drops: Callable[[], float] | None = None,
+                        discovery_errors: Callable[[], float] | None = None,
+                        discovery_forbidden: Callable[[], float] | None = None) -> None:
         """Reads the fallback counters from these callables at every scrape (each a count
         since start kept by its owner: `PrefixIndexTail.reloads` and `.sync_failures`,
-        `WorkerRegistry.list_failures`, `PrefixLookup.transitions`). Unwatched ones are
-        exported as 0: a router without the tail never reloads it."""
+        `WorkerRegistry.list_failures`, `PrefixLookup.transitions`, `PodWatcher.relists`,
+        `.watch_drops`, `.errors` and `.forbidden`). Unwatched ones are exported as 0: a
+        router without the tail never reloads it."""
         sources = {"prefix_tail_reloads": prefix_tail_reloads,
                    "prefix_tail_sync_failures": prefix_tail_sync_failures,
                    "registry_list_failures": registry_list_failures,
-                   "index_mode_transitions": index_mode_transitions}
+                   "index_mode_transitions": index_mode_transitions,
+                   "discovery_relists": discovery_relists,
+                   "discovery_watch_drops": discovery_watch_drops,
+                   "discovery_errors": discovery_errors,
+                   "discovery_forbidden": discovery_forbidden}
         self._fallbacks.sources.update({k: v for k, v in sources.items() if v is not None})
 
 

@@ -11,7 +11,6 @@ from cluster.process import ProcessOptions, serve_until_stopped
 from index.prefix_index import PrefixIndexReader
 from index.prefix_tail import PrefixIndexTail
 from index.redis_client import connect
-from index.registry import WorkerRegistry
 from observability.logging_setup import setup_logging
 from observability.tracing import setup_tracing
 from openai_api.app import build_app
@@ -20,6 +19,7 @@ from router.config import RouterConfig, router_flags
 from router.prefix import IndexSource, PrefixLookup, TailSource
 from router.router import Router
 from router.service import RouterServicer
+from router.sources import source_fallbacks, worker_source
 from router.workers import WorkerPool
 from tandem_proto.tandem.v1 import router_pb2_grpc
 
@@ -29,8 +29,8 @@ log = logging.getLogger(__name__)
 async def build_router(config: RouterConfig) -> Router:
     redis_cfg = config.redis_config()
     redis = connect(redis_cfg)
-    registry = WorkerRegistry(redis, redis_cfg)
-    pool = WorkerPool(registry, config)
+    workers = worker_source(config, redis)  # `discovery`: the registry or the pod watch
+    pool = WorkerPool(workers, config)
     await pool.start()
     source: IndexSource
     tail: PrefixIndexTail | None = None
@@ -47,8 +47,7 @@ async def build_router(config: RouterConfig) -> Router:
     router.metrics.watch_fallbacks(
         prefix_tail_reloads=(lambda: tail.reloads) if tail is not None else None,
         prefix_tail_sync_failures=(lambda: tail.sync_failures) if tail is not None else None,
-        registry_list_failures=lambda: registry.list_failures,
-        index_mode_transitions=lambda: lookup.transitions)
+        index_mode_transitions=lambda: lookup.transitions, **source_fallbacks(workers))
     return router
 
 

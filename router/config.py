@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 from cluster.settings import ConfigFlags
+from discovery.config import KubernetesConfig
 from engine.block_hash import DEFAULT_HASH_SEED
 from index.redis_client import RedisConfig
 
@@ -62,6 +63,10 @@ class RouterConfig:
         "help": "a worker that failed a call or a status poll is skipped this long"})
     worker_forget_after_s: float = field(default=10.0, metadata={
         "help": "a worker missing from the registry this long is dropped"})
+    discovery: Literal["redis", "kubernetes"] = field(default="redis", metadata={
+        "help": "how the router finds workers: redis (their heartbeats in the registry) or "
+                "kubernetes (a watch of the worker pods; the prefix index stays in Redis)"})
+    kubernetes: KubernetesConfig = field(default_factory=KubernetesConfig)  # --kubernetes-*
     channel_close_delay_s: float = field(default=120.0, metadata={
         "help": "a dropped worker's channel is closed this long later, once in-flight calls "
                 "have ended"})
@@ -109,6 +114,9 @@ class RouterConfig:
         if self.served_model_name is not None and not self.served_model_name.strip():
             raise ValueError("served_model_name: must not be blank (unset it for the folder's "
                              "name)")
+        if self.discovery not in ("redis", "kubernetes"):
+            raise ValueError(f"discovery: must be 'redis' or 'kubernetes', "
+                             f"got {self.discovery!r}")
         if self.prefix_index not in ("tail", "pipelined"):
             raise ValueError(f"prefix_index: must be 'tail' or 'pipelined', "
                              f"got {self.prefix_index!r}")

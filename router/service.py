@@ -59,7 +59,8 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             pair_errors=[router_pb2.PairError(prefill_worker_id=p, decode_worker_id=d,
                                               message=why)
                          for (p, d), why in router.excluded_pairs().items()],
-            policy=router.policy.name, worker_errors=pool.config_errors(), counters=counters)
+            policy=router.policy.name, worker_errors=pool.config_errors(), counters=counters,
+            discovery_problem=pool.registry.problem)
 
 
 def to_pb(request_id: str, delta: Delta) -> router_pb2.GenerateResponse:

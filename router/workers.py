@@ -1,7 +1,8 @@
-"""The router's view of the workers: found through the Redis registry, watched over gRPC.
+"""The router's view of the workers: found through a `WorkerSource` (the Redis registry, or the
+Kubernetes API: `discovery`), watched over gRPC.
 
-Every `refresh_interval_s` the pool lists the registry (keeping its last known list while
-Redis is unreachable, so routing goes on in degraded mode) and asks each worker for its
+Every `refresh_interval_s` the pool lists the source (keeping its last known list while
+the source is unreachable, so routing goes on in degraded mode) and asks each worker for its
 `Status` (load, KV usage, compatibility hash, block size). A worker that fails a call or a
 status poll is marked down for `worker_down_s` and is not routed to. Prefill/decode pairs whose
 KV compatibility hashes differ are reported as pair errors and never chosen.
@@ -20,7 +21,7 @@ from grpc import aio
 
 from cluster.errors import IndexUnavailable
 from cluster.roles import Role
-from index.registry import WorkerRegistry
+from discovery.base import WorkerSource
 from observability.grpc_tracing import client_interceptors
 from router.clients import ClientTimeouts, DecodeClient, PrefillClient, WorkerFailed
 from router.config import RouterConfig
@@ -62,7 +63,7 @@ class WorkerPool:
     """Live workers by role, refreshed in the background (periods, timeouts and the block
     size and hash seed workers must have: `config`)."""
 
-    def __init__(self, registry: WorkerRegistry, config: RouterConfig) -> None:
+    def __init__(self, registry: WorkerSource, config: RouterConfig) -> None:
         self.registry = registry
         self.config = config
         self.timeouts = ClientTimeouts(rpc_s=config.rpc_timeout_s,
@@ -75,6 +76,7 @@ class WorkerPool:
         self._closing: set[asyncio.Future[None]] = set()
 
     async def start(self) -> None:
+        await self.registry.start()
         await self.refresh()
         self._task = asyncio.create_task(self._run())
 
@@ -85,6 +87,7 @@ class WorkerPool:
             task.cancel()
         for handle in self.workers.values():
             await handle.channel.close()
+        await self.registry.close()
 
     def prefill_client(self, worker_id: str) -> PrefillClient:
         client = self.workers[worker_id].client
@@ -130,6 +133,11 @@ class WorkerPool:
         if status is None:
             return False
         want = self.config
+        if status.worker_id and status.worker_id != handle.worker_id:
+            # the prefix index is keyed by the id the worker publishes under
+            handle.last_error = (f"the worker calls itself {status.worker_id!r}, discovery "
+                                 f"found it as {handle.worker_id!r}: its worker_id must match")
+            return False
         ok = status.block_size == want.block_size and status.hash_seed == want.hash_seed
         if not ok:
             handle.last_error = (f"block size {status.block_size} / hash seed {status.hash_seed}"
@@ -158,7 +166,8 @@ class WorkerPool:
                 # worker has not re-registered yet. Keep it (routable while its status polls
                 # succeed) until it has been missing for a while.
                 handle.missing_since = handle.missing_since or now
-                if now - handle.missing_since > self.config.worker_forget_after_s:
+                if (self.registry.authoritative
+                        or now - handle.missing_since > self.config.worker_forget_after_s):
                     self._remove(worker_id)
         except IndexUnavailable as error:
             if self.registry_ok:

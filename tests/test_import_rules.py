@@ -9,6 +9,9 @@
 - cluster/ is plumbing: it imports none of the services that use it, nor the CLI;
 - the block hash and tokenizer (shared with the router) load no torch;
 - loadtest/ (the load harness) loads no torch and no service; no service loads it.
+- discovery/ (how the router finds workers) loads no torch, no service, no CLI;
+- planner/ (`tandem scale`) knows the router only through its proto: no router, no worker,
+  no torch, no CLI, no Redis.
 """
 
 from __future__ import annotations
@@ -52,6 +55,11 @@ def loaded_after(imports: list[str]) -> set[str]:
     (["loadtest.__main__", "loadtest.session", "loadtest.compare",
       "loadtest.targets.tandem_grpc", "loadtest.targets.openai_http"],
      {"torch", "kv_transfer", "index", *SERVICES}),
+    (["discovery.base", "discovery.kubernetes", "discovery.pods"],
+     {"torch", "engine", "kv_transfer", "cli", "openai_api", "planner", *SERVICES}),
+    (["planner.__main__"],
+     {"torch", "engine", "kv_transfer", "cli", "index", "redis", "discovery", "openai_api",
+      *SERVICES}),
 ])
 def test_import_rules(imports: list[str], forbidden: set[str]) -> None:
     assert not loaded_after(imports) & forbidden

@@ -18,9 +18,11 @@ from google.protobuf import json_format
 from redis.asyncio.connection import parse_url
 
 from cluster.roles import Role
+from discovery.pods import ROLE_LABEL
 from cluster.worker_config import WorkerConfig, worker_flags
 from index.redis_client import RedisConfig
 from openai_api.schemas import ChatCompletionRequest
+from planner.config import PlannerConfig, planner_flags
 from router.config import RouterConfig, router_flags
 from tandem_proto.tandem.v1 import router_pb2
 from tests.deploy.chart import (
@@ -183,22 +185,25 @@ def test_rbac_is_least_privilege() -> None:
 def test_discovery_and_planner_wiring() -> None:
     """The variables the discovery code and `tandem scale` read (names agreed with them)."""
     found = deployments(render([CI["kubernetes-discovery"]]))
-    router = container_env(found["router"])
-    assert router["TANDEM_DISCOVERY"] == "kubernetes"
-    assert router["TANDEM_KUBERNETES_NAMESPACE"] == "serving"
-    selector = router["TANDEM_KUBERNETES_LABEL_SELECTOR"]
-    assert selector == ("app.kubernetes.io/name=tandem,app.kubernetes.io/instance=t,"
-                        "app.kubernetes.io/component in (prefill,decode,aggregated)")
+    router: RouterConfig = router_flags().build(argparse.Namespace(),
+                                                container_env(found["router"]))
+    assert router.discovery == "kubernetes"
+    assert router.kubernetes.kubernetes_namespace == "serving"
+    assert router.kubernetes.kubernetes_label_selector == (
+        "app.kubernetes.io/name=tandem,app.kubernetes.io/instance=t,"
+        "tandem.ai/role in (prefill,decode,aggregated)")
     for role in WORKER_ROLES:  # the selector matches every worker pod, and no other pod
         labels = found[role]["spec"]["template"]["metadata"]["labels"]
-        assert labels["app.kubernetes.io/component"] == role
+        assert labels["app.kubernetes.io/component"] == labels[ROLE_LABEL] == role
+    for name in ("router", "planner"):
+        assert ROLE_LABEL not in found[name]["spec"]["template"]["metadata"]["labels"]
     planner = found["planner"]
-    env = container_env(planner)
     assert planner["spec"]["template"]["spec"]["containers"][0]["command"] == ["tandem", "scale"]
-    assert env["TANDEM_ROUTER"] == "t-tandem-router:50051"
-    assert (env["TANDEM_PREFILL_DEPLOYMENT"], env["TANDEM_DECODE_DEPLOYMENT"]) == \
+    scale: PlannerConfig = planner_flags().build(argparse.Namespace(), container_env(planner))
+    assert scale.router == "t-tandem-router:50051"
+    assert (scale.prefill_deployment, scale.decode_deployment) == \
         (found["prefill"]["metadata"]["name"], found["decode"]["metadata"]["name"])
-    assert env["TANDEM_SCALE_INTERVAL_S"] == "15"
+    assert scale.interval_s == 15
     # the planner owns the prefill and decode replica counts: helm leaves them alone
     assert "replicas" not in found["prefill"]["spec"] and "replicas" not in found["decode"]["spec"]
     assert found["aggregated"]["spec"]["replicas"] == 2

@@ -133,8 +133,9 @@ class FakeDecode(FakeWorker, decode_pb2_grpc.DecodeServicer):
         return sum(not event.is_set() for event in self._held.values())
 
 
-async def serve(worker: FakePrefill | FakeDecode, registry: WorkerRegistry) -> None:
-    """Starts `worker` on a loopback port and registers it as the real workers do."""
+async def serve(worker: FakePrefill | FakeDecode, registry: WorkerRegistry | None) -> None:
+    """Starts `worker` on a loopback port and registers it as the real workers do (unless
+    `registry` is None: found another way, e.g. as a pod by tests/discovery)."""
     bindings = [ServiceBinding("tandem.v1.Worker", worker_pb2_grpc.add_WorkerServicer_to_server,
                                worker)]
     if isinstance(worker, FakePrefill):
@@ -144,4 +145,5 @@ async def serve(worker: FakePrefill | FakeDecode, registry: WorkerRegistry) -> N
         bindings.append(ServiceBinding(
             "tandem.v1.Decode", decode_pb2_grpc.add_DecodeServicer_to_server, worker))
     worker.server = await start_server(bindings)
-    await registry.heartbeat(WorkerRecord(worker.worker_id, worker.role, worker.address))
+    if registry is not None:
+        await registry.heartbeat(WorkerRecord(worker.worker_id, worker.role, worker.address))

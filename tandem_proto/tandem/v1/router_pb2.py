@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from tandem_proto.tandem.v1 import common_pb2 as tandem_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16tandem/v1/router.proto\x12\ttandem.v1\x1a\x16tandem/v1/common.proto\"\xaf\x01\n\x0fGenerateRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12\x17\n\nrequest_id\x18\x04 \x01(\tH\x00\x88\x01\x01\x12\x17\n\ncache_salt\x18\x05 \x01(\tH\x01\x88\x01\x01\x42\r\n\x0b_request_idB\r\n\x0b_cache_salt\"\xaf\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12.\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x17.tandem.v1.FinishReason\x12\x1f\n\x05usage\x18\x05 \x01(\x0b\x32\x10.tandem.v1.Usage\x12\x15\n\rfinish_detail\x18\x06 \x01(\t\"\x19\n\x17GetClusterStatusRequest\"Q\n\tPairError\x12\x19\n\x11prefill_worker_id\x18\x01 \x01(\t\x12\x18\n\x10\x64\x65\x63ode_worker_id\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"\xcc\x03\n\x18GetClusterStatusResponse\x12(\n\x07workers\x18\x01 \x03(\x0b\x32\x17.tandem.v1.WorkerStatus\x12\x35\n\x11prefix_index_mode\x18\x02 \x01(\x0e\x32\x1a.tandem.v1.PrefixIndexMode\x12\x1b\n\x13prefix_index_detail\x18\x03 \x01(\t\x12)\n\x0bpair_errors\x18\x04 \x03(\x0b\x32\x14.tandem.v1.PairError\x12\x0e\n\x06policy\x18\x05 \x01(\t\x12L\n\rworker_errors\x18\x06 \x03(\x0b\x32\x35.tandem.v1.GetClusterStatusResponse.WorkerErrorsEntry\x12\x43\n\x08\x63ounters\x18\x07 \x03(\x0b\x32\x31.tandem.v1.GetClusterStatusResponse.CountersEntry\x1a\x33\n\x11WorkerErrorsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a/\n\rCountersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01*q\n\x0fPrefixIndexMode\x12!\n\x1dPREFIX_INDEX_MODE_UNSPECIFIED\x10\x00\x12\x1b\n\x17PREFIX_INDEX_MODE_EXACT\x10\x01\x12\x1e\n\x1aPREFIX_INDEX_MODE_DEGRADED\x10\x02\x32\xac\x01\n\x06Router\x12\x45\n\x08Generate\x12\x1a.tandem.v1.GenerateRequest\x1a\x1b.tandem.v1.GenerateResponse0\x01\x12[\n\x10GetClusterStatus\x12\".tandem.v1.GetClusterStatusRequest\x1a#.tandem.v1.GetClusterStatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16tandem/v1/router.proto\x12\ttandem.v1\x1a\x16tandem/v1/common.proto\"\xaf\x01\n\x0fGenerateRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12\x17\n\nrequest_id\x18\x04 \x01(\tH\x00\x88\x01\x01\x12\x17\n\ncache_salt\x18\x05 \x01(\tH\x01\x88\x01\x01\x42\r\n\x0b_request_idB\r\n\x0b_cache_salt\"\xaf\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12.\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x17.tandem.v1.FinishReason\x12\x1f\n\x05usage\x18\x05 \x01(\x0b\x32\x10.tandem.v1.Usage\x12\x15\n\rfinish_detail\x18\x06 \x01(\t\"\x19\n\x17GetClusterStatusRequest\"Q\n\tPairError\x12\x19\n\x11prefill_worker_id\x18\x01 \x01(\t\x12\x18\n\x10\x64\x65\x63ode_worker_id\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"\xe7\x03\n\x18GetClusterStatusResponse\x12(\n\x07workers\x18\x01 \x03(\x0b\x32\x17.tandem.v1.WorkerStatus\x12\x35\n\x11prefix_index_mode\x18\x02 \x01(\x0e\x32\x1a.tandem.v1.PrefixIndexMode\x12\x1b\n\x13prefix_index_detail\x18\x03 \x01(\t\x12)\n\x0bpair_errors\x18\x04 \x03(\x0b\x32\x14.tandem.v1.PairError\x12\x0e\n\x06policy\x18\x05 \x01(\t\x12L\n\rworker_errors\x18\x06 \x03(\x0b\x32\x35.tandem.v1.GetClusterStatusResponse.WorkerErrorsEntry\x12\x43\n\x08\x63ounters\x18\x07 \x03(\x0b\x32\x31.tandem.v1.GetClusterStatusResponse.CountersEntry\x12\x19\n\x11\x64iscovery_problem\x18\x08 \x01(\t\x1a\x33\n\x11WorkerErrorsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a/\n\rCountersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01*q\n\x0fPrefixIndexMode\x12!\n\x1dPREFIX_INDEX_MODE_UNSPECIFIED\x10\x00\x12\x1b\n\x17PREFIX_INDEX_MODE_EXACT\x10\x01\x12\x1e\n\x1aPREFIX_INDEX_MODE_DEGRADED\x10\x02\x32\xac\x01\n\x06Router\x12\x45\n\x08Generate\x12\x1a.tandem.v1.GenerateRequest\x1a\x1b.tandem.v1.GenerateResponse0\x01\x12[\n\x10GetClusterStatus\x12\".tandem.v1.GetClusterStatusRequest\x1a#.tandem.v1.GetClusterStatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,8 +36,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETCLUSTERSTATUSRESPONSE_WORKERERRORSENTRY']._serialized_options = b'8\001'
   _globals['_GETCLUSTERSTATUSRESPONSE_COUNTERSENTRY']._loaded_options = None
   _globals['_GETCLUSTERSTATUSRESPONSE_COUNTERSENTRY']._serialized_options = b'8\001'
-  _globals['_PREFIXINDEXMODE']._serialized_start=990
-  _globals['_PREFIXINDEXMODE']._serialized_end=1103
+  _globals['_PREFIXINDEXMODE']._serialized_start=1017
+  _globals['_PREFIXINDEXMODE']._serialized_end=1130
   _globals['_GENERATEREQUEST']._serialized_start=62
   _globals['_GENERATEREQUEST']._serialized_end=237
   _globals['_GENERATERESPONSE']._serialized_start=240
@@ -47,11 +47,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PAIRERROR']._serialized_start=444
   _globals['_PAIRERROR']._serialized_end=525
   _globals['_GETCLUSTERSTATUSRESPONSE']._serialized_start=528
-  _globals['_GETCLUSTERSTATUSRESPONSE']._serialized_end=988
-  _globals['_GETCLUSTERSTATUSRESPONSE_WORKERERRORSENTRY']._serialized_start=888
-  _globals['_GETCLUSTERSTATUSRESPONSE_WORKERERRORSENTRY']._serialized_end=939
-  _globals['_GETCLUSTERSTATUSRESPONSE_COUNTERSENTRY']._serialized_start=941
-  _globals['_GETCLUSTERSTATUSRESPONSE_COUNTERSENTRY']._serialized_end=988
-  _globals['_ROUTER']._serialized_start=1106
-  _globals['_ROUTER']._serialized_end=1278
+  _globals['_GETCLUSTERSTATUSRESPONSE']._serialized_end=1015
+  _globals['_GETCLUSTERSTATUSRESPONSE_WORKERERRORSENTRY']._serialized_start=915
+  _globals['_GETCLUSTERSTATUSRESPONSE_WORKERERRORSENTRY']._serialized_end=966
+  _globals['_GETCLUSTERSTATUSRESPONSE_COUNTERSENTRY']._serialized_start=968
+  _globals['_GETCLUSTERSTATUSRESPONSE_COUNTERSENTRY']._serialized_end=1015
+  _globals['_ROUTER']._serialized_start=1133
+  _globals['_ROUTER']._serialized_end=1305
 # @@protoc_insertion_point(module_scope)

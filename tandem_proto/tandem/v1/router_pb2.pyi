@@ -64,7 +64,7 @@ class PairError(_message.Message):
     def __init__(self, prefill_worker_id: _Optional[str] = ..., decode_worker_id: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
 
 class GetClusterStatusResponse(_message.Message):
-    __slots__ = ("workers", "prefix_index_mode", "prefix_index_detail", "pair_errors", "policy", "worker_errors", "counters")
+    __slots__ = ("workers", "prefix_index_mode", "prefix_index_detail", "pair_errors", "policy", "worker_errors", "counters", "discovery_problem")
     class WorkerErrorsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -86,6 +86,7 @@ class GetClusterStatusResponse(_message.Message):
     POLICY_FIELD_NUMBER: _ClassVar[int]
     WORKER_ERRORS_FIELD_NUMBER: _ClassVar[int]
     COUNTERS_FIELD_NUMBER: _ClassVar[int]
+    DISCOVERY_PROBLEM_FIELD_NUMBER: _ClassVar[int]
     workers: _containers.RepeatedCompositeFieldContainer[_common_pb2.WorkerStatus]
     prefix_index_mode: PrefixIndexMode
     prefix_index_detail: str
@@ -93,4 +94,5 @@ class GetClusterStatusResponse(_message.Message):
     policy: str
     worker_errors: _containers.ScalarMap[str, str]
     counters: _containers.ScalarMap[str, float]
-    def __init__(self, workers: _Optional[_Iterable[_Union[_common_pb2.WorkerStatus, _Mapping]]] = ..., prefix_index_mode: _Optional[_Union[PrefixIndexMode, str]] = ..., prefix_index_detail: _Optional[str] = ..., pair_errors: _Optional[_Iterable[_Union[PairError, _Mapping]]] = ..., policy: _Optional[str] = ..., worker_errors: _Optional[_Mapping[str, str]] = ..., counters: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    discovery_problem: str
+    def __init__(self, workers: _Optional[_Iterable[_Union[_common_pb2.WorkerStatus, _Mapping]]] = ..., prefix_index_mode: _Optional[_Union[PrefixIndexMode, str]] = ..., prefix_index_detail: _Optional[str] = ..., pair_errors: _Optional[_Iterable[_Union[PairError, _Mapping]]] = ..., policy: _Optional[str] = ..., worker_errors: _Optional[_Mapping[str, str]] = ..., counters: _Optional[_Mapping[str, float]] = ..., discovery_problem: _Optional[str] = ...) -> None: ...

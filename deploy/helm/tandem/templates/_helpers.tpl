@@ -44,7 +44,7 @@ app.kubernetes.io/component: {{ .component }}
 
 {{/* The label selector (a string) of this release's worker pods: what discovery watches. */}}
 {{- define "tandem.workerSelector" -}}
-app.kubernetes.io/name={{ include "tandem.name" . }},app.kubernetes.io/instance={{ .Release.Name }},app.kubernetes.io/component in (prefill,decode,aggregated)
+app.kubernetes.io/name={{ include "tandem.name" . }},app.kubernetes.io/instance={{ .Release.Name }},tandem.ai/role in (prefill,decode,aggregated)
 {{- end -}}
 
 {{- define "tandem.image" -}}
