@@ -48,6 +48,9 @@ COPY openai_api/ openai_api/
 COPY prefill_worker/ prefill_worker/
 COPY decode_worker/ decode_worker/
 COPY tandem_proto/ tandem_proto/
+COPY discovery/ discovery/
+COPY planner/ planner/
+COPY loadtest/ loadtest/
 # torch==2.13.0 is satisfied by the variant installed above (2.13.0+cpu, 2.13.0+cu128)
 RUN pip install --no-cache-dir . && tandem --help > /dev/null
 
