@@ -18,8 +18,8 @@ from google.protobuf import json_format
 from redis.asyncio.connection import parse_url
 
 from cluster.roles import Role
-from discovery.pods import ROLE_LABEL
 from cluster.worker_config import WorkerConfig, worker_flags
+from discovery.pods import ROLE_LABEL
 from index.redis_client import RedisConfig
 from openai_api.schemas import ChatCompletionRequest
 from planner.config import PlannerConfig, planner_flags
