@@ -76,7 +76,8 @@ class WorkerConfig:
     transfer_timeout_s: float = field(default=30.0, metadata={
         "help": "prefill: all of a request's KV writes must be done within this, or it fails"})
     lease_ms: int = field(default=30_000, metadata={
-        "help": "decode: how long a reservation waits for its KV and its Decode call"})
+        "help": "decode: how long a reservation waits for its KV and its Decode call, and "
+                "the longest lease a caller may ask (a longer one is cut to this)"})
     lease_check_interval_s: float = field(default=0.1, metadata={
         "help": "decode: how often expired reservation leases are looked for"})
     quarantine_s: float = field(default=5.0, metadata={

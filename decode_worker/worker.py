@@ -118,7 +118,8 @@ class DecodeWorker:
         NoCapacity if they are not free now."""
         if request_id in self.reservations:
             raise DuplicateRequest(f"request_id: {request_id!r} is already reserved here")
-        lease = lease_s or self.lease_s
+        # the caller may ask a shorter lease, never a longer one: a lease is blocks held
+        lease = min(lease_s, self.lease_s) if lease_s else self.lease_s
 
         def reserve_on_engine(engine: Engine) -> tuple[list[int], int] | None:
             allocation = engine.reserve(request_id, prompt, sampling, cache_salt)

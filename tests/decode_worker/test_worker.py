@@ -6,6 +6,7 @@ its blocks. (The end-to-end paths with a real prefill worker are in tests/e2e.)"
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -184,3 +185,14 @@ async def test_a_decoding_request_released_ends_its_stream_cancelled(
             break
         await asyncio.sleep(0.1)
     assert await free_blocks(worker) == 32
+
+
+async def test_a_caller_cannot_hold_blocks_longer_than_the_workers_lease(
+        worker: DecodeWorker) -> None:
+    """`Decode/Reserve` with lease_ms 4294967295 once held blocks for 50 days: the worker's
+    own lease is the cap; a shorter one is kept."""
+    long = await worker.reserve("long", PROMPT, SamplingParams(), lease_s=4294967.295)
+    assert long.lease_deadline <= time.monotonic() + worker.lease_s
+    short = await worker.reserve("short", PROMPT, SamplingParams(), lease_s=0.5)
+    assert short.lease_deadline <= time.monotonic() + 0.5
+    assert await worker.cancel("long", "test") and await worker.cancel("short", "test")
