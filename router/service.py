@@ -49,6 +49,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             "pair_breaks": router.pair_health.breaks,
             **{f"decisions/{k}": v for k, v in stats.decisions.items()},
             **{f"outcome/{k}": v for k, v in stats.outcomes.items()},
+            **{f"local_prefills/{k}": v for k, v in stats.local_prefills.items()},
         }
         return router_pb2.GetClusterStatusResponse(
             workers=[h.status for h in pool.workers.values() if h.status is not None and h.up],
