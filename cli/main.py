@@ -46,7 +46,8 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "make-tiny-model": Subcommand(
         "write a small random-weight HF checkpoint with a tokenizer, for tests and demos",
         _add_make_tiny_model, _make_tiny_model),
-    "up": Subcommand("start a local cluster: redis, prefill and decode workers, router",
+    "up": Subcommand("start a local cluster: redis, prefill, decode or aggregated workers, "
+                     "router",
                      commands.add_up, commands.up),
     "generate": Subcommand("stream a completion from a running router",
                            commands.add_generate, commands.generate),
@@ -56,6 +57,9 @@ SUBCOMMANDS: dict[str, Subcommand] = {
                           commands.add_role, lambda args: commands.run_role("prefill", [])),
     "decode": Subcommand("run a decode worker (flags: tandem decode --help)",
                          commands.add_role, lambda args: commands.run_role("decode", [])),
+    "aggregated": Subcommand("run an aggregated worker (flags: tandem aggregated --help)",
+                             commands.add_role,
+                             lambda args: commands.run_role("aggregated", [])),
 }
 
 
