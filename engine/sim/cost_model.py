@@ -7,10 +7,14 @@
 
 A step that mixes prompt chunks and decodes pays both parts, as the real engine's forward does
 (one batch through every layer). The defaults are fitted on this repository's engine running
-SmolLM2-135M's shape (`tandem make-tiny-model DIR --preset smollm2`) in float32 on the 2-core
-dev box, with `python -m engine.sim.fit --model DIR` (the command, its run and the fit are in
-docs/architecture.md); fit them again for another model or machine and pass the flags it prints.
-Pure Python: no torch.
+SmolLM2-135M's shape (`tandem make-tiny-model DIR --preset smollm2`, float32) on one thread of
+the 2-core dev box (a decode worker's share under `tandem up`):
+
+    python -m engine.sim.fit --model DIR --repeats 5 --num-threads 1
+
+17 points (prompts of 32-512 tokens; batches of 1-32 at contexts of 64-512), fastest of 5
+steps each, mean relative error 10.9% (the run is in docs/architecture.md). Fit them again for
+another model or machine and pass the flags it prints. Pure Python: no torch.
 """
 
 from __future__ import annotations
@@ -22,13 +26,13 @@ from dataclasses import dataclass, field
 class SimCostModel:
     """The constants of the simulated engine's step time (module doc); each is a flag."""
 
-    sim_step_s: float = field(default=0.0042, metadata={
+    sim_step_s: float = field(default=0.0784, metadata={
         "help": "--engine sim: fixed seconds of every step"})
-    sim_prefill_token_s: float = field(default=0.000205, metadata={
+    sim_prefill_token_s: float = field(default=0.00369, metadata={
         "help": "--engine sim: seconds per prompt token computed in a step"})
-    sim_decode_seq_s: float = field(default=0.00058, metadata={
+    sim_decode_seq_s: float = field(default=0.00489, metadata={
         "help": "--engine sim: seconds per request decoding one token in a step"})
-    sim_decode_context_token_s: float = field(default=0.0000012, metadata={
+    sim_decode_context_token_s: float = field(default=0.00000482, metadata={
         "help": "--engine sim: seconds per context token attended to by a decoding request"})
     sim_eos_probability: float = field(default=0.0, metadata={
         "help": "--engine sim: chance that a sampled token is the model's end-of-sequence "

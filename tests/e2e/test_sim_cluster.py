@@ -22,9 +22,11 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 
 async def test_16_sim_workers_start_and_serve(tiny_llama: Path, tmp_path: Path) -> None:
     started = time.monotonic()
+    # no /metrics servers: half the ports picked ahead of their bind (free_port), which other
+    # processes' ephemeral binds (NIXL/UCX listeners) can take in between
     with LocalCluster(tiny_llama, prefill=6, decode=6, aggregated=4, log_dir=tmp_path,
                       worker_args=["--engine", "sim", "--num-blocks", "256"],
-                      start_timeout_s=240) as cluster:
+                      start_timeout_s=240, metrics=False) as cluster:
         assert time.monotonic() - started < 240
         prompts = [[3 + (i * 7 + j) % 400 for j in range(10 + 3 * i)] for i in range(48)]
         async with RouterClient(cluster.router_address) as client:
