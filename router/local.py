@@ -32,6 +32,10 @@ class LocalStream:
         async with self._stack:
             yield self._after_first()
 
+    async def close(self) -> None:
+        """Closes (or cancels) the call if `rest()` never read it; a no-op after `rest()`."""
+        await self._stack.aclose()
+
     async def _after_first(self) -> AsyncIterator[TokenChunk]:
         first = self._rest_of_first
         if first.token_ids or first.finish_reason is not None:

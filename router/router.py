@@ -302,6 +302,8 @@ class Router:
             raise NoWorker(f"decode worker {decode.worker_id} failed mid-request: "
                            f"{failed.code.name}: {failed}") from None
         finally:
+            if bound.local is not None:  # a stop string in the first token: never read on
+                await bound.local.close()
             bound.assignment.finish()
             if not released:
                 self._background(decode.cancel(bound.attempt_id, "router ended the stream"))

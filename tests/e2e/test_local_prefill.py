@@ -105,3 +105,26 @@ async def test_a_cached_prefix_leaves_a_short_tail_to_prefill_on_d(mixed: LocalC
     assert result.cached_tokens == 64  # the prefix's 4 blocks of 16 were held on D
     assert moved(before, after, d, "prefill_tokens_computed") == len(tail) - 64
     await wait_until(lambda: blocks_all_free(mixed), what="every block free again")
+
+
+async def test_a_local_route_ends_at_its_first_token(mixed: LocalCluster,
+                                                     tiny_llama: Path) -> None:
+    """max_tokens 1, a stop token and a stop string met by the first token: the local stream
+    ends (or is closed unread) and every block comes back."""
+    short = prompt(8, 123)  # local on whichever route: A, or D as a short prompt
+    want = expected(tiny_llama, short, 4)
+    async with RouterClient(mixed.router_address) as client:
+        full = await client.complete(token_ids=short, max_tokens=4, ignore_eos=True)
+        for _ in range(2):  # both routes, round robin
+            one = await client.complete(token_ids=short, max_tokens=1, ignore_eos=True)
+            assert (one.token_ids, one.finish_reason) == (want[:1], "length")
+            stopped = await client.complete(token_ids=short, max_tokens=4,
+                                            stop_token_ids=[want[0]])
+            assert (stopped.token_ids, stopped.finish_reason) == (want[:1], "stop")
+            first_text = full.text[:1]
+            if first_text.strip():
+                cut = await client.complete(token_ids=short, max_tokens=4, ignore_eos=True,
+                                            stop=[first_text])
+                assert cut.finish_reason == "stop" and first_text not in cut.text
+                assert full.text.startswith(cut.text)
+    await wait_until(lambda: blocks_all_free(mixed), what="every block free again")
