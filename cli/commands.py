@@ -51,26 +51,39 @@ def add_up(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--exit", action="store_true",
                         help="stop the cluster once started (after the demo, with --demo)")
     parser.add_argument("--log-dir", type=Path, help="where process logs go (default: a tmp dir)")
+    parser.add_argument("--aggregated", type=int, default=0,
+                        help="aggregated workers (prefill and decode their own requests)")
+    parser.add_argument("--engine", choices=["model", "sim"], default="model",
+                        help="sim: simulated workers, no model (engine/sim/)")
+    parser.add_argument("--local-prefill-max-tokens", type=int,
+                        help="router: prefill prompts with at most this many uncached tokens "
+                             "on their decode worker (default: always disaggregate)")
 
 
 def up(args: argparse.Namespace) -> int:
     from cli.demo import run_demo
     from cli.local_cluster import LocalCluster
 
-    if args.prefill < 1 or args.decode < 1:
-        raise ValueError("prefill/decode: need at least one worker of each role")
+    if min(args.prefill, args.decode, args.aggregated) < 0 or \
+            (min(args.prefill, args.decode) < 1 and args.aggregated < 1):
+        raise ValueError("prefill/decode/aggregated: need a prefill and a decode worker, or "
+                         "an aggregated one")
     model = ensure_model(args.model)
+    local = [] if args.local_prefill_max_tokens is None else [
+        "--local-prefill-max-tokens", str(args.local_prefill_max_tokens)]
     cluster = LocalCluster(
         model, prefill=args.prefill, decode=args.decode, router_port=args.port,
         http_port=args.http_port,
         worker_args=["--transfer-backend", args.transfer_backend,
-                     "--num-blocks", str(args.num_blocks)],
-        router_args=["--policy", args.policy], log_dir=args.log_dir)
+                     "--num-blocks", str(args.num_blocks), "--engine", args.engine],
+        router_args=["--policy", args.policy, *local], log_dir=args.log_dir,
+        aggregated=args.aggregated)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    print(f"starting redis, {args.prefill} prefill, {args.decode} decode workers and the "
-          f"router (logs: {cluster.log_dir})", flush=True)
+    print(f"starting redis, {args.prefill} prefill, {args.decode} decode, {args.aggregated} "
+          f"aggregated {args.engine} workers and the router (logs: {cluster.log_dir})",
+          flush=True)
     try:
         cluster.start()
         print(f"router listening on {cluster.router_address}", flush=True)
@@ -129,7 +142,7 @@ def generate(args: argparse.Namespace) -> int:
 
 
 ROLE_MODULES = {"router": "router", "prefill": "prefill_worker", "decode": "decode_worker",
-                "scale": "planner"}
+                "scale": "planner", "aggregated": "decode_worker.aggregated"}
 
 
 def add_role(parser: argparse.ArgumentParser) -> None:

@@ -29,7 +29,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from cli.redis_server import LocalRedisServer
 from cluster.addresses import free_port
 
-MODULES = {"prefill": "prefill_worker", "decode": "decode_worker", "router": "router"}
+MODULES = {"prefill": "prefill_worker", "decode": "decode_worker", "router": "router",
+           "aggregated": "decode_worker.aggregated"}
 REDIS_HINT = ("redis-server not found on PATH: install it (Debian/Ubuntu: "
               "`apt-get install redis-server`), or run scripts/setup.sh")
 
@@ -85,6 +86,7 @@ class LocalCluster:
     omp_spin_count: int | None = 10_000
     metrics: bool = True  # every process serves /metrics on a free loopback port
     processes: list[ServiceProcess] = field(default_factory=list)
+    aggregated: int = 0  # workers that prefill and decode their own requests
 
     def __post_init__(self) -> None:
         if shutil.which("redis-server") is None:
@@ -101,10 +103,11 @@ class LocalCluster:
             self.redis.start()
             workers = [self.spawn("prefill") for _ in range(self.prefill)]
             workers += [self.spawn("decode") for _ in range(self.decode)]
+            workers += [self.spawn("aggregated") for _ in range(self.aggregated)]
             router = self.spawn("router")
             for process in [*workers, router]:
                 self.wait_ready(process)
-            self.wait_for_workers(self.prefill + self.decode)
+            self.wait_for_workers(self.prefill + self.decode + self.aggregated)
         except BaseException:
             self.stop()
             raise
@@ -127,7 +130,8 @@ class LocalCluster:
         return [p for p in self.processes if p.role == role and p.alive]
 
     def spawn(self, role: str, extra_args: Sequence[str] = ()) -> ServiceProcess:
-        """Starts one process of `role` ("prefill", "decode" or "router"); not yet ready."""
+        """Starts one process of `role` ("prefill", "decode", "aggregated" or "router"); not
+        yet ready."""
         self._counter += 1
         name = role if role == "router" else f"{role}-{self._counter}"
         port = self.router_port if role == "router" and self.router_port else free_port()
@@ -164,7 +168,7 @@ class LocalCluster:
             return self.prefill_threads
         if self.decode_threads is not None:
             return self.decode_threads
-        return max(1, (os.cpu_count() or 1) // (self.prefill + self.decode))
+        return max(1, (os.cpu_count() or 1) // (self.prefill + self.decode + self.aggregated))
 
     def wait_ready(self, process: ServiceProcess, timeout_s: float | None = None) -> None:
         """Waits until the process's health service answers SERVING; raises with its log if it

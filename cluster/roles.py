@@ -10,3 +10,6 @@ class Role(StrEnum):
 
     PREFILL = "prefill"
     DECODE = "decode"
+    # prefills and decodes its own requests (a decode worker the router asks to prefill every
+    # prompt itself); pairs with no other worker
+    AGGREGATED = "aggregated"

@@ -10,7 +10,8 @@ from cluster.worker_runtime import WorkerRuntime
 from kv_transfer.handshake import PROTOCOL_VERSION
 from tandem_proto.tandem.v1 import common_pb2
 
-ROLE_PB = {Role.PREFILL: common_pb2.WORKER_ROLE_PREFILL, Role.DECODE: common_pb2.WORKER_ROLE_DECODE}
+ROLE_PB = {Role.PREFILL: common_pb2.WORKER_ROLE_PREFILL, Role.DECODE: common_pb2.WORKER_ROLE_DECODE,
+           Role.AGGREGATED: common_pb2.WORKER_ROLE_AGGREGATED}
 
 
 def transfer_endpoint(runtime: WorkerRuntime) -> common_pb2.TransferEndpoint:

@@ -45,7 +45,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         annotate({"tandem.request_id": request.request_id,
                   "tandem.decode": self.worker.worker_id})
         with set_request_id(request.request_id):
-            async for output in self.worker.decode(request.request_id, request.first_token_id):
+            first = request.first_token_id if request.HasField("first_token_id") else None
+            async for output in self.worker.decode(request.request_id, first):
                 response = decode_pb2.DecodeResponse(token_ids=output.new_token_ids)
                 if output.finished and output.finish_reason is not None:
                     response.finish_reason = FINISH_TO_PB[output.finish_reason.value]

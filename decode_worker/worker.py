@@ -11,6 +11,11 @@ A request's life here:
 3. `decode(first_token)`: waits for the KV, admits the request to the running batch and
    streams every later token. If the transfer failed, it prefills locally instead
    (prompt + first token, recomputed here; counted in `stats.local_prefills` and logged).
+   `decode(None)`: no KV is coming (the router chose to prefill here: an aggregated worker,
+   or a prompt whose uncached part is short); the reservation's blocks are freed and the
+   prompt joins the engine's queue like any request of an aggregated engine, its cached
+   prefix found again by hash; the stream starts with the first token (counted in
+   `stats.routed_prefills`). The same local prefill as the fallback, without a first token.
 4. Whatever ends the stream (finish, cancel, error) releases the blocks in `finally`.
 
 Blocks of a request released before its KV completed are kept out of use for
@@ -56,7 +61,8 @@ class DecodeStats:
 
     reservations: int = 0
     lease_expiries: int = 0
-    local_prefills: int = 0
+    local_prefills: int = 0  # fallbacks: the transfer failed, the prompt was recomputed here
+    routed_prefills: int = 0  # prompts the router sent here to prefill (no transfer)
     transfers_completed: int = 0
     transfers_failed: int = 0
     cached_prompt_tokens: int = 0  # prompt tokens found in this worker's prefix cache
@@ -165,8 +171,10 @@ class DecodeWorker:
 
     # ---- decode --------------------------------------------------------------------------
 
-    async def decode(self, request_id: str, first_token: int) -> AsyncIterator[RequestOutput]:
-        """Streams the tokens after `first_token`; the last output has `finished` set."""
+    async def decode(self, request_id: str,
+                     first_token: int | None) -> AsyncIterator[RequestOutput]:
+        """Streams the tokens after `first_token` (None: prefills here and streams every
+        token, the first included); the last output has `finished` set."""
         reservation = self.reservations.get(request_id)
         if reservation is None or reservation.decoding:
             raise UnknownRequest(f"decode worker {self.worker_id} holds no reservation "
@@ -178,7 +186,7 @@ class DecodeWorker:
             with span("decode.admission") as admission:
                 first = await self._start(reservation, first_token)
                 admission.set_attribute("tandem.local_prefill", reservation.local_prefill)
-            if first.finished:
+            if first is not None and first.finished:
                 finished = True
                 yield dataclasses.replace(first, new_token_ids=[])
                 return
@@ -203,10 +211,14 @@ class DecodeWorker:
                 await self._release_on_engine(request_id,
                                               kv_complete=reservation.writes_settled)
 
-    async def _start(self, reservation: Reservation, first_token: int) -> RequestOutput:
-        """Admits the request with its transferred KV, or prefills it here if that failed;
-        a request released meanwhile ends at once, cancelled."""
+    async def _start(self, reservation: Reservation,
+                     first_token: int | None) -> RequestOutput | None:
+        """Admits the request with its transferred KV, or prefills it here if that failed or
+        no KV is coming (`first_token` None: returns None, every token is still to come); a
+        request released meanwhile ends at once, cancelled."""
         rid = reservation.request_id
+        if first_token is None:
+            return await self._prefill_here(reservation)
         remaining = max(reservation.lease_deadline - time.monotonic(), 0.0)
         try:
             await asyncio.wait_for(asyncio.shield(reservation.kv_ready), timeout=remaining)
@@ -229,6 +241,25 @@ class DecodeWorker:
         """The last output of a request released while decoding: no tokens, CANCELLED."""
         return RequestOutput(reservation.request_id, [], True, FinishReason.CANCELLED,
                              len(reservation.prompt), reservation.num_cached_tokens)
+
+    async def _prefill_here(self, reservation: Reservation) -> RequestOutput | None:
+        """The router sent no KV: frees the reservation and queues the prompt in the engine in
+        one engine call (the freed blocks are there for it; its cached prefix is found again by
+        hash). Nothing writes into the blocks, so they are freed at once."""
+        if reservation.released:
+            return self._cancelled(reservation)
+        rid = reservation.request_id
+        reservation.local_prefill = True
+        self.stats.routed_prefills += 1
+
+        def start(engine: Engine) -> None:
+            self.agent.release(rid)
+            engine.release(rid)
+            engine.add_request(rid, reservation.prompt, reservation.sampling,
+                               reservation.cache_salt)
+
+        await self.loop.call(start)
+        return None
 
     async def _prefill_locally(self, reservation: Reservation, first_token: int,
                                ) -> RequestOutput:
@@ -254,6 +285,7 @@ class DecodeWorker:
         stats = self.stats
         return {"reservations": stats.reservations, "lease_expiries": stats.lease_expiries,
                 "local_prefills": stats.local_prefills,
+                "routed_prefills": stats.routed_prefills,
                 "transfers_completed": stats.transfers_completed,
                 "transfers_failed": stats.transfers_failed,
                 "cached_prompt_tokens": stats.cached_prompt_tokens,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-DEFAULT_LABEL_SELECTOR = "tandem.ai/role in (prefill,decode)"
+DEFAULT_LABEL_SELECTOR = "tandem.ai/role in (prefill,decode,aggregated)"
 
 
 @dataclass(frozen=True)
@@ -17,7 +17,7 @@ class KubernetesConfig:
                 "own namespace (its ServiceAccount's), or 'default' outside a cluster"})
     kubernetes_label_selector: str = field(default=DEFAULT_LABEL_SELECTOR, metadata={
         "help": "discovery kubernetes: label selector of the worker pods (each carries "
-                "tandem.ai/role=prefill|decode)"})
+                "tandem.ai/role=prefill|decode|aggregated)"})
     kubernetes_port_name: str = field(default="grpc", metadata={
         "help": "discovery kubernetes: name of the worker container's gRPC port"})
     kubeconfig: str | None = field(default=None, metadata={

@@ -1,7 +1,8 @@
 """The contract between a worker pod and the router's discovery, and reading a pod by it.
 
 A worker pod the router routes to:
-- carries the label `tandem.ai/role` with the worker's role (`prefill`, `decode`);
+- carries the label `tandem.ai/role` with the worker's role (`prefill`, `decode`,
+  `aggregated`);
 - has a container port named `grpc` (`KubernetesConfig.kubernetes_port_name`): the router
   dials the pod IP on it;
 - is named as the worker names itself (`worker_id`; the chart sets `TANDEM_WORKER_ID` from

@@ -7,8 +7,10 @@ Values found at run time (how many blocks fit) live on the objects that find the
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from engine.block_hash import DEFAULT_HASH_SEED
+from engine.sim.cost_model import SimCostModel
 from engine.weights import DTYPES
 
 
@@ -53,7 +55,15 @@ class EngineConfig:
         "help": "CPU only: memory for the dense K/V copy of a steady decode batch, on top of "
                 "the KV cache (engine/kernels/decode_mirror.py); 0 turns it off"})
 
+    engine: Literal["model", "sim"] = field(default="model", metadata={
+        "help": "model: run the checkpoint; sim: no model (config.json is read, no weights): "
+                "steps last as the sim cost model says, tokens are a hash of the context "
+                "(engine/sim/); prefill and decode workers must agree"})
+    sim: SimCostModel = field(default_factory=SimCostModel)
+
     def __post_init__(self) -> None:
+        if self.engine not in ("model", "sim"):
+            raise ValueError(f"engine: must be 'model' or 'sim', got {self.engine!r}")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ValueError(f"dtype: must be one of {sorted(DTYPES)} or unset, "
                              f"got {self.dtype!r}")

@@ -30,9 +30,9 @@ from engine.model.llama import LlamaModel
 from engine.model_config import ModelConfig
 from engine.model_runner import ModelRunner
 from engine.request import FinishReason, Request, RequestStatus
-from engine.sampler import sample
 from engine.sampling import SamplingParams
 from engine.scheduler import ScheduledBatch, Scheduler
+from engine.sim.runner import SimRunner, sim_cache_shape, sim_model_id
 from engine.weights import iter_weights, resolve_dtype
 
 log = logging.getLogger(__name__)
@@ -86,6 +86,28 @@ class Engine:
         mc, cfg = self.model_config, self.config
         # the checkpoint's dtype unless configured: of the weights as loaded and the KV cache
         self.dtype = resolve_dtype(cfg.dtype, mc.dtype)
+        self.max_model_len = min(cfg.max_model_len or mc.max_position_embeddings,
+                                 mc.max_position_embeddings)
+        self.runner: ModelRunner | SimRunner
+        if cfg.engine == "sim":
+            self._init_sim(model_dir)
+        else:
+            self._init_model(model_dir)
+        self.block_manager = BlockManager(self.num_blocks, cfg.block_size,
+                                          cfg.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs,
+                                   cfg.max_num_batched_tokens)
+        self.stats = EngineStats()
+        self.last_step: StepInfo | None = None  # what the latest step ran (None: nothing)
+        self._requests: dict[str, Request] = {}  # every request the engine knows
+        self._reserved: dict[str, Request] = {}  # decode role: awaiting their KV
+        self._quarantined: dict[str, list[str]] = {}  # request id → block owner keys held
+        self._quarantine_serial = 0
+        self._arrivals = 0
+
+    def _init_model(self, model_dir: str | Path) -> None:
+        """Loads the weights, sizes and allocates the KV cache, builds the model runner."""
+        mc, cfg = self.model_config, self.config
         # content, not folder name: peers with the same id may exchange KV (engine.checkpoint_id)
         self.model_id = checkpoint_identity(model_dir)
         log.info("model %s is %s, running in %s", model_dir, self.model_id,
@@ -95,8 +117,6 @@ class Engine:
         self.device = torch.device(cfg.device)
         if self.device.type == "cpu":
             keep_freed_memory()  # no page faults on every step's activations
-        self.max_model_len = min(cfg.max_model_len or mc.max_position_embeddings,
-                                 mc.max_position_embeddings)
         model = LlamaModel(mc, self.dtype, self.max_model_len)
         model.decode_mirror.max_bytes = cfg.decode_mirror_bytes
         model.load_weights(iter_weights(model_dir, self.dtype))
@@ -110,18 +130,20 @@ class Engine:
         self.cache_shape = CacheShape.for_model(mc, self.num_blocks, cfg.block_size,
                                                 self.dtype, cfg.kv_layer_group)
         kv_cache = allocate_kv_cache(self.cache_shape, self.device)
-        self.block_manager = BlockManager(self.num_blocks, cfg.block_size,
-                                          cfg.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs,
-                                   cfg.max_num_batched_tokens)
         self.runner = ModelRunner(model, kv_cache, cfg.block_size, self.device)
-        self.stats = EngineStats()
-        self.last_step: StepInfo | None = None  # what the latest step ran (None: nothing)
-        self._requests: dict[str, Request] = {}  # every request the engine knows
-        self._reserved: dict[str, Request] = {}  # decode role: awaiting their KV
-        self._quarantined: dict[str, list[str]] = {}  # request id → block owner keys held
-        self._quarantine_serial = 0
-        self._arrivals = 0
+
+    def _init_sim(self, model_dir: str | Path) -> None:
+        """No model: as many blocks as the model would get (sized from its shape), in a tiny
+        stand-in cache on the CPU, and the simulated runner (engine.sim)."""
+        cfg = self.config
+        self.model_id = sim_model_id(model_dir)
+        self.device = torch.device("cpu")
+        self.num_blocks = self._num_blocks()
+        self.cache_shape = sim_cache_shape(self.num_blocks, cfg.block_size)
+        self.runner = SimRunner(cfg.sim, self.cache_shape, self.model_config.vocab_size,
+                                self.model_config.eos_token_ids)
+        log.info("simulated engine for %s (%s): %d blocks, no weights loaded", model_dir,
+                 self.model_id, self.num_blocks)
 
     # ---- requests ------------------------------------------------------------------------
 
@@ -192,12 +214,9 @@ class Engine:
         if batch.is_empty:
             return []
         prefill_tokens = decode_seqs = 0
-        forward, sampling_rows = self.runner.build_batch(batch.requests, batch.num_new_tokens,
-                                                         self.block_manager)
         hook = None if on_layer_done is None else (lambda layer: on_layer_done(layer, batch))
-        logits = self.runner.forward(forward, hook)  # [S', V]
-        samplers = [batch.requests[i] for i in sampling_rows]
-        tokens = sample(logits, [r.sampling for r in samplers], [r.generator for r in samplers])
+        rows, tokens = self.runner.run(batch, self.block_manager, hook)
+        samplers = [batch.requests[i] for i in rows]
         self.stats.steps += 1
         for request, num_new in zip(batch.requests, batch.num_new_tokens, strict=True):
             is_decode = num_new == 1 and request.num_output_tokens > 0 and \

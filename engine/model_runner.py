@@ -1,8 +1,9 @@
-"""Builds a step's `ForwardBatch` from scheduled requests and runs the model on it."""
+"""Builds a step's `ForwardBatch` from scheduled requests, runs the model on it and samples
+the next tokens: the engine's `StepRunner` when a model is loaded."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -11,6 +12,9 @@ from engine.cpu_features import compute_dtype
 from engine.forward_batch import ForwardBatch
 from engine.model.llama import LayerCallback, LlamaModel
 from engine.request import Request
+from engine.sampler import sample
+from engine.scheduler import ScheduledBatch
+from engine.step_runner import StepTokens
 
 
 class ModelRunner:
@@ -26,6 +30,15 @@ class ModelRunner:
         self.kv_cache = kv_cache  # [G, N, g, 2, bs, Hkv, D] (engine.kv_cache), model.dtype
         self.block_size = block_size
         self.device = device
+
+    def run(self, batch: ScheduledBatch, block_manager: BlockManager,
+            on_layer_done: Callable[[int], None] | None) -> StepTokens:
+        """One forward pass over the batch, then sampling (`engine.step_runner.StepRunner`)."""
+        forward, rows = self.build_batch(batch.requests, batch.num_new_tokens, block_manager)
+        logits = self.forward(forward, on_layer_done)  # [S', V]
+        samplers = [batch.requests[i] for i in rows]
+        return StepTokens(rows, sample(logits, [r.sampling for r in samplers],
+                                       [r.generator for r in samplers]))
 
     def build_batch(self, requests: Sequence[Request], num_new_tokens: Sequence[int],
                     block_manager: BlockManager) -> tuple[ForwardBatch, list[int]]:

@@ -137,6 +137,11 @@ def _router_row() -> Row:
         Panel("Retries", "Attempts retried on another pair, by the hop that failed.",
               [Target(f"sum by (reason) ({rate('tandem_router_retries_total')})",
                       "{{reason}}")], "ops"),
+        Panel("Local prefills", "Requests prefilled on their decode worker, no transfer: "
+              "routed to an aggregated worker, or a short uncached prompt (conditional "
+              "disaggregation).",
+              [Target(f"sum by (reason) ({rate('tandem_router_local_prefills_total')})",
+                      "{{reason}}")], "ops"),
         Panel("Live workers", "Workers the router routes to, and scrape targets up.",
               [Target("max by (role) (tandem_router_live_workers)", "{{role}}"),
                Target('sum by (job) (up{job=~".*tandem.*"})', "{{job}} targets up")]),
@@ -168,7 +173,7 @@ def _prefill_row() -> Row:
 
 
 def _decode_row() -> Row:
-    d = 'role="decode"'
+    d = 'role=~"decode|aggregated"'  # aggregated workers decode too
     return Row("Decode", [
         Panel("Running and waiting", "Requests in each decode worker's batch, and waiting.",
               [Target(f"sum by (worker) (tandem_num_requests_running{{{d}}})",

@@ -51,8 +51,9 @@ ERROR_OUTCOMES = ("CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED
 OUTCOMES = FINISH_OUTCOMES + ERROR_OUTCOMES
 SUCCESS_OUTCOMES = ("stop", "length")  # what latency histograms of whole requests count
 RETRY_REASONS = ("reserve", "prefill", "kv_transfer", "decode")
+LOCAL_PREFILL_REASONS = ("aggregated", "short_prompt")  # why a request skipped the transfer
 INDEX_MODES = ("exact", "degraded")
-ROLES = ("prefill", "decode")
+ROLES = ("prefill", "decode", "aggregated")
 # kv_transfer.base.FailureReason values and the `where` of TransferStats.record_failure; kept
 # here as strings because kv_transfer imports torch (a test checks they agree).
 TRANSFER_FAILURE_REASONS = ("timeout", "peer_lost", "handshake", "auth", "aborted", "protocol",
@@ -128,6 +129,10 @@ class RouterMetrics:
         self.retries = Counter(
             "tandem_router_retries", "Attempts that failed before the first token and were "
             "retried on another worker pair, by the hop that failed.", ["reason"], registry=r)
+        self.local_prefills = Counter(
+            "tandem_router_local_prefills", "Requests prefilled on their decode worker with no "
+            "prefill worker and no transfer: routed to an aggregated worker, or a short prompt "
+            "(uncached part at most local_prefill_max_tokens).", ["reason"], registry=r)
         self.decisions = Counter(
             "tandem_router_decisions", "Routing decisions, by policy and prefix index mode.",
             ["policy", "mode"], registry=r)
@@ -152,6 +157,8 @@ class RouterMetrics:
             self.requests.labels(outcome)
         for reason in RETRY_REASONS:
             self.retries.labels(reason)
+        for reason in LOCAL_PREFILL_REASONS:
+            self.local_prefills.labels(reason)
         for role in ROLES:
             self.live_workers.labels(role)
         self.set_index_mode("exact")
@@ -189,6 +196,10 @@ class RouterMetrics:
     def retry(self, reason: str) -> None:
         """`reason`: the hop that failed: "reserve", "prefill", "kv_transfer" or "decode"."""
         self.retries.labels(reason.lower().replace(" ", "_")).inc()
+
+    def local_prefill(self, reason: str) -> None:
+        """`reason`: "aggregated" or "short_prompt" (LOCAL_PREFILL_REASONS)."""
+        self.local_prefills.labels(reason).inc()
 
     def decision(self, policy: str, mode: str) -> None:
         self.decisions.labels(policy, str(mode)).inc()

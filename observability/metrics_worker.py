@@ -71,6 +71,7 @@ class DecodeStatsLike(Protocol):
     reservations: int
     lease_expiries: int
     local_prefills: int
+    routed_prefills: int
     transfers_completed: int
     transfers_failed: int
     cached_prompt_tokens: int
@@ -311,6 +312,9 @@ class _WorkerCollector(Collector):
                         "lease ended before decoding started.", d.lease_expiries)
         yield f.counter("tandem_local_prefill_fallbacks_total", "Requests whose KV did not "
                         "arrive and were prefilled on the decode worker.", d.local_prefills)
+        yield f.counter("tandem_decode_routed_prefills_total", "Prompts the router sent to "
+                        "this worker to prefill itself, no transfer (an aggregated worker, or "
+                        "a short uncached prompt).", d.routed_prefills)
         yield f.counter("tandem_decode_kv_arrivals_total", "Reservations whose KV transfer "
                         "completed or failed.", {("completed",): d.transfers_completed,
                                                   ("failed",): d.transfers_failed},

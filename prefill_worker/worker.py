@@ -107,7 +107,7 @@ class PrefillWorker:
         self._lock = threading.Lock()
         self._backoff: dict[str, PeerBackoff] = {}  # decode agent metadata → its last failure
         self.block_bytes = (  # one block, all layers
-            loop.engine.cache_shape.block_bytes_per_layer * loop.engine.model_config.num_layers)
+            loop.engine.cache_shape.block_bytes_per_layer * loop.engine.cache_shape.num_layers)
 
     async def prefill(self, request_id: str, prompt: list[int], sampling: SamplingParams,
                       target_metadata: str, dst_blocks: list[int], num_cached_blocks: int,
@@ -174,7 +174,7 @@ class PrefillWorker:
                 self.plans.pop(request_id, None)
             blocks = len(plan.blocks_sent) if plan is not None else 0
             send.set_attributes({"tandem.kv.blocks": blocks,
-                                 "tandem.kv.layers": self.loop.engine.model_config.num_layers,
+                                 "tandem.kv.layers": self.loop.engine.cache_shape.num_layers,
                                  "tandem.kv.bytes": blocks * self.block_bytes})
             if plan is not None and plan.error:
                 send.set_status(Status(StatusCode.ERROR, plan.error))
@@ -273,7 +273,7 @@ class PrefillWorker:
             return  # the group's other layers are still to come
         layers = range(layer + 1 - group, layer + 1)
         bs = engine.config.block_size
-        last_layer = engine.model_config.num_layers - 1
+        last_layer = engine.cache_shape.num_layers - 1  # of the KV cache (the sim has one)
         for request, num_new in zip(batch.requests, batch.num_new_tokens, strict=True):
             with self._lock:
                 plan = self.plans.get(request.request_id)

@@ -207,11 +207,12 @@ class DecodeClient(WorkerClient):
                            reply.lease_expires_unix_ms)
 
     @contextlib.asynccontextmanager
-    async def stream(self, request_id: str, first_token: int,
+    async def stream(self, request_id: str, first_token: int | None,
                      ) -> AsyncIterator[AsyncIterator[TokenChunk]]:
-        """The tokens after `first_token`, as `TokenChunk`s; iteration raises WorkerFailed.
-        Leaving the block early cancels the call (the worker frees the request) and ends its
-        span at once."""
+        """The tokens after `first_token` (None: the worker prefills the prompt itself and
+        the stream starts with the first token), as `TokenChunk`s; iteration raises
+        WorkerFailed. Leaving the block early cancels the call (the worker frees the request)
+        and ends its span at once."""
         call = self._stub.Decode(decode_pb2.DecodeRequest(request_id=request_id,
                                                           first_token_id=first_token))
         try:

@@ -90,6 +90,10 @@ class RouterConfig:
     served_model_name: str | None = field(default=None, metadata={
         "help": "the model's name in the HTTP API (`model` of requests, /v1/models); "
                 "unset: the model folder's name"})
+    local_prefill_max_tokens: int | None = field(default=None, metadata={
+        "help": "conditional disaggregation: a prompt whose part not cached on its decode "
+                "worker is at most this many tokens is prefilled there, with no prefill worker "
+                "and no transfer; unset: always disaggregate (docs/architecture.md)"})
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -109,6 +113,9 @@ class RouterConfig:
                      "channel_close_delay_s", "index_retry_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        if self.local_prefill_max_tokens is not None and self.local_prefill_max_tokens < 0:
+            raise ValueError(f"local_prefill_max_tokens: must be >= 0 or unset, "
+                             f"got {self.local_prefill_max_tokens}")
         if self.policy not in ("round_robin", "least_loaded", "kv_aware"):
             raise ValueError(f"policy: unknown {self.policy!r}")
         if self.served_model_name is not None and not self.served_model_name.strip():

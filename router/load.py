@@ -56,10 +56,15 @@ class RouteRequest:
 
 @dataclass(frozen=True)
 class Route:
-    """The chosen pair."""
+    """The chosen pair; one worker in both places (`local`) prefills and decodes the request
+    itself, with no transfer (an aggregated worker)."""
 
     prefill: str
     decode: str
+
+    @property
+    def local(self) -> bool:
+        return self.prefill == self.decode
 
 
 class Assignment:
@@ -76,7 +81,9 @@ class Assignment:
         """The prefill worker returned (first token, or failure)."""
         if self._prefilling:
             self._prefilling = False
-            self._tracker.release(self.route.prefill, self._prefill_blocks)
+            # a local route's one worker keeps the request until `finish`
+            self._tracker.release(self.route.prefill, self._prefill_blocks,
+                                  requests=0 if self.route.local else 1)
 
     def finish(self) -> None:
         """The request ended, however (call it in `finally`)."""
@@ -96,14 +103,15 @@ class InFlightTracker:
 
     def assign(self, route: Route, prefill_blocks: int) -> Assignment:
         """Records a routed request; `prefill_blocks` is what P must compute."""
-        self._requests[route.prefill] += 1
         self._requests[route.decode] += 1
+        if not route.local:
+            self._requests[route.prefill] += 1
         self._prefill_blocks[route.prefill] += prefill_blocks
         return Assignment(self, route, prefill_blocks)
 
-    def release(self, worker_id: str, prefill_blocks: int = 0) -> None:
+    def release(self, worker_id: str, prefill_blocks: int = 0, requests: int = 1) -> None:
         """One assignment to `worker_id` ended (use `Assignment`, which calls it once)."""
-        self._requests[worker_id] -= 1
+        self._requests[worker_id] -= requests
         self._prefill_blocks[worker_id] -= prefill_blocks
 
     def in_flight(self, worker_id: str) -> int:

@@ -1,5 +1,10 @@
 """Routing policies: pick a (prefill, decode) pair for one request.
 
+Aggregated workers are candidates in both lists and pair only with themselves (the route is
+local: no transfer); prefill and decode workers pair only with each other. A mixed cluster is
+one pool of routes — every compatible (P, D) pair and every aggregated worker alone — scored
+alike, so the policy weighs an aggregated worker's whole load against a pair's.
+
 Pure and synchronous (no I/O, no protobuf): a policy sees the candidates' `WorkerLoad`s (the
 router has already filled in its own in-flight counts, `router.load.InFlightTracker`), the
 request's prefix hits, and the pairs known to be incompatible (transfer handshake mismatch),
@@ -32,11 +37,12 @@ fleet-wide switch). A worker can lead the pool by at most that much, whatever it
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Protocol
 
 from cluster.errors import NoWorker
+from cluster.roles import Role
 from router.load import Route, RouteRequest, WorkerLoad
 
 Pairs = Collection[tuple[str, str]]
@@ -84,14 +90,28 @@ def _score(workers: Sequence[WorkerLoad], costs: Sequence[float], rotation: _Rot
     return sorted(scored, key=lambda s: s.rank)
 
 
+def _partners(p: _Scored, decode: list[_Scored], at: dict[str, int],
+              banned: set[tuple[str, str]]) -> Iterator[tuple[int, _Scored]]:
+    """The decode candidates `p` may pair with, best first: an aggregated worker only itself,
+    a prefill worker every decode worker whose pair is not banned."""
+    worker_id = p.worker.worker_id
+    if p.worker.role is Role.AGGREGATED:
+        if worker_id in at:
+            yield at[worker_id], decode[at[worker_id]]
+        return
+    for j, d in enumerate(decode):
+        if d.worker.role is not Role.AGGREGATED and (worker_id, d.worker.worker_id) not in banned:
+            yield j, d
+
+
 def _best_pair(prefill: list[_Scored], decode: list[_Scored], incompatible: Pairs) -> Route:
     """The compatible pair of least total cost, ties broken by the roles' own ranks."""
     banned = set(incompatible)
+    at = {d.worker.worker_id: j for j, d in enumerate(decode)
+          if d.worker.role is Role.AGGREGATED}
     best: tuple[tuple[float, int, int], Route] | None = None
     for i, p in enumerate(prefill):  # sorted best-first: the first compatible D is P's best
-        for j, d in enumerate(decode):
-            if (p.worker.worker_id, d.worker.worker_id) in banned:
-                continue
+        for j, d in _partners(p, decode, at, banned):
             key = (round(p.cost + d.cost, 9), p.rank[1] + d.rank[1], i + j)
             if best is None or key < best[0]:
                 best = (key, Route(p.worker.worker_id, d.worker.worker_id))
@@ -182,9 +202,8 @@ class KvAware:
             return self._choose(request, within_share(prefill, self.max_ratio, self.max_lead),
                                 within_share(decode, self.max_ratio, self.max_lead), incompatible)
         except NoWorker:
-            if not incompatible:
-                raise
-            # The lightly loaded workers only pair with incompatible peers: use everyone.
+            # The lightly loaded workers only pair with incompatible peers, or with no one (an
+            # aggregated worker cut from one list only): use everyone.
             return self._choose(request, prefill, decode, incompatible)
 
     def _choose(self, request: RouteRequest, prefill: Sequence[WorkerLoad],

@@ -4,6 +4,11 @@
                        router ◀─first token─ P   (streamed to the client at once)
                        router ─Decode(first token)─▶ D ─tokens─▶ router ─▶ client
 
+A local route (an aggregated worker, or — conditional disaggregation — a decode worker whose
+reservation shows at most `local_prefill_max_tokens` uncached prompt tokens) skips the prefill
+worker: the router opens the decode stream without a first token, the worker prefills the
+prompt itself, and the stream's first token is the request's (`router.local`).
+
 Before the first token a failed hop is retried on another pair (up to `max_attempts`), each
 attempt with its own id (`<request id>.<attempt>`) so a late write or event of a failed attempt
 never touches the next one. A worker that cannot be reached is marked down; a pair whose KV
@@ -17,6 +22,7 @@ whatever the workers still hold for it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Coroutine
@@ -33,10 +39,11 @@ from engine.tokenizer import Tokenizer
 from observability.metrics import RouterMetrics
 from observability.tracing import record_span, span
 from router.admission import Admission
-from router.clients import FirstToken, PairFailed, WorkerFailed, WorkerFull
+from router.clients import FirstToken, PairFailed, TokenChunk, WorkerFailed, WorkerFull
 from router.config import RouterConfig
 from router.decide import PREFIX_POLICIES, Decider
 from router.load import Assignment, InFlightTracker, Route
+from router.local import LocalStream, open_local
 from router.measure import measured
 from router.pair_health import PairHealth
 from router.policies import Policy, make_policy
@@ -57,6 +64,7 @@ class _Bound(NamedTuple):
     attempt_id: str
     first: FirstToken
     assignment: Assignment
+    local: LocalStream | None  # a local prefill's stream, open, its first token read
 
 
 class Router:
@@ -136,13 +144,14 @@ class Router:
             assignment = self.tracker.assign(route, prefill_blocks)
             attempt_id = f"{request.request_id}.{attempt}"
             try:
-                first = await self._try_pair(route, attempt_id, prompt, request)
+                first, local = await self._try_pair(route, attempt_id, prompt, request)
             except WorkerFull as full:
                 assignment.finish()
                 excluded.add(full.worker_id)
                 if loop.time() > deadline:
                     raise NoCapacity("every decode worker is out of KV blocks") from None
-                if {h.worker_id for h in self.pool.live(Role.DECODE)} <= excluded:
+                if {h.worker_id for h in self.pool.live(Role.DECODE)
+                        + self.pool.live(Role.AGGREGATED)} <= excluded:
                     excluded.clear()  # everyone was full: wait a little and try again
                     await asyncio.sleep(self.config.no_capacity_backoff_s)
                 continue
@@ -158,8 +167,9 @@ class Router:
                 assignment.finish()
                 raise
             assignment.prefill_done()
-            self.pair_health.succeeded((route.prefill, route.decode))
-            return _Bound(route.decode, attempt_id, first, assignment)
+            if local is None:
+                self.pair_health.succeeded((route.prefill, route.decode))
+            return _Bound(route.decode, attempt_id, first, assignment, local)
         raise NoWorker(f"request {request.request_id} failed on {attempt} worker pairs: "
                        + "; ".join(errors))
 
@@ -167,8 +177,11 @@ class Router:
                      failed_pairs: set[tuple[str, str]], errors: list[str],
                      attempt: int) -> tuple[Route, int]:
         """The pair for this attempt, and the prompt blocks its prefill worker must compute."""
-        prefill = [h for h in self.pool.live(Role.PREFILL) if h.worker_id not in excluded]
-        decode = [h for h in self.pool.live(Role.DECODE) if h.worker_id not in excluded]
+        aggregated = self.pool.live(Role.AGGREGATED)  # candidates in both roles (policies.py)
+        prefill = [h for h in self.pool.live(Role.PREFILL) + aggregated
+                   if h.worker_id not in excluded]
+        decode = [h for h in self.pool.live(Role.DECODE) + aggregated
+                  if h.worker_id not in excluded]
         if not prefill or not decode:
             missing = "prefill" if not prefill else "decode"
             raise NoWorker(f"no live {missing} worker"
@@ -193,10 +206,10 @@ class Router:
         return route, max(prompt_blocks - hits.get(route.prefill, 0), 0)
 
     async def _try_pair(self, route: Route, attempt_id: str, prompt: list[int],
-                        request: GenerateInput) -> FirstToken:
-        """Reserves on D, prefills on P; whatever fails, nothing stays held."""
+                        request: GenerateInput) -> tuple[FirstToken, LocalStream | None]:
+        """Reserves on D, prefills on P — or on D itself for a local route or a short
+        uncached prompt (then with D's stream, open); whatever fails, nothing stays held."""
         decode = self.pool.decode_client(route.decode)
-        prefill = self.pool.prefill_client(route.prefill)
         sampling = sampling_to_pb(request.sampling)
         salt = request.cache_salt or None
         try:
@@ -205,9 +218,23 @@ class Router:
         except BaseException:  # failed or cancelled while reserving: D may hold blocks for us
             self._background(decode.cancel(attempt_id, "reserve failed"))
             raise
+        threshold = self.config.local_prefill_max_tokens
+        short = threshold is not None and \
+            len(prompt) - reservation.num_cached_tokens <= threshold
+        if route.local or short:
+            reason = "aggregated" if route.local else "short_prompt"
+            try:
+                first, local = await open_local(decode, attempt_id, len(prompt), reservation)
+            except BaseException:
+                self._background(decode.cancel(attempt_id, "local prefill failed"))
+                raise
+            self.stats.local_prefills[reason] += 1
+            self.metrics.local_prefill(reason)
+            return first, local
+        prefill = self.pool.prefill_client(route.prefill)
         try:
             return await prefill.prefill(attempt_id, prompt, sampling, route.decode,
-                                         reservation, salt)
+                                         reservation, salt), None
         except BaseException:
             self._background(decode.cancel(attempt_id, "prefill failed"))
             self._background(prefill.cancel(attempt_id, "request ended before its first token"))
@@ -249,7 +276,7 @@ class Router:
                 return
             yield Delta([bound.first.token_id], text)
             completion = 1
-            async with decode.stream(bound.attempt_id, bound.first.token_id) as chunks:
+            async with self._rest_of_stream(bound) as chunks:
                 async for chunk in chunks:
                     if final is not None:
                         break  # nothing may follow a finish reason
@@ -276,9 +303,20 @@ class Router:
             raise NoWorker(f"decode worker {decode.worker_id} failed mid-request: "
                            f"{failed.code.name}: {failed}") from None
         finally:
+            if bound.local is not None:  # a stop string in the first token: never read on
+                await bound.local.close()
             bound.assignment.finish()
             if not released:
                 self._background(decode.cancel(bound.attempt_id, "router ended the stream"))
+
+    def _rest_of_stream(self, bound: _Bound,
+                        ) -> contextlib.AbstractAsyncContextManager[AsyncIterator[TokenChunk]]:
+        """The decode stream after the first token: the local prefill's, already open, or a
+        new one started with the prefill worker's first token."""
+        if bound.local is not None:
+            return bound.local.rest()
+        return self.pool.decode_client(bound.decode_id).stream(bound.attempt_id,
+                                                               bound.first.token_id)
 
     def _background(self, coro: Coroutine[Any, Any, None]) -> None:
         """Runs a cleanup call to completion even if the request's task is cancelled."""

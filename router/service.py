@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from grpc import aio
 
 from cluster.convert import FINISH_TO_PB, sampling_from_pb
+from observability.metrics import LOCAL_PREFILL_REASONS
 from observability.tracing import annotate, set_request_id
 from router.prefix import IndexMode
 from router.request import Delta, GenerateInput
@@ -49,6 +50,8 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             "pair_breaks": router.pair_health.breaks,
             **{f"decisions/{k}": v for k, v in stats.decisions.items()},
             **{f"outcome/{k}": v for k, v in stats.outcomes.items()},
+            # every reason, zeros included: a load generator reads them before and after a run
+            **{f"local_prefills/{k}": stats.local_prefills[k] for k in LOCAL_PREFILL_REASONS},
         }
         return router_pb2.GetClusterStatusResponse(
             workers=[h.status for h in pool.workers.values() if h.status is not None and h.up],

@@ -12,3 +12,6 @@ class RouterStats:
     retries: int = 0  # attempts that failed before the first token
     decisions: Counter[str] = field(default_factory=Counter)  # "policy/mode"
     outcomes: Counter[str] = field(default_factory=Counter)  # finish reason or status code
+    # requests prefilled on their decode worker, no transfer: "aggregated" (an aggregated
+    # worker) or "short_prompt" (conditional disaggregation, local_prefill_max_tokens)
+    local_prefills: Counter[str] = field(default_factory=Counter)

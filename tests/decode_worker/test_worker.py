@@ -196,3 +196,24 @@ async def test_a_caller_cannot_hold_blocks_longer_than_the_workers_lease(
     short = await worker.reserve("short", PROMPT, SamplingParams(), lease_s=0.5)
     assert short.lease_deadline <= time.monotonic() + 0.5
     assert await worker.cancel("long", "test") and await worker.cancel("short", "test")
+
+
+async def test_decode_without_a_first_token_prefills_here(worker: DecodeWorker,
+                                                          tiny_llama: Path) -> None:
+    """The router sent no KV (an aggregated worker, a short prompt): the stream starts with
+    the first token, the blocks are freed at once, no transfer is waited for."""
+    expected = hf_greedy(tiny_llama, PROMPT, 6)
+    reservation = await worker.reserve("r1", PROMPT, SamplingParams(max_tokens=6,
+                                                                    ignore_eos=True))
+    assert reservation.num_cached_tokens == 0
+    tokens: list[int] = []
+    async for output in worker.decode("r1", None):
+        tokens += output.new_token_ids
+    assert tokens == expected
+    assert worker.stats.routed_prefills == 1 and worker.stats.local_prefills == 0
+    assert await free_blocks(worker) == 32  # finished: no quarantine, nothing could land
+    # again: the prompt's full blocks are now cached here, and found again by hash
+    again = await worker.reserve("r2", PROMPT, SamplingParams(max_tokens=2, ignore_eos=True))
+    assert again.num_cached_tokens == 36
+    assert [t async for o in worker.decode("r2", None) for t in o.new_token_ids] == expected[:2]
+    assert await free_blocks(worker) == 32

@@ -110,7 +110,7 @@ async def test_list_finds_ready_worker_pods_by_label(
     assert pool.workers["p-0"].address == f"127.0.0.1:{workers['p-0'].server.port}"  # type: ignore[union-attr]
     [listing] = api.list_requests()
     assert listing.path == f"/api/v1/namespaces/{NS}/pods"
-    assert listing.params["labelSelector"] == "tandem.ai/role in (prefill,decode)"
+    assert listing.params["labelSelector"] == "tandem.ai/role in (prefill,decode,aggregated)"
     assert "no container port named 'grpc'" in caplog.text
     assert watcher(pool).problem == ""
 

@@ -43,7 +43,7 @@ def scrape(process: ServiceProcess) -> dict[str, float]:
 
 
 async def all_counters(cluster: LocalCluster) -> dict[str, dict[str, float]]:
-    procs = cluster.workers("prefill") + cluster.workers("decode")
+    procs = cluster.workers("prefill") + cluster.workers("decode") + cluster.workers("aggregated")
     results = await asyncio.gather(*(counters(p) for p in procs))
     return {p.name: c for p, c in zip(procs, results, strict=True)}
 

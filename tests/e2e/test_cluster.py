@@ -153,6 +153,7 @@ async def test_status_counters_count_every_request_and_gauges_return_to_zero(
     assert sent > 0 and delta(before, after, "kv_bytes_received", "decode") == sent
     for name, role in [("transfer_failures", "prefill"), ("connect_failures", "prefill"),
                        ("transfers_failed", "decode"), ("local_prefills", "decode"),
+                       ("routed_prefills", "decode"),
                        ("lease_expiries", "decode"), ("cached_prompt_tokens", "decode"),
                        ("prefill_tokens_computed", "decode"), ("decode_tokens_computed",
                                                                "prefill"),
@@ -180,6 +181,7 @@ COUNTERS = {
     "prefill": ENGINE_COUNTERS | {"prefill_requests", "kv_blocks_sent", "transfer_failures",
                                   "connect_failures", "kv_bytes_sent"},
     "decode": ENGINE_COUNTERS | {"reservations", "lease_expiries", "local_prefills",
+                                 "routed_prefills",
                                  "transfers_completed", "transfers_failed",
                                  "cached_prompt_tokens", "kv_bytes_received"},
 }

@@ -12,6 +12,8 @@ import torch
 
 from engine.config import EngineConfig
 from engine.engine import Engine, RequestOutput
+from engine.model.llama import LlamaModel
+from engine.model_runner import ModelRunner
 from engine.request import FinishReason
 from engine.sampling import SamplingParams
 from engine.tiny_model import make_tiny_model
@@ -63,7 +65,12 @@ def test_staggered_batch_with_shared_prefixes_matches_transformers(
     assert engine.block_manager.num_free_blocks == free_at_start
     # 61 + 40 tokens need chunking under a 48-token budget; prefixes of `base` were reused
     assert engine.block_manager.stats.prefix_hit_tokens >= 32 + 16
-    assert engine.runner.model.decode_mirror.appended_rows > 0  # decode steps were mirrored
+    assert model_of(engine).decode_mirror.appended_rows > 0  # decode steps were mirrored
+
+
+def model_of(engine: Engine) -> LlamaModel:
+    assert isinstance(engine.runner, ModelRunner)
+    return engine.runner.model
 
 
 def test_prefix_hit_skips_computation_and_keeps_tokens(tiny_llama: Path) -> None:
@@ -176,7 +183,7 @@ def test_engine_runs_in_the_checkpoints_dtype_unless_configured(
         engine = make_engine(model_dir, dtype=configured)
         assert engine.dtype == expected, (model_dir.name, configured)
         assert engine.cache_shape.dtype == engine.runner.kv_cache.dtype == expected
-        assert engine.runner.model.dtype == expected
+        assert model_of(engine).dtype == expected
         spec = KVLayoutSpec.from_cache_shape(engine.cache_shape, engine.model_id)
         assert spec.dtype == str(expected).removeprefix("torch.")
     prompt = random_prompt(25, 61)  # a bf16 checkpoint run as is mostly agrees with float32
@@ -197,5 +204,5 @@ def test_decode_mirror_off_gives_the_same_tokens(tiny_llama: Path) -> None:
     prompts = [random_prompt(n, 20 + n) for n in (5, 18, 31)]
     on, off = make_engine(tiny_llama), make_engine(tiny_llama, decode_mirror_bytes=0)
     assert on.generate(prompts, GREEDY) == off.generate(prompts, GREEDY)
-    assert on.runner.model.decode_mirror.appended_rows > 0
-    assert off.runner.model.decode_mirror.gathered_rows == 0
+    assert model_of(on).decode_mirror.appended_rows > 0
+    assert model_of(off).decode_mirror.gathered_rows == 0

@@ -150,3 +150,11 @@ def test_validation_names_the_field() -> None:
         RouterConfig(model="/m", redis_url="redis://h:1/0", status_timeout_s=0)
     with pytest.raises(ValueError, match="worker_down_s: must be >= 0"):
         RouterConfig(model="/m", redis_url="redis://h:1/0", worker_down_s=-1)
+
+
+def test_local_prefill_threshold_is_unset_unless_given() -> None:
+    assert build(REQUIRED).local_prefill_max_tokens is None  # always disaggregate
+    assert build([*REQUIRED, "--local-prefill-max-tokens", "32"]).local_prefill_max_tokens == 32
+    assert build(REQUIRED, {"TANDEM_LOCAL_PREFILL_MAX_TOKENS": "0"}).local_prefill_max_tokens == 0
+    with pytest.raises(ValueError, match="^local_prefill_max_tokens: must be >= 0"):
+        build([*REQUIRED, "--local-prefill-max-tokens", "-1"])

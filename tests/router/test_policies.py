@@ -179,3 +179,51 @@ async def test_the_pool_passes_the_reported_prefill_queue_to_the_policies() -> N
                               queued_prompt_blocks=94, running=2)))
     load = handle.load()
     assert load.queued_prompt_blocks == 94 and load.queued_blocks == 94 and load.running == 2
+
+
+def aggregated(n: int, **load: int) -> list[WorkerLoad]:
+    return [WorkerLoad(f"a{i}", Role.AGGREGATED, kv_blocks_total=1000, max_running=64, **load)
+            for i in range(n)]
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_an_aggregated_worker_pairs_only_with_itself(name: str) -> None:
+    policy = make_policy(name)
+    request = RouteRequest(prompt_blocks=8)
+    workers = aggregated(4)
+    routes = [policy.choose(request, workers, workers) for _ in range(8)]
+    assert all(r.local for r in routes)
+    assert Counter(r.decode for r in routes) == {"a0": 2, "a1": 2, "a2": 2, "a3": 2}
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_a_mixed_cluster_never_crosses_roles(name: str) -> None:
+    policy = make_policy(name)
+    request = RouteRequest(prompt_blocks=8, prefix_hits={"a0": 8, "d1": 4})
+    both = aggregated(2)
+    routes = [policy.choose(request, prefill(2) + both, decode(2) + both) for _ in range(12)]
+    for route in routes:
+        assert route.local == route.prefill.startswith("a")
+        assert route.local or (route.prefill.startswith("p") and route.decode.startswith("d"))
+    assert {r.local for r in routes} == ({True} if name == "kv_aware" else {True, False})
+
+
+def test_kv_aware_weighs_an_aggregated_worker_against_a_pair() -> None:
+    """An aggregated worker that holds the prompt wins over an idle pair; a busy one loses."""
+    policy = KvAware()
+    request = RouteRequest(prompt_blocks=8, prefix_hits={"a0": 8})
+    assert policy.choose(request, prefill(1) + aggregated(1), decode(1) + aggregated(1)).local
+    busy = aggregated(1, running=60, kv_blocks_used=900, queued_prompt_blocks=40)
+    assert not policy.choose(request, prefill(1) + busy, decode(1) + busy).local
+
+
+def test_a_local_route_counts_one_request_and_its_prompt_blocks() -> None:
+    tracker = InFlightTracker()
+    assignment = tracker.assign(Route("a0", "a0"), prefill_blocks=5)
+    [load] = tracker.apply(aggregated(1))
+    assert load.in_flight == 1 and load.in_flight_prompt_blocks == 5
+    assignment.prefill_done()
+    [load] = tracker.apply(aggregated(1))
+    assert load.in_flight == 1 and load.in_flight_prompt_blocks == 0
+    assignment.finish()
+    assert tracker.in_flight("a0") == 0

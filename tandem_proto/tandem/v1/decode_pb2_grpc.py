@@ -67,7 +67,9 @@ class DecodeServicer:
 
     def Decode(self, request, context):
         """Waits for the prompt's KV transfer to complete, admits the request to the running batch
-        and streams the generated tokens (the first token is not repeated).
+        and streams the generated tokens (the first token is not repeated). Without a first token
+        the worker prefills the prompt itself (no transfer: an aggregated worker, or a prompt
+        short enough to skip disaggregation) and the stream starts with the first token.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
