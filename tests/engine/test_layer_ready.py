@@ -3,6 +3,8 @@ ran (on TANDEM_TEST_DEVICE=cuda), and queued actions run in order, never before 
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 
@@ -36,7 +38,7 @@ def test_cpu_marker_is_done_at_once() -> None:
 def test_cpu_actions_run_at_the_first_chance() -> None:
     queue, ran = ReadyQueue(), []
     for group in range(3):
-        queue.push(record_ready(torch.device("cpu")), lambda g=group: ran.append(g))
+        queue.push(record_ready(torch.device("cpu")), partial(ran.append, group))
         assert queue.run_ready() == 1
     assert ran == [0, 1, 2] and len(queue) == 0
 
@@ -45,7 +47,7 @@ def test_actions_wait_for_their_marker_and_keep_their_order() -> None:
     queue, ran = ReadyQueue(), []
     gates = [Gate(), Gate(), Gate()]
     for group, gate in enumerate(gates):
-        queue.push(gate, lambda g=group: ran.append(g))
+        queue.push(gate, partial(ran.append, group))
     assert queue.run_ready() == 0 and ran == []  # group 0 still running: nothing posts
     gates[1].open = True
     assert queue.run_ready() == 0 and ran == []  # group 1 done, but never before group 0
