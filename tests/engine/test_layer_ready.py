@@ -36,7 +36,7 @@ def test_cpu_marker_is_done_at_once() -> None:
 
 
 def test_cpu_actions_run_at_the_first_chance() -> None:
-    queue, ran = ReadyQueue(), []
+    queue, ran = ReadyQueue(), list[int]()
     for group in range(3):
         queue.push(record_ready(torch.device("cpu")), partial(ran.append, group))
         assert queue.run_ready() == 1
@@ -44,7 +44,7 @@ def test_cpu_actions_run_at_the_first_chance() -> None:
 
 
 def test_actions_wait_for_their_marker_and_keep_their_order() -> None:
-    queue, ran = ReadyQueue(), []
+    queue, ran = ReadyQueue(), list[int]()
     gates = [Gate(), Gate(), Gate()]
     for group, gate in enumerate(gates):
         queue.push(gate, partial(ran.append, group))
