@@ -6,6 +6,7 @@ output after it."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -22,9 +23,9 @@ from tests.support.device import device_under_test
 GREEDY = SamplingParams(max_tokens=3, ignore_eos=True)
 
 
-def config(**fields: object) -> EngineConfig:
-    return EngineConfig(num_blocks=8, block_size=4, kv_layer_group=2,  # type: ignore[arg-type]
-                        device=str(device_under_test()), **fields)
+def config() -> EngineConfig:
+    return EngineConfig(num_blocks=8, block_size=4, kv_layer_group=2,
+                        device=str(device_under_test()))
 
 
 def test_torch_path_skips_warm_up(tiny_llama: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -38,9 +39,13 @@ def test_triton_warm_up_leaves_every_block_free_and_serves(
         tiny_llama: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(BACKEND_ENV, "triton")
     launched: list[int] = []
-    run = _paged_attention_kernel.run  # count launches without changing them
-    monkeypatch.setattr(_paged_attention_kernel, "run",
-                        lambda *a, **k: (launched.append(1), run(*a, **k))[1])
+    run = _paged_attention_kernel.run
+
+    def counted(*args: Any, **kwargs: Any) -> Any:  # the real launch, counted
+        launched.append(1)
+        return run(*args, **kwargs)
+
+    monkeypatch.setattr(_paged_attention_kernel, "run", counted)
     engine = build_engine(tiny_llama, config())  # warms up, as a worker starts
     assert len(launched) == 2 * engine.model_config.num_layers  # prefill + decode, every layer
     bm = engine.block_manager
