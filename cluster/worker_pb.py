@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from cluster.roles import Role
 from cluster.worker_runtime import WorkerRuntime
 from kv_transfer.handshake import PROTOCOL_VERSION
+from kv_transfer.spec import LOCAL_FIELDS
 from tandem_proto.tandem.v1 import common_pb2
 
 ROLE_PB = {Role.PREFILL: common_pb2.WORKER_ROLE_PREFILL, Role.DECODE: common_pb2.WORKER_ROLE_DECODE,
@@ -53,4 +54,5 @@ def worker_status(runtime: WorkerRuntime, role: Role, counters: Mapping[str, flo
         compat_hash=runtime.agent.spec.compat_hash,
         block_size=engine.config.block_size,
         hash_seed=engine.config.hash_seed,
-        kv_layout={name: str(value) for name, value in runtime.agent.spec.to_dict().items()})
+        kv_layout={name: str(value) for name, value in runtime.agent.spec.to_dict().items()
+                   if name not in LOCAL_FIELDS})

@@ -49,7 +49,8 @@ class WorkerRuntime:
         self.config = config
         self.worker_id = config.id
         self.engine = build_engine(config.model, config.engine)  # not on this thread: see there
-        spec = KVLayoutSpec.from_cache_shape(self.engine.cache_shape, self.engine.model_id)
+        spec = KVLayoutSpec.from_cache_shape(self.engine.cache_shape, self.engine.model_id,
+                                             self.engine.device)
         self.agent: KVTransferAgent = create_agent(spec, config.transfer_config())
         self.agent.register_cache(self.engine.runner.kv_cache)
         self.loop: EngineLoop | None = None

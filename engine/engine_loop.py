@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 from engine.config import EngineConfig
 from engine.engine import Engine, RequestOutput, StepInfo, StepLayerCallback
 from engine.errors import EngineDead
+from engine.warmup import warm_up
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,8 @@ to poll), or None when nothing is (the thread re-checks after `IDLE_WAIT_S`)."""
 
 
 def build_engine(model_dir: str | Path, config: EngineConfig) -> Engine:
-    """`Engine(model_dir, config)`, built on a short-lived thread, for an `EngineLoop`.
+    """`Engine(model_dir, config)`, built and warmed up (`engine.warmup`) on a short-lived
+    thread, for an `EngineLoop`.
 
     OpenMP (torch's CPU thread pool) keeps a pool of worker threads for every thread that ran
     a parallel region. An engine loaded on the main thread and stepped on the engine thread
@@ -53,7 +55,9 @@ def build_engine(model_dir: str | Path, config: EngineConfig) -> Engine:
 
     def build() -> None:
         try:
-            built.append(Engine(model_dir, config))
+            engine = Engine(model_dir, config)
+            warm_up(engine)  # Triton compiles now, not on the first request (engine.warmup)
+            built.append(engine)
         except BaseException as error:  # re-raised on the caller's thread
             failed.append(error)
 

@@ -9,6 +9,11 @@ A write is then one `make_prepped_xfer` with two index arrays, listed in memory 
 builds the request (its telemetry, `descCount`, reports one descriptor per merged region), so a
 write of whole layer groups costs one descriptor per (group, run of blocks adjacent on both
 sides), and any other layer range still works, with smaller regions.
+
+Memory. The cache registers as what it is (NIXL reads a tensor's device: DRAM, or VRAM with its
+CUDA ordinal); the descriptor lists say the same, ours from our spec, the peer's from the
+`memory_type` and `device_id` of its spec, sent in its backend metadata (the handshake has
+already refused a peer whose memory type differs from ours).
 """
 
 from __future__ import annotations
@@ -35,14 +40,20 @@ class _Remote:
     num_blocks: int
 
 
-def _block_descs(base: int, count: int, block_bytes: int) -> np.ndarray:
+def block_descs(base: int, count: int, block_bytes: int, device_id: int) -> np.ndarray:
     """[count, 3] (address, length, device id) rows, one per (layer, block) unit in memory
     order."""
     addrs = base + np.arange(count, dtype=np.uint64) * np.uint64(block_bytes)  # [count]
     descs = np.zeros((count, 3), dtype=np.uint64)  # [count, 3]
     descs[:, 0] = addrs
     descs[:, 1] = block_bytes
+    descs[:, 2] = device_id
     return descs
+
+
+def peer_memory(backend_md: dict[str, Any]) -> tuple[str, int]:
+    """(memory type, device id) of a peer's cache, from the metadata its welcome carried."""
+    return str(backend_md["memory_type"]), int(backend_md["device_id"])
 
 
 def _as_transfer_error(e: Exception, what: str) -> TransferError:
@@ -70,11 +81,14 @@ class NixlAgent(BaseAgent):
     def _register(self, kv_cache: torch.Tensor, num_blocks: int) -> dict[str, Any]:
         self._reg = self._nixl.register_memory(kv_cache)  # the whole [G, N, g, 2, bs, Hkv, D]
         count = self.spec.num_layers * num_blocks
+        spec = self.spec
         self._local = self._nixl.prep_xfer_dlist(
-            "NIXL_INIT_AGENT", _block_descs(kv_cache.data_ptr(), count, self.spec.block_bytes),
-            "DRAM")
+            "NIXL_INIT_AGENT",
+            block_descs(kv_cache.data_ptr(), count, spec.block_bytes, spec.device_id),
+            spec.memory_type)
         return {"nixl_md": base64.b64encode(self._nixl.get_agent_metadata()).decode(),
-                "base": kv_cache.data_ptr(), "block_bytes": self.spec.block_bytes}
+                "base": kv_cache.data_ptr(), "block_bytes": spec.block_bytes,
+                "memory_type": spec.memory_type, "device_id": spec.device_id}
 
     def _open_peer(self, peer: str, backend_md: dict[str, Any], conn_id: int,
                    timeout_s: float) -> None:
@@ -83,9 +97,10 @@ class NixlAgent(BaseAgent):
                              f"{self.spec.block_bytes}")
         nixl_name = self._nixl.add_remote_agent(base64.b64decode(backend_md["nixl_md"]))
         num_blocks = int(backend_md["num_blocks"])
-        dlist = self._nixl.prep_xfer_dlist(nixl_name, _block_descs(
-            int(backend_md["base"]), self.spec.num_layers * num_blocks, self.spec.block_bytes),
-            "DRAM")
+        memory_type, device_id = peer_memory(backend_md)
+        dlist = self._nixl.prep_xfer_dlist(nixl_name, block_descs(
+            int(backend_md["base"]), self.spec.num_layers * num_blocks, self.spec.block_bytes,
+            device_id), memory_type)
         self._nixl.make_connection(nixl_name)  # wire up now, not on the first write
         self._remotes[peer] = _Remote(nixl_name, dlist, num_blocks)
 

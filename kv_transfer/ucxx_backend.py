@@ -30,6 +30,7 @@ import torch
 
 from kv_transfer.agent import BaseAgent
 from kv_transfer.base import FailureReason, TransferConfig, TransferError
+from kv_transfer.buffers import ucx_buffer
 from kv_transfer.spec import KVLayoutSpec
 
 log = logging.getLogger(__name__)
@@ -96,13 +97,13 @@ class UcxxAgent(BaseAgent):
         self._ucx, self._Array = ucx, Array
         self._context = ucx.UCXContext({}, feature_flags=(ucx.Feature.TAG,))
         self._worker = ucx.UCXWorker(self._context)
-        self._cache_u8: np.ndarray | None = None  # [L * N, block_bytes]: the cache's units
+        self._cache_u8: torch.Tensor | None = None  # [L * N, block_bytes]: the cache's units
         self._out: dict[str, _Outbound] = {}
         self._in: dict[int, _Inbound] = {}
 
     def _register(self, kv_cache: torch.Tensor, num_blocks: int) -> dict[str, Any]:
-        flat = kv_cache.view(torch.uint8).view(self.spec.num_layers * num_blocks, -1)
-        self._cache_u8 = flat.numpy()  # [L * N, block_bytes], shares memory with kv_cache
+        # [L * N, block_bytes], shares memory with kv_cache (on its device)
+        self._cache_u8 = kv_cache.view(torch.uint8).view(self.spec.num_layers * num_blocks, -1)
         address = self._worker.address
         return {"ucx_address": base64.b64encode(bytes(address)).decode(),
                 "block_bytes": self.spec.block_bytes}
@@ -138,8 +139,8 @@ class UcxxAgent(BaseAgent):
             reqs = [out.endpoint.tag_send(self._Array(header), ucx.UCXXTag(_tag(out.conn_id, seq,
                                                                                  0)))]
             for i, (s, _, n) in enumerate(regions, start=1):
-                region = self._cache_u8[s:s + n].reshape(-1)  # [n * block_bytes], a view
-                reqs.append(out.endpoint.tag_send(self._Array(region),
+                region = self._cache_u8[s:s + n].view(-1)  # [n * block_bytes], a view
+                reqs.append(out.endpoint.tag_send(self._Array(ucx_buffer(region)),
                                                   ucx.UCXXTag(_tag(out.conn_id, seq, i))))
             self._worker.progress()
         except Exception as e:
@@ -220,8 +221,8 @@ class UcxxAgent(BaseAgent):
         for i, (d, n) in enumerate(header["r"], start=1):
             if not (d >= 0 and n > 0 and d + n <= num_units):
                 raise ValueError(f"region {(d, n)} outside the cache")
-            region = self._cache_u8[d:d + n].reshape(-1)  # [n * block_bytes], a view
-            reqs.append(self._worker.tag_recv(self._Array(region),
+            region = self._cache_u8[d:d + n].view(-1)  # [n * block_bytes], a view
+            reqs.append(self._worker.tag_recv(self._Array(ucx_buffer(region)),
                                               self._ucx.UCXXTag(_tag(conn_id, seq, i))))
         inb.messages.append(_InMsg(str(header["n"]).encode(), reqs))
 

@@ -107,7 +107,7 @@ async def measure(args: argparse.Namespace, model: Path) -> dict[int, Samples]:
     def fresh(length: int) -> list[int]:
         return [rng.randrange(3, vocab) for _ in range(length)]  # past the special tokens
 
-    spec = KVLayoutSpec.from_cache_shape(engine.cache_shape, engine.model_id)
+    spec = KVLayoutSpec.from_cache_shape(engine.cache_shape, engine.model_id, engine.device)
     # the receiver polls as a decode worker does
     transfer = LastGroupWrite(spec, engine.runner.kv_cache, args.transfer_backend,
                               receiver_poll_s=WorkerConfig.transfer_poll_interval_s)

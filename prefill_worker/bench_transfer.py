@@ -37,7 +37,8 @@ def _receiver_main(conn: Connection, spec: KVLayoutSpec, num_blocks: int,
     flight, otherwise every `IDLE_WAIT_S` or when a sender's announcement wakes it."""
     os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
     agent = create_agent(spec, config)
-    agent.register_cache(torch.zeros(spec.dims(num_blocks), dtype=spec.torch_dtype))
+    agent.register_cache(torch.zeros(spec.dims(num_blocks), dtype=spec.torch_dtype,
+                                     device=spec.torch_device))
     woken = threading.Event()
     agent.set_wakeup(woken.set)
     conn.send(agent.metadata())

@@ -4,7 +4,8 @@
 leading blocks it already holds) and queues the prompt in the engine, where it is batched
 and chunked with other prompts. As the last layer of each layer group of a step finishes
 (groups of g layers: the cache layout, engine/kv_cache.py), `on_layer_done` (engine thread)
-posts one write of that group's blocks touched by the step — blocks the decode worker lacks,
+posts, once the group's kernels have finished (`engine.layer_ready`: CUDA events; at once on
+the CPU), one write of that group's blocks touched by the step — blocks the decode worker lacks,
 including ones this worker had cached and did not recompute — so each block's group is one
 contiguous region and the transfer of a group overlaps the compute of the next ones. The
 write of the last group of the last chunk is marked `last`, so the decode side knows when the
@@ -34,6 +35,7 @@ from cluster.errors import Cancelled, HandshakeMismatch, InvalidRequest, Transfe
 from cluster.worker_config import WorkerConfig
 from engine.engine import Engine
 from engine.engine_loop import EngineLoop
+from engine.layer_ready import ReadyQueue, record_ready
 from engine.request import Request
 from engine.sampling import SamplingParams
 from engine.scheduler import ScheduledBatch
@@ -74,6 +76,19 @@ class PushPlan:
     aio: asyncio.AbstractEventLoop | None = None
 
 
+@dataclass(frozen=True)
+class GroupWrite:
+    """One request's write of one layer group, decided when the group was launched."""
+
+    plan: PushPlan
+    request_id: str
+    src: list[int]  # this worker's blocks [first_block, end_block) of the request
+    first_block: int
+    end_block: int
+    layers: range
+    last: bool
+
+
 @dataclass
 class PrefillStats:
     """Counters for metrics and status (cumulative)."""
@@ -106,6 +121,7 @@ class PrefillWorker:
         self.plans: dict[str, PushPlan] = {}
         self._lock = threading.Lock()
         self._backoff: dict[str, PeerBackoff] = {}  # decode agent metadata → its last failure
+        self._posts = ReadyQueue()  # engine thread: layer groups launched, writes not posted
         self.block_bytes = (  # one block, all layers
             loop.engine.cache_shape.block_bytes_per_layer * loop.engine.cache_shape.num_layers)
 
@@ -265,15 +281,33 @@ class PrefillWorker:
     # ---- engine thread -------------------------------------------------------------------
 
     def on_layer_done(self, layer: int, batch: ScheduledBatch) -> None:
-        """After the last layer of a layer group: posts the group's writes for every planned
-        request in the step."""
+        """After each layer; after the last layer of a layer group, queues the group's writes
+        for every planned request in the step behind a marker of the group's kernels
+        (`engine.layer_ready`: on CUDA the hook runs when they are launched, not finished).
+        Writes whose group has finished are posted now, in order; the last layer of the step
+        waits for every group, so nothing of a step is left unposted after it."""
         engine = self.loop.engine
         group = engine.cache_shape.layer_group
-        if (layer + 1) % group:
-            return  # the group's other layers are still to come
+        last_layer = engine.cache_shape.num_layers - 1  # of the KV cache (the sim has one)
+        if (layer + 1) % group == 0:
+            writes = self._group_writes(layer, batch)
+            if writes:
+                ready = record_ready(engine.device)
+                self._posts.push(ready, lambda: self._post(writes))
+        if layer == last_layer:
+            self._posts.run_all()
+        else:
+            self._posts.run_ready()
+
+    def _group_writes(self, layer: int, batch: ScheduledBatch) -> list[GroupWrite]:
+        """The writes of the layer group ending at `layer`, one per planned request of the
+        step with blocks the decode worker lacks; advances the plans after the last layer."""
+        engine = self.loop.engine
+        group = engine.cache_shape.layer_group
         layers = range(layer + 1 - group, layer + 1)
         bs = engine.config.block_size
         last_layer = engine.cache_shape.num_layers - 1  # of the KV cache (the sim has one)
+        writes = []
         for request, num_new in zip(batch.requests, batch.num_new_tokens, strict=True):
             with self._lock:
                 plan = self.plans.get(request.request_id)
@@ -285,20 +319,29 @@ class PrefillWorker:
             if first_block >= end_block:
                 continue
             src = engine.block_manager.block_ids(request.request_id)[first_block:end_block]
-            is_last = final and layer == last_layer
+            writes.append(GroupWrite(plan, request.request_id, src, first_block, end_block,
+                                     layers, final and layer == last_layer))
+            if layer == last_layer:
+                plan.next_block = end // bs
+        return writes
+
+    def _post(self, writes: list[GroupWrite]) -> None:
+        """Posts the writes of one finished layer group."""
+        for w in writes:
+            plan = w.plan
+            if plan.error:
+                continue
             try:
                 write_id = self.agent.write(
-                    plan.peer, request.request_id, src, plan.dst_blocks[first_block:end_block],
-                    layers, last=is_last, trace_context=plan.trace_context)
+                    plan.peer, w.request_id, w.src, plan.dst_blocks[w.first_block:w.end_block],
+                    w.layers, last=w.last, trace_context=plan.trace_context)
             except (TransferError, ValueError) as error:
                 self._fail(plan, str(error))
                 continue
             with self._lock:
                 plan.pending.add(write_id)
-                plan.blocks_sent.update(range(first_block, end_block))
-                plan.last_posted = is_last
-            if layer == last_layer:
-                plan.next_block = end // bs
+                plan.blocks_sent.update(range(w.first_block, w.end_block))
+                plan.last_posted = w.last
 
     # ---- event loop ----------------------------------------------------------------------
 

@@ -6,12 +6,14 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 
-# Triton fixes at definition time whether a kernel is compiled or interpreted: with no GPU,
+from tests.support.device import device_under_test
+
+# Triton fixes at definition time whether a kernel is compiled or interpreted: unless the tests
+# run on CUDA (TANDEM_TEST_DEVICE, tests/support/device.py),
 # interpret every kernel this test process defines (tests/engine/kernels runs them; the CPU
 # engine itself uses the torch path, so nothing else is affected).
-if not torch.cuda.is_available():
+if device_under_test().type == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from engine.tiny_model import make_tiny_model

