@@ -43,8 +43,8 @@ def warm_up(engine: Engine) -> float | None:
     # a prompt over two blocks plus one token (so a partial block), then one decode token
     prompt_len = min(2 * bs + 1, engine.max_model_len - 1, engine.num_blocks * bs - 1)
     blocks = list(range(-(-(prompt_len + 1) // bs)))
-    runner.forward(_dummy_batch(engine, blocks, prompt_len, 0, prompt_len))
-    runner.forward(_dummy_batch(engine, blocks, prompt_len + 1, prompt_len, 1))
+    runner.forward(_dummy_batch(runner, engine, blocks, prompt_len, 0, prompt_len))
+    runner.forward(_dummy_batch(runner, engine, blocks, prompt_len + 1, prompt_len, 1))
     if runner.device.type == "cuda":
         torch.cuda.synchronize(runner.device)
     runner.model.decode_mirror.forget()
@@ -53,10 +53,10 @@ def warm_up(engine: Engine) -> float | None:
     return seconds
 
 
-def _dummy_batch(engine: Engine, blocks: list[int], seq_len: int, start: int,
-                 num_new: int) -> ForwardBatch:
+def _dummy_batch(runner: ModelRunner, engine: Engine, blocks: list[int], seq_len: int,
+                 start: int, num_new: int) -> ForwardBatch:
     """One sequence of token 0s: its tokens [start, start + num_new) of `seq_len` in `blocks`."""
-    bs, dev = engine.config.block_size, engine.runner.device
+    bs, dev = engine.config.block_size, runner.device
     positions = list(range(start, start + num_new))
     slots = [blocks[p // bs] * bs + p % bs for p in positions]
     return ForwardBatch(
