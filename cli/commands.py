@@ -116,6 +116,9 @@ def add_generate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int)
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     parser.add_argument("--ignore-eos", action="store_true")
+    parser.add_argument("--token", default=os.environ.get("TANDEM_API_TOKEN"),
+                        help="bearer token of the router's public API (env TANDEM_API_TOKEN; "
+                             "the router's api_tokens_file)")
 
 
 def generate(args: argparse.Namespace) -> int:
@@ -124,7 +127,7 @@ def generate(args: argparse.Namespace) -> int:
     from cli.router_client import RouterClient
 
     async def run() -> None:
-        async with RouterClient(args.router) as client:
+        async with RouterClient(args.router, args.token) as client:
             async for chunk in client.generate(
                     text=args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
                     top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop,

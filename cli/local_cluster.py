@@ -87,6 +87,7 @@ class LocalCluster:
     metrics: bool = True  # every process serves /metrics on a free loopback port
     processes: list[ServiceProcess] = field(default_factory=list)
     aggregated: int = 0  # workers that prefill and decode their own requests
+    api_token: str | None = None  # the router's bearer token, when router_args give it tokens
 
     def __post_init__(self) -> None:
         if shutil.which("redis-server") is None:
@@ -201,7 +202,9 @@ class LocalCluster:
         def seen() -> int:
             with grpc.insecure_channel(self.router_address) as channel:
                 stub = router_pb2_grpc.RouterStub(channel)
-                status = stub.GetClusterStatus(router_pb2.GetClusterStatusRequest(), timeout=5)
+                auth = [("authorization", f"Bearer {self.api_token}")] if self.api_token else []
+                status = stub.GetClusterStatus(router_pb2.GetClusterStatusRequest(), timeout=5,
+                                               metadata=auth)
             return len(status.workers)
 
         deadline = time.monotonic() + timeout_s

@@ -15,6 +15,7 @@ from types import TracebackType
 from grpc import aio
 
 from cluster.convert import FINISH_FROM_PB
+from cluster.grpc_auth import metadata_interceptors
 from tandem_proto.tandem.v1 import common_pb2, router_pb2, router_pb2_grpc
 
 
@@ -44,9 +45,13 @@ class Completion:
 
 
 class RouterClient:
-    def __init__(self, address: str) -> None:
+    """The router's public API; `token`: sent as `authorization: Bearer <token>` on every
+    call (the router's `api_tokens_file`)."""
+
+    def __init__(self, address: str, token: str | None = None) -> None:
         self.address = address
-        self.channel = aio.insecure_channel(address)
+        self.channel = aio.insecure_channel(address, interceptors=metadata_interceptors(
+            [("authorization", f"Bearer {token}")]) if token else None)
         self.stub = router_pb2_grpc.RouterStub(self.channel)
 
     async def __aenter__(self) -> RouterClient:

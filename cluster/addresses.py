@@ -1,7 +1,9 @@
-"""host:port strings, the one way: split them, and find a free local port."""
+"""host:port strings, the one way: split them, tell a loopback host, find a free local
+port."""
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 
 
@@ -19,3 +21,14 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 (bracketed or not) and localhost; anything else, a wildcard or a
+    name included, may be reached from other machines."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False

@@ -21,6 +21,7 @@ import signal
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
+from grpc import aio
 from prometheus_client import CollectorRegistry
 
 from cluster.addresses import split_host_port
@@ -43,13 +44,14 @@ class ProcessOptions:
     stop: asyncio.Event = field(default_factory=asyncio.Event)  # set it to stop the process
     on_started: Callable[[str], Awaitable[None]] | None = None  # gets the advertised address
     on_stopping: Callable[[], Awaitable[None]] | None = None
+    interceptors: Sequence[aio.ServerInterceptor] = ()  # after tracing and error mapping
 
 
 async def serve_until_stopped(services: Sequence[ServiceBinding], options: ProcessOptions,
                               ) -> str:
     """Runs the process's servers until a signal or `options.stop` (see the module doc);
     returns the address it served on."""
-    server = await start_server(services, options.listen)
+    server = await start_server(services, options.listen, interceptors=options.interceptors)
     host = options.advertise_host or server.host
     address = f"{host}:{server.port}"
     metrics = None

@@ -7,25 +7,20 @@ the Helm chart can configure pods either way; a flag wins over its variable.
 
 from __future__ import annotations
 
-import ipaddress
-import logging
 import os
 import socket
 from dataclasses import dataclass, field
 from typing import Literal
 
-from cluster.addresses import split_host_port
+from cluster.addresses import is_loopback, split_host_port
+from cluster.cluster_secret import LOCAL_DEV_TOKEN, secret_or_dev
 from cluster.roles import Role
 from cluster.settings import ConfigFlags
 from engine.config import EngineConfig
 from index.redis_client import RedisConfig
 from kv_transfer.base import TransferConfig
 
-log = logging.getLogger(__name__)
-
-# The KV transfer secret of a worker left without one; accepted on loopback only, where every
-# peer is a process of the same machine (see WorkerConfig.__post_init__).
-LOCAL_DEV_TOKEN = "tandem-dev-token"
+__all__ = ["LOCAL_DEV_TOKEN", "WorkerConfig", "is_loopback", "worker_flags"]
 
 
 @dataclass(frozen=True)
@@ -54,8 +49,10 @@ class WorkerConfig:
     transfer_backend: Literal["nixl", "ucxx"] = field(default="nixl", metadata={
         "help": "KV transfer backend; prefill and decode workers must agree"})
     transfer_token: str | None = field(default=None, metadata={
-        "help": "shared secret of the KV transfer links; unset: a local development secret, "
-                "accepted only when the listen and advertise hosts are loopback"})
+        "help": "the cluster secret: authenticates the KV transfer links and the router's "
+                "calls to this worker (the router's transfer_token must be the same); unset: "
+                "a local development secret, accepted only when the listen and advertise "
+                "hosts are loopback"})
     transfer_connect_timeout_s: float = field(default=TransferConfig.connect_timeout_s, metadata={
         "help": "KV transfer: TCP connect + handshake + backend set-up to a peer"})
     transfer_write_timeout_s: float = field(default=TransferConfig.write_timeout_s, metadata={
@@ -129,33 +126,20 @@ class WorkerConfig:
         return RedisConfig(url=self.redis_url, namespace=self.namespace,
                            op_timeout_s=self.redis_op_timeout_s)
 
+    def cluster_secret(self) -> str:
+        """The cluster secret (`cluster.cluster_secret`): `transfer_token`, or on loopback
+        (see `__post_init__`) the local development secret, with a warning."""
+        return secret_or_dev(self.transfer_token, f"{self.role.value} worker")
+
     def transfer_config(self) -> TransferConfig:
-        """The KV transfer agent's config. Without a `transfer_token` (loopback only, see
-        `__post_init__`) it uses the local development secret and logs a warning."""
-        token = self.transfer_token
-        if token is None:
-            log.warning("transfer_token is unset: the KV transfer links use the local "
-                        "development secret (allowed on loopback only; set --transfer-token "
-                        "or TANDEM_TRANSFER_TOKEN for a real cluster)")
-            token = LOCAL_DEV_TOKEN
+        """The KV transfer agent's config, keyed by the cluster secret."""
         return TransferConfig(
-            token=token, backend=self.transfer_backend, host=self.host,
+            token=self.cluster_secret(), backend=self.transfer_backend, host=self.host,
             connect_timeout_s=self.transfer_connect_timeout_s,
             write_timeout_s=self.transfer_write_timeout_s,
             request_timeout_s=self.transfer_request_timeout_s,
             heartbeat_interval_s=self.transfer_heartbeat_interval_s,
             peer_timeout_s=self.transfer_peer_timeout_s)
-
-
-def is_loopback(host: str) -> bool:
-    """127.0.0.0/8, ::1 (bracketed or not) and localhost; anything else, a wildcard or a
-    name included, may be reached from other machines."""
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def worker_flags() -> ConfigFlags[WorkerConfig]:

@@ -1,7 +1,8 @@
 """What a prefill or decode worker process is made of, besides its gRPC servicer.
 
 The engine on its own thread (`EngineLoop`), the KV transfer agent registered on the engine's
-cache, the gRPC server (health, reflection, error mapping), and — when a Redis URL is given —
+cache, the gRPC server (health, reflection, error mapping; the internal services answer only
+callers with the cluster secret, `cluster.cluster_secret`), and — when a Redis URL is given —
 the registry heartbeat and the prefix-index writer fed by the block manager's events. The
 engine thread polls the transfer agent and drains block events between steps and hands them
 to the event loop; nothing here blocks the loop. While transfers are in flight
@@ -23,6 +24,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
+from cluster import cluster_secret
 from cluster.background import BackgroundTasks
 from cluster.grpc_server import ServiceBinding
 from cluster.process import ProcessOptions, serve_until_stopped
@@ -187,7 +189,8 @@ class WorkerRuntime:
             name=f"{cfg.role.value} worker {self.worker_id}", listen=cfg.listen,
             metrics_registry=self.registry, metrics_listen=cfg.metrics_listen,
             advertise_host=cfg.host, grace_s=cfg.shutdown_grace_s, stop=self._stopping,
-            on_started=started, on_stopping=stopping)
+            on_started=started, on_stopping=stopping,
+            interceptors=[cluster_secret.server_interceptor(cfg.cluster_secret())])
         try:
             await serve_until_stopped(services, options)
         finally:

@@ -151,6 +151,9 @@ class RouterMetrics:
         self.live_workers = Gauge(
             "tandem_router_live_workers", "Workers the router can route to, by role.", ["role"],
             registry=r)
+        self.auth_failures = Counter(
+            "tandem_router_auth_failures", "Public API calls refused for a missing or wrong "
+            "bearer token, by API (grpc or http).", ["api"], registry=r)
         self._fallbacks = _FallbackCounters()
         r.register(self._fallbacks)
         for outcome in OUTCOMES:
@@ -161,6 +164,8 @@ class RouterMetrics:
             self.local_prefills.labels(reason)
         for role in ROLES:
             self.live_workers.labels(role)
+        for api in ("grpc", "http"):
+            self.auth_failures.labels(api)
         self.set_index_mode("exact")
 
     # -- events --

@@ -1,6 +1,7 @@
 """The FastAPI application: the completion and chat routes, `/v1/models`, `/health`, the error
-bodies, and the HTTP tracing (the trace of a request starts at its HTTP server span, whose
-context the router's spans and its gRPC calls to the workers inherit)."""
+bodies, bearer tokens (`openai_api.auth`), and the HTTP tracing (the trace of a request starts
+at its HTTP server span, whose context the router's spans and its gRPC calls to the workers
+inherit)."""
 
 from __future__ import annotations
 
@@ -11,12 +12,15 @@ from fastapi import FastAPI, Request
 from engine.chat_template import ChatTemplate
 from observability.http_tracing import instrument_app
 from openai_api import chat, completions, errors
+from openai_api.auth import BearerAuthMiddleware
 from openai_api.state import ApiState, api_state
+from router.api_tokens import ApiTokens
 from router.router import Router
 
 
-def build_app(router: Router) -> FastAPI:
-    """The API over `router`, for its configured model."""
+def build_app(router: Router, tokens: ApiTokens | None = None) -> FastAPI:
+    """The API over `router`, for its configured model; with `tokens`, every path but
+    `/health` needs one of them as a bearer token (`openai_api.auth`)."""
     config = router.config
     app = FastAPI(title="Tandem", summary="OpenAI-compatible API of a Tandem cluster")
     app.state.api = ApiState(router=router, model_name=config.model_name,
@@ -41,6 +45,9 @@ def build_app(router: Router) -> FastAPI:
         """200 while the server runs (it stops listening when the router shuts down)."""
         return {"status": "ok"}
 
+    if tokens is not None:
+        failures = router.metrics.auth_failures.labels("http")
+        app.add_middleware(BearerAuthMiddleware, tokens=tokens, on_refused=failures.inc)
     instrument_app(app)
     return app
 

@@ -6,6 +6,9 @@ import argparse
 import asyncio
 import logging
 
+from grpc import aio
+
+from cluster.addresses import is_loopback, split_host_port
 from cluster.grpc_server import ServiceBinding
 from cluster.process import ProcessOptions, serve_until_stopped
 from index.prefix_index import PrefixIndexReader
@@ -15,6 +18,7 @@ from observability.logging_setup import setup_logging
 from observability.tracing import setup_tracing
 from openai_api.app import build_app
 from openai_api.server import HttpServer
+from router.api_tokens import ApiTokens, public_interceptor
 from router.config import RouterConfig, router_flags
 from router.prefix import IndexSource, PrefixLookup, TailSource
 from router.router import Router
@@ -54,24 +58,55 @@ async def build_router(config: RouterConfig) -> Router:
 async def serve(config: RouterConfig) -> None:
     """gRPC and (unless `http_listen` is empty) the OpenAI HTTP API, one router behind both,
     until SIGTERM: then neither takes new requests, both give those in flight the grace."""
+    tokens = api_tokens(config)
     router = await build_router(config)
     options = ProcessOptions(name=f"router (policy {config.policy})", listen=config.listen,
                              metrics_registry=router.registry,
                              metrics_listen=config.metrics_listen)
-    http = HttpServer(build_app(router), config.http_listen, options.grace_s) \
+    options.interceptors = grpc_interceptors(router, tokens)
+    http = HttpServer(build_app(router, tokens), config.http_listen, options.grace_s) \
         if config.http_listen else None
     try:
         if http is not None:
             address = await http.start()
             log.info("OpenAI API on http://%s/v1 (model %r)", address, config.model_name)
             options.on_stopping = http.begin_stop
-        await serve_until_stopped(
-            [ServiceBinding("tandem.v1.Router", router_pb2_grpc.add_RouterServicer_to_server,
-                            RouterServicer(router))], options)
+        await serve_until_stopped([router_binding(router)], options)
     finally:
         if http is not None:
             await http.stop()
         await router.close()
+
+
+def router_binding(router: Router) -> ServiceBinding:
+    """The public `tandem.v1.Router` service over `router`."""
+    return ServiceBinding("tandem.v1.Router", router_pb2_grpc.add_RouterServicer_to_server,
+                          RouterServicer(router))
+
+
+def grpc_interceptors(router: Router, tokens: ApiTokens | None) -> list[aio.ServerInterceptor]:
+    """With `tokens`: the bearer-token check of `tandem.v1.Router`, refusals counted."""
+    if tokens is None:
+        return []
+    refused = router.metrics.auth_failures.labels("grpc")
+    return [public_interceptor(tokens, lambda _method: refused.inc())]
+
+
+def api_tokens(config: RouterConfig) -> ApiTokens | None:
+    """The public API's tokens (`api_tokens_file`); unset: none, with a warning when the API
+    listens on an address other machines may reach."""
+    if config.api_tokens_file is not None:
+        tokens = ApiTokens.load(config.api_tokens_file)
+        log.info("public API: %d bearer token(s) from %s", len(tokens.tokens),
+                 config.api_tokens_file)
+        return tokens
+    exposed = [a for a in (config.listen, config.http_listen)
+               if a and not is_loopback(split_host_port(a)[0])]
+    if exposed:
+        log.warning("api_tokens_file is unset: the public API on %s takes requests from "
+                    "anyone (set --api-tokens-file or TANDEM_API_TOKENS_FILE)",
+                    ", ".join(exposed))
+    return None
 
 
 def main(argv: list[str] | None = None) -> None:

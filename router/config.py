@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from cluster.addresses import is_loopback, split_host_port
 from cluster.settings import ConfigFlags
 from discovery.config import KubernetesConfig
 from engine.block_hash import DEFAULT_HASH_SEED
@@ -94,6 +95,14 @@ class RouterConfig:
         "help": "conditional disaggregation: a prompt whose part not cached on its decode "
                 "worker is at most this many tokens is prefilled there, with no prefill worker "
                 "and no transfer; unset: always disaggregate (docs/architecture.md)"})
+    api_tokens_file: str | None = field(default=None, metadata={
+        "help": "file of the public API's bearer tokens, one a line (gRPC metadata "
+                "'authorization: Bearer <token>', HTTP Authorization); unset: no "
+                "authentication (health and /metrics are always open)"})
+    transfer_token: str | None = field(default=None, metadata={
+        "help": "the cluster secret, the workers' transfer_token: presented on every call to "
+                "a worker; unset: the local development secret, accepted only when the router "
+                "listens on loopback"})
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -124,6 +133,16 @@ class RouterConfig:
         if self.discovery not in ("redis", "kubernetes"):
             raise ValueError(f"discovery: must be 'redis' or 'kubernetes', "
                              f"got {self.discovery!r}")
+        if self.api_tokens_file == "":
+            raise ValueError("api_tokens_file: must not be empty (unset it for no "
+                             "authentication)")
+        if self.transfer_token == "":
+            raise ValueError("transfer_token: must not be empty (leave it unset on loopback)")
+        listen_host, _ = split_host_port(self.listen, "listen")
+        if self.transfer_token is None and not is_loopback(listen_host):
+            raise ValueError(f"transfer_token: required when serving on a non-loopback "
+                             f"address ({listen_host}): set --transfer-token or "
+                             f"TANDEM_TRANSFER_TOKEN to the workers' cluster secret")
         if self.prefix_index not in ("tail", "pipelined"):
             raise ValueError(f"prefix_index: must be 'tail' or 'pipelined', "
                              f"got {self.prefix_index!r}")

@@ -5,7 +5,8 @@ Every `refresh_interval_s` the pool lists the source (keeping its last known lis
 the source is unreachable, so routing goes on in degraded mode) and asks each worker for its
 `Status` (load, KV usage, compatibility hash, block size). A worker that fails a call or a
 status poll is marked down for `worker_down_s` and is not routed to. Prefill/decode pairs whose
-KV compatibility hashes differ are reported as pair errors and never chosen.
+KV compatibility hashes differ are reported as pair errors and never chosen. Every call carries
+the cluster secret's credential (`cluster.cluster_secret`), which the workers require.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 import grpc
 from grpc import aio
 
+from cluster import cluster_secret
 from cluster.errors import IndexUnavailable
 from cluster.roles import Role
 from discovery.base import WorkerSource
@@ -69,6 +71,11 @@ class WorkerPool:
         self.timeouts = ClientTimeouts(rpc_s=config.rpc_timeout_s,
                                        status_s=config.status_timeout_s,
                                        cleanup_s=config.cleanup_timeout_s)
+        # every call to a worker carries the cluster secret's credential
+        self._interceptors = [
+            *cluster_secret.client_interceptors(
+                cluster_secret.secret_or_dev(config.transfer_token, "router")),
+            *client_interceptors()]
         self.workers: dict[str, WorkerHandle] = {}
         self.on_removed: list[Callable[[str], None]] = []  # told the id of a worker that left
         self.registry_ok = True
@@ -177,7 +184,7 @@ class WorkerPool:
         await asyncio.gather(*(self._poll(h) for h in list(self.workers.values())))
 
     def _add(self, worker_id: str, role: Role, address: str) -> None:
-        channel = aio.insecure_channel(address, interceptors=client_interceptors())
+        channel = aio.insecure_channel(address, interceptors=self._interceptors)
         client = (PrefillClient if role is Role.PREFILL else DecodeClient)(
             worker_id, channel, self.timeouts)
         old = self.workers.get(worker_id)

@@ -13,15 +13,23 @@ from grpc import aio
 from prometheus_client.parser import text_string_to_metric_families
 
 from cli.local_cluster import LocalCluster, ServiceProcess
+from cluster.cluster_secret import LOCAL_DEV_TOKEN, METADATA_KEY, credential
 from tandem_proto.tandem.v1 import common_pb2, worker_pb2_grpc
 from tests.engine.hf_reference import hf_greedy
 
 
-async def worker_status(process: ServiceProcess) -> common_pb2.WorkerStatus:
+def cluster_auth(secret: str = LOCAL_DEV_TOKEN) -> list[tuple[str, str]]:
+    """The metadata the workers' internal services require (the router's, for the cluster
+    secret `secret`; a local cluster's is the development secret)."""
+    return [(METADATA_KEY, credential(secret))]
+
+
+async def worker_status(process: ServiceProcess, secret: str = LOCAL_DEV_TOKEN,
+                        ) -> common_pb2.WorkerStatus:
     """A worker's `tandem.v1.Worker` status, asked of the worker itself."""
     async with aio.insecure_channel(process.address) as channel:
-        return await worker_pb2_grpc.WorkerStub(channel).Status(common_pb2.StatusRequest(),
-                                                                 timeout=5)
+        return await worker_pb2_grpc.WorkerStub(channel).Status(
+            common_pb2.StatusRequest(), timeout=5, metadata=cluster_auth(secret))
 
 
 async def counters(process: ServiceProcess) -> dict[str, float]:

@@ -13,7 +13,7 @@ import pytest
 from cli.local_cluster import LocalCluster
 from cli.router_client import Chunk, RouterClient
 from tandem_proto.tandem.v1 import common_pb2, worker_pb2_grpc
-from tests.e2e.helpers import blocks_all_free, expected, wait_until
+from tests.e2e.helpers import blocks_all_free, cluster_auth, expected, wait_until
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -86,7 +86,8 @@ async def test_a_request_its_decode_worker_releases_ends_cancelled_at_once(
         for decode in cluster.workers("decode"):
             async with grpc.aio.insecure_channel(decode.address) as channel:
                 reply = await worker_pb2_grpc.WorkerStub(channel).Cancel(
-                    common_pb2.CancelRequest(request_id="released.0", reason="test"), timeout=5)
+                    common_pb2.CancelRequest(request_id="released.0", reason="test"), timeout=5,
+                    metadata=cluster_auth())
             found.append(reply.found)
         assert any(found)
         await asyncio.wait_for(stream, 10)
