@@ -304,12 +304,13 @@ async def test_sigterm_finishes_in_flight_requests_then_deregisters(
                                    "--shutdown-grace-s", "30"]) as cluster:
         decode = cluster.workers("decode")[0]
         async with RouterClient(cluster.router_address) as client:
-            task = asyncio.create_task(client.complete(token_ids=prompt(7), max_tokens=25,
-                                                       ignore_eos=True, timeout=60))
-            await asyncio.sleep(1.0)  # decoding: 25 steps of >= 100 ms
-            decode.popen.terminate()
-            result = await task
-            assert result.token_ids == expected(tiny_llama, prompt(7), 25)
+            tokens: list[int] = []
+            async for chunk in client.generate(token_ids=prompt(7), max_tokens=25,
+                                               ignore_eos=True, timeout=60):
+                tokens += chunk.token_ids
+                if len(tokens) == 2:  # decoding now (25 steps of >= 100 ms): SIGTERM it
+                    decode.popen.terminate()
+            assert tokens == expected(tiny_llama, prompt(7), 25)
             assert decode.popen.wait(timeout=30) == 0
 
             async def gone() -> bool:
