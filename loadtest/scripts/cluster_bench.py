@@ -17,6 +17,7 @@ it starts the cluster (`cli.local_cluster`), which the harness itself never impo
 from __future__ import annotations
 
 import argparse
+import signal
 import subprocess
 import sys
 import time
@@ -68,6 +69,7 @@ def wait_for_workers(router: ServiceProcess, count: int, timeout_s: float = 120.
 
 def main(argv: list[str]) -> int:
     args, load_args = parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the cluster on SIGTERM too
     worker_args = ["--engine", args.engine, "--num-blocks", str(args.num_blocks)]
     for item in args.sim:
         key, _, value = item.partition("=")
@@ -90,7 +92,7 @@ def main(argv: list[str]) -> int:
         routers = {p: cluster.spawn("router", ["--policy", p]) for p in args.policies}
         for process in [*spawned, *routers.values()]:
             cluster.wait_ready(process)
-        for policy, router in routers.items():
+        for router in routers.values():
             wait_for_workers(router, workers)
         for policy, router in routers.items():
             name = f"{args.label}{policy}"
