@@ -59,6 +59,22 @@ class ServiceProcess:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
+class UniquePorts:
+    """Free loopback ports, never the same one twice. `free_port` only asks the OS for a port
+    nobody listens on now: before the process given it binds it, the OS can hand the same
+    number out again, and with dozens of processes starting at once two of them got one port
+    (32 sim workers: "Failed to bind to address")."""
+
+    def __init__(self) -> None:
+        self.taken: set[int] = set()
+
+    def take(self) -> int:
+        while (port := free_port()) in self.taken:
+            pass
+        self.taken.add(port)
+        return port
+
+
 @dataclass
 class LocalCluster:
     """`with LocalCluster(model_dir, prefill=2, decode=2) as cluster: cluster.router_address`."""
@@ -95,6 +111,7 @@ class LocalCluster:
         self.log_dir = Path(self.log_dir or tempfile.mkdtemp(prefix="tandem-cluster-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self._counter = 0
+        self._ports = UniquePorts()
 
     # ---- starting ------------------------------------------------------------------------
 
@@ -134,13 +151,13 @@ class LocalCluster:
         yet ready."""
         self._counter += 1
         name = role if role == "router" else f"{role}-{self._counter}"
-        port = self.router_port if role == "router" and self.router_port else free_port()
-        metrics = f"127.0.0.1:{free_port()}" if self.metrics else ""
+        port = self.router_port if role == "router" and self.router_port else self._ports.take()
+        metrics = f"127.0.0.1:{self._ports.take()}" if self.metrics else ""
         args = ["--model", str(self.model), "--redis-url", self.redis.url,
                 "--listen", f"127.0.0.1:{port}", "--metrics-listen", metrics]
         http = ""
         if role == "router":
-            http = f"127.0.0.1:{self.http_port or free_port()}"
+            http = f"127.0.0.1:{self.http_port or self._ports.take()}"
             args += ["--http-listen", http, *self.router_args]
         else:
             args += ["--worker-id", name]
