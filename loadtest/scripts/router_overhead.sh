@@ -3,6 +3,9 @@
 # directly and through vllm-router and sglang-router (round_robin, cache_aware), then Tandem's
 # router (each policy) in front of N zero-cost sim workers (N/2 prefill + N/2 decode), all with
 # the same load: 64-token prompts, 1 output token, concurrency 1 (latency) and C (the ceiling).
+# Over HTTP the prompts go to /v1/chat/completions as text: sglang-router's /v1/completions
+# takes a string or strings, not token ids (422 "data did not match any variant of untagged enum
+# StringOrArray").
 #
 #   loadtest/scripts/router_overhead.sh [OUT] [N] [C] [DURATION_S]
 #
@@ -19,7 +22,7 @@ SR=${SGLANG_ROUTER_VENV:-/work/venvs/sglang-router}
 MODEL=${MODEL:-$(python3 -c "from engine.default_model import smollm2_dir; print(smollm2_dir())")}
 BASE=19100
 RPORT=19090
-LOAD=(--input-len 64 --output-len 1 --vocab-size 1000 --concurrency 1 "$C"
+LOAD=(--input-len 64 --output-len 1 --tokenizer "$MODEL" --concurrency 1 "$C"
       --duration "$DURATION" --max-requests 20000 --no-progress)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
@@ -29,7 +32,7 @@ wait_http() {  # URL: up to 60 s for a 200
   echo "no answer from $1" >&2; return 1
 }
 http_run() {  # NAME URL
-  python3 -m loadtest run --target openai --endpoint completions --url "$2" --model instant \
+  python3 -m loadtest run --target openai --endpoint chat --url "$2" --model instant \
       "${LOAD[@]}" --name "$1" --out "$OUT/$1"
   runs+=("$OUT/$1/run.json")
 }

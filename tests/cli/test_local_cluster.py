@@ -24,9 +24,16 @@ def test_prefill_takes_every_core_and_decode_its_share(tmp_path: Path,
     assert (pinned.threads("prefill"), pinned.threads("decode")) == (1, 3)
 
 
-def test_unique_ports_never_hand_out_a_port_twice(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The OS may offer a port again before the process it went to has bound it."""
-    offered = iter([5001, 5002, 5001, 5002, 5003])
-    monkeypatch.setattr("cli.local_cluster.free_port", lambda: next(offered))
-    ports = UniquePorts()
-    assert [ports.take(), ports.take(), ports.take()] == [5001, 5002, 5003]
+def test_unique_ports_never_twice_never_busy_never_ephemeral(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A port handed out is not handed out again, one in use is skipped, and all lie below the
+    OS's ephemeral range (where another process's connection could take them first)."""
+    monkeypatch.setattr("cli.local_cluster.port_is_free", lambda port: port != 20_002)
+    ports = UniquePorts(low=20_000, high=20_004)
+    ports.next = 20_001
+    assert [ports.take(), ports.take(), ports.take()] == [20_001, 20_003, 20_000]
+    with pytest.raises(RuntimeError, match="no free port"):
+        ports.take()
+    real = UniquePorts()
+    taken = {real.take() for _ in range(50)}
+    assert len(taken) == 50 and all(20_000 <= p < 32_768 for p in taken)
