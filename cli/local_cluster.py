@@ -12,8 +12,10 @@ new ones started, to test failures.
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -27,7 +29,6 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cli.redis_server import LocalRedisServer
-from cluster.addresses import free_port
 
 MODULES = {"prefill": "prefill_worker", "decode": "decode_worker", "router": "router",
            "aggregated": "decode_worker.aggregated"}
@@ -57,6 +58,39 @@ class ServiceProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+class UniquePorts:
+    """Free loopback ports for the processes to listen on, never the same one twice, and below
+    the OS's ephemeral range. A port the OS picks (`free_port`, bind to 0) is only free now:
+    before the process given it binds it, the OS may hand the same number out again, to
+    another free_port or as the local port of any process's outgoing connection; with 32 sim
+    workers starting at once both happened ("Failed to bind to address"). Ports below the
+    ephemeral range (Linux: 32768-60999) are never given out on their own."""
+
+    def __init__(self, low: int = 20_000, high: int = 32_768) -> None:
+        self.taken: set[int] = set()
+        self.next = random.randrange(low, high)  # clusters started together rarely meet
+        self.low, self.high = low, high
+
+    def take(self) -> int:
+        for _ in range(self.high - self.low):
+            port = self.next
+            self.next = self.low + (self.next + 1 - self.low) % (self.high - self.low)
+            if port not in self.taken and port_is_free(port):
+                self.taken.add(port)
+                return port
+        raise RuntimeError(f"no free port in [{self.low}, {self.high})")
+
+
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether nobody listens on (or holds) `port` now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 @dataclass
@@ -96,6 +130,7 @@ class LocalCluster:
         self.log_dir = Path(self.log_dir or tempfile.mkdtemp(prefix="tandem-cluster-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self._counter = 0
+        self._ports = UniquePorts()
 
     # ---- starting ------------------------------------------------------------------------
 
@@ -135,13 +170,13 @@ class LocalCluster:
         yet ready."""
         self._counter += 1
         name = role if role == "router" else f"{role}-{self._counter}"
-        port = self.router_port if role == "router" and self.router_port else free_port()
-        metrics = f"127.0.0.1:{free_port()}" if self.metrics else ""
+        port = self.router_port if role == "router" and self.router_port else self._ports.take()
+        metrics = f"127.0.0.1:{self._ports.take()}" if self.metrics else ""
         args = ["--model", str(self.model), "--redis-url", self.redis.url,
                 "--listen", f"127.0.0.1:{port}", "--metrics-listen", metrics]
         http = ""
         if role == "router":
-            http = f"127.0.0.1:{self.http_port or free_port()}"
+            http = f"127.0.0.1:{self.http_port or self._ports.take()}"
             args += ["--http-listen", http, *self.router_args]
         else:
             args += ["--worker-id", name]

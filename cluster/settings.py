@@ -180,11 +180,27 @@ def _construct(cls: Any, path: tuple[str, ...], values: Mapping[tuple[str, ...],
             if default is None:
                 kwargs[f.name] = _construct(hints[f.name], key, nested, {})
             elif nested:
-                kwargs[f.name] = dataclasses.replace(
-                    default, **{k[len(key)]: v for k, v in nested.items()})
+                kwargs[f.name] = _replace(default, key, nested)
         elif key in values:
             kwargs[f.name] = values[key]
     return cls(**kwargs)
+
+
+def _replace(obj: Any, path: tuple[str, ...], values: Mapping[tuple[str, ...], Any]) -> Any:
+    """`obj` (a nested config's default) with the given values, at any depth: a config two
+    levels down (the engine's sim cost model in a worker's engine config) keeps the rest of its
+    default and takes its own values."""
+    changes: dict[str, Any] = {}
+    for f in dataclasses.fields(obj):
+        key = (*path, f.name)
+        current = getattr(obj, f.name)
+        if dataclasses.is_dataclass(current):
+            nested = {k: v for k, v in values.items() if k[:len(key)] == key}
+            if nested:
+                changes[f.name] = _replace(current, key, nested)
+        elif key in values:
+            changes[f.name] = values[key]
+    return dataclasses.replace(obj, **changes)
 
 
 def _default(f: dataclasses.Field[Any]) -> Any:

@@ -2,7 +2,8 @@
 
 Two sources, either or both: the router's `GetClusterStatus` (router counters: requests,
 retries, outcomes, pair breaks; each live worker's counters: prefix hit and computed prefill
-tokens, KV blocks sent, transfers, local prefills, lease expiries), and a Prometheus `/metrics`
+tokens, KV blocks sent, transfers, fallback prefills, lease expiries; the router's local
+prefills by reason), and a Prometheus `/metrics`
 page (the router's: `tandem_router_prefix_hit_blocks` and `_query_blocks`, retries by reason).
 """
 
@@ -14,16 +15,19 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-WORKER_SUMS = {  # figure → (role, worker counter)
-    "kv_blocks_sent": ("prefill", "kv_blocks_sent"),
-    "prefill_tokens_computed": ("prefill", "prefill_tokens_computed"),
-    "prefill_prefix_hit_tokens": ("prefill", "prefix_hit_tokens"),
-    "prefill_transfer_failures": ("prefill", "transfer_failures"),
-    "transfers_completed": ("decode", "transfers_completed"),
-    "transfers_failed": ("decode", "transfers_failed"),
-    "local_prefills": ("decode", "local_prefills"),
-    "lease_expiries": ("decode", "lease_expiries"),
-    "decode_cached_prompt_tokens": ("decode", "cached_prompt_tokens"),
+WORKER_SUMS = {  # figure → (roles, worker counter); an aggregated worker is a decode worker
+    # that prefills its own requests: it counts on both sides
+    "kv_blocks_sent": (("prefill",), "kv_blocks_sent"),
+    "prefill_tokens_computed": (("prefill", "aggregated"), "prefill_tokens_computed"),
+    "prefill_prefix_hit_tokens": (("prefill", "aggregated"), "prefix_hit_tokens"),
+    "prefill_transfer_failures": (("prefill",), "transfer_failures"),
+    "transfers_completed": (("decode",), "transfers_completed"),
+    "transfers_failed": (("decode",), "transfers_failed"),
+    # prefills a decode worker did itself because a transfer failed (its `local_prefills`);
+    # those the router chose (aggregated, short prompt) are the router's `local_prefills/*`
+    "fallback_prefills": (("decode", "aggregated"), "local_prefills"),
+    "lease_expiries": (("decode", "aggregated"), "lease_expiries"),
+    "decode_cached_prompt_tokens": (("decode", "aggregated"), "cached_prompt_tokens"),
 }
 ROUTER_COUNTERS = ("requests", "retries", "pair_breaks", "rejected", "degraded_lookups")
 
@@ -66,9 +70,12 @@ def figures(status_before: Mapping[str, Any] | None, status_after: Mapping[str, 
             out[name] = router.get(name, 0.0)
         out["outcomes"] = {k.removeprefix("outcome/"): v for k, v in router.items()
                            if k.startswith("outcome/") and v}
-        for name, (role, counter) in WORKER_SUMS.items():
+        for name, (roles, counter) in WORKER_SUMS.items():
             out[name] = sum(w["counters"].get(counter, 0.0) for w in workers.values()
-                            if w["role"] == role)
+                            if w["role"] in roles)
+        # requests the router sent to prefill on their decode (or aggregated) worker, by reason
+        out["local_prefills"] = sum(v for k, v in router.items()
+                                    if k.startswith("local_prefills/"))
         seen = out["prefill_prefix_hit_tokens"] + out["prefill_tokens_computed"]
         out["prefill_cached_ratio"] = out["prefill_prefix_hit_tokens"] / seen if seen else None
         out["router_counters"] = router

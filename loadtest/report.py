@@ -83,6 +83,7 @@ CLUSTER_COLUMNS = (("prefix hit ratio (router)", "prefix_hit_ratio", 3),
                    ("transfers", "transfers_completed", 0),
                    ("transfers failed", "transfers_failed", 0),
                    ("local prefills", "local_prefills", 0),
+                   ("fallback prefills", "fallback_prefills", 0),
                    ("retries", "retries", 0))
 
 

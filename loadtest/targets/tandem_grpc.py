@@ -13,7 +13,8 @@ from loadtest.request import Request
 from loadtest.targets.base import Finished, TargetError, Tokens
 from tandem_proto.tandem.v1 import common_pb2
 
-ROLES = {common_pb2.WORKER_ROLE_PREFILL: "prefill", common_pb2.WORKER_ROLE_DECODE: "decode"}
+ROLES = {common_pb2.WORKER_ROLE_PREFILL: "prefill", common_pb2.WORKER_ROLE_DECODE: "decode",
+         common_pb2.WORKER_ROLE_AGGREGATED: "aggregated"}
 
 
 class TandemTarget:

@@ -174,3 +174,31 @@ def test_badly_declared_configs_are_refused() -> None:
         ConfigFlags(Sample, fixed=("kin",))
     with pytest.raises(TypeError, match="fixed fields"):
         FLAGS.build(parser().parse_args(["--name", "x"]), environ={})
+
+
+@dataclass(frozen=True)
+class Leaf:
+    cost: float = field(default=1.0, metadata={"help": "a cost"})
+    other: float = field(default=2.0, metadata={"help": "another cost"})
+
+
+@dataclass(frozen=True)
+class Middle:
+    leaf: Leaf = field(default_factory=Leaf)
+    size: int = field(default=8, metadata={"help": "a size"})
+
+
+@dataclass(frozen=True)
+class Outer:
+    middle: Middle = field(default_factory=lambda: Middle(size=16))
+
+
+def test_a_config_two_levels_down_takes_its_flags() -> None:
+    """As the sim cost model inside the engine config inside a worker's (--sim-step-s)."""
+    flags = ConfigFlags(Outer)
+    parser = argparse.ArgumentParser(prog="outer")
+    flags.add_to(parser)
+    config = flags.build(parser.parse_args(["--cost", "0"]), environ={})
+    assert config == Outer(Middle(Leaf(cost=0.0), size=16))
+    config = flags.build(parser.parse_args([]), environ={"TANDEM_OTHER": "3"})
+    assert config == Outer(Middle(Leaf(other=3.0), size=16))

@@ -21,7 +21,7 @@ def point(load: Load, scale: float) -> PointResult:
                for i in range(5)]
     cluster = {"prefix_hit_ratio": 0.5, "prefill_cached_ratio": 0.25, "kv_blocks_sent": 12.0,
                "transfers_completed": 5.0, "transfers_failed": 0.0, "local_prefills": 0.0,
-               "retries": 0.0}
+               "fallback_prefills": 0.0, "retries": 0.0}
     return PointResult(load, records, 3.0, cluster)
 
 

@@ -36,7 +36,7 @@ def test_markdown_has_the_tables() -> None:
     assert "| 1 req/s | 5 | 5 | 0 | 0 | 1.67 | 5.0 | 1.67 | 10.0 |" in text
     assert "| 2 req/s | 5 | 5 | 0 | 0 | 1.67 | 5.0 | 0.00 | 20.0 |" in text
     assert "TTFT 15.0 ms, TPOT 50.0 ms" in text
-    assert "| 1 req/s | 0.500 | 0.500 | 0.250 | 12 | 5 | 0 | 0 | 0 |" in text
+    assert "| 1 req/s | 0.500 | 0.500 | 0.250 | 12 | 5 | 0 | 0 | 0 | 0 |" in text
     assert "![latency_cdf](latency_cdf.png)" in text
 
 

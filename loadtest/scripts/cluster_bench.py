@@ -1,0 +1,115 @@
+"""One command for a cluster experiment: start a local cluster, run the same load through one
+router per policy, write every run and a comparison, stop everything.
+
+    python loadtest/scripts/cluster_bench.py --engine sim --prefill 4 --decode 4 \
+        --policies kv_aware round_robin least_loaded --out loadtest/results/routing \
+        -- --workload shared-prefix --groups 8 --users 8 ... (any `loadtest run` flags)
+
+The workers start once; each policy gets its own router process over the same workers and
+Redis, and its runs go one after the other (the idle routers only poll). `--cache-salt auto`
+(the harness's default) gives every run fresh prefixes, so a policy never finds blocks an
+earlier one left. `--sim KEY=VALUE` sets a cost-model constant of every sim worker
+(`--sim step-s=0` → `--sim-step-s 0`). Each run is `OUT/NAME` (`run.json`, `summary.md`,
+plots); `OUT/compare` puts them side by side. A script, not part of the `loadtest` package:
+it starts the cluster (`cli.local_cluster`), which the harness itself never imports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+
+from cli.local_cluster import LocalCluster, ServiceProcess
+from tandem_proto.tandem.v1 import router_pb2, router_pb2_grpc
+
+POLICIES = ("round_robin", "least_loaded", "kv_aware")
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """The driver's flags, and the `loadtest run` flags after `--`."""
+    split = argv.index("--") if "--" in argv else len(argv)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="/tmp/lt-model",
+                        help="model dir (sim workers read only its config.json)")
+    parser.add_argument("--engine", choices=["model", "sim"], default="sim")
+    parser.add_argument("--prefill", type=int, default=1)
+    parser.add_argument("--decode", type=int, default=1)
+    parser.add_argument("--aggregated", type=int, default=0)
+    parser.add_argument("--policies", nargs="+", choices=POLICIES, default=["kv_aware"])
+    parser.add_argument("--sim", action="append", default=[], metavar="KEY=VALUE",
+                        help="a sim cost-model constant, e.g. step-s=0 (repeatable)")
+    parser.add_argument("--num-blocks", type=int, default=1024)
+    parser.add_argument("--local-prefill-max-tokens", type=int)
+    parser.add_argument("--worker-arg", action="append", default=[],
+                        help="one more flag for every worker (repeatable)")
+    parser.add_argument("--router-arg", action="append", default=[],
+                        help="one more flag for every router (repeatable)")
+    parser.add_argument("--label", default="", help="prefix of each run's name")
+    parser.add_argument("--out", type=Path, required=True)
+    return parser.parse_args(argv[:split]), argv[split + 1:]
+
+
+def wait_for_workers(router: ServiceProcess, count: int, timeout_s: float = 120.0) -> None:
+    """Waits until `router` routes to `count` workers."""
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(router.address) as channel:
+        stub = router_pb2_grpc.RouterStub(channel)
+        while len(stub.GetClusterStatus(router_pb2.GetClusterStatusRequest(),
+                                        timeout=10).workers) < count:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{router.name}: fewer than {count} workers")
+            time.sleep(0.2)
+
+
+def main(argv: list[str]) -> int:
+    args, load_args = parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the cluster on SIGTERM too
+    worker_args = ["--engine", args.engine, "--num-blocks", str(args.num_blocks)]
+    for item in args.sim:
+        key, _, value = item.partition("=")
+        worker_args += [f"--sim-{key}", value]
+    router_args = list(args.router_arg)
+    if args.local_prefill_max_tokens is not None:
+        router_args += ["--local-prefill-max-tokens", str(args.local_prefill_max_tokens)]
+    cluster = LocalCluster(args.model, prefill=args.prefill, decode=args.decode,
+                           aggregated=args.aggregated,
+                           worker_args=[*worker_args, *args.worker_arg],
+                           router_args=router_args, start_timeout_s=300)
+    workers = args.prefill + args.decode + args.aggregated
+    runs: list[Path] = []
+    try:
+        print(f"starting {workers} {args.engine} workers (logs: {cluster.log_dir})", flush=True)
+        cluster.redis.start()
+        spawned = [cluster.spawn(role) for role, n in (("prefill", args.prefill),
+                   ("decode", args.decode), ("aggregated", args.aggregated))
+                   for _ in range(n)]
+        routers = {p: cluster.spawn("router", ["--policy", p]) for p in args.policies}
+        for process in [*spawned, *routers.values()]:
+            cluster.wait_ready(process)
+        for router in routers.values():
+            wait_for_workers(router, workers)
+        for policy, router in routers.items():
+            name = f"{args.label}{policy}"
+            out = args.out / name
+            command = [sys.executable, "-m", "loadtest", "run", "--address", router.address,
+                       "--metrics-url", f"http://{router.metrics_address}/metrics",
+                       "--name", name, "--out", str(out), "--no-progress", *load_args]
+            print(f"== {name}: {' '.join(command[1:])}", flush=True)
+            subprocess.run(command, check=True)
+            runs.append(out / "run.json")
+    finally:
+        cluster.stop()
+    if len(runs) > 1:
+        subprocess.run([sys.executable, "-m", "loadtest", "compare", *map(str, runs),
+                        "--out", str(args.out / "compare")], check=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
