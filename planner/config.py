@@ -16,6 +16,9 @@ class PlannerConfig:
 
     router: str = field(metadata={
         "help": "gRPC host:port of the router whose load figures (GetClusterStatus) are read"})
+    api_token: str | None = field(default=None, metadata={
+        "help": "bearer token of the router's public API (one line of its api_tokens_file); "
+                "unset: the router takes calls without one"})
     router_metrics_url: str | None = field(default=None, metadata={
         "help": "the router's Prometheus /metrics URL, for the mean TTFT between readings; "
                 "unset: TTFT is not a signal"})

@@ -24,13 +24,16 @@ class RouterReader:
         self.config = config
         self._channel = aio.insecure_channel(config.router)
         self._stub = router_pb2_grpc.RouterStub(self._channel)
+        self._metadata = ((("authorization", f"Bearer {config.api_token}"),)
+                          if config.api_token else None)
         self._last_ttft: tuple[float, float] | None = None  # (sum, count) at the last reading
 
     async def read(self) -> LoadFigures:
         """Raises grpc.aio.AioRpcError when the router does not answer, OSError when its
         /metrics does not."""
         status = await self._stub.GetClusterStatus(router_pb2.GetClusterStatusRequest(),
-                                                   timeout=self.config.status_timeout_s)
+                                                   timeout=self.config.status_timeout_s,
+                                                   metadata=self._metadata)
         ttft = await self._ttft() if self.config.router_metrics_url else None
         return figures_from_status(status, ttft)
 

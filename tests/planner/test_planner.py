@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import grpc
 import pytest
 from grpc import aio
 from kubernetes.aio.client import ApiClient
@@ -25,9 +26,11 @@ from cluster.kube_client import api_client
 from cluster.roles import Role
 from observability.metrics import RouterMetrics, serve_metrics
 from planner.config import PlannerConfig
+from planner.figures import figures_from_status
 from planner.loop import Planner
 from planner.read import RouterReader
 from planner.scale import DeploymentScaler
+from router.api_tokens import ApiTokens, public_interceptor
 from tandem_proto.tandem.v1 import common_pb2, router_pb2, router_pb2_grpc
 from tests.support.kube_api import KubeApiStandIn
 
@@ -125,6 +128,29 @@ async def test_planner_patches_the_deployments_scale(
         assert len(scale_reads) == 2 * 6  # both Deployments' scale, at every reading
     finally:
         await reader.close()
+
+
+async def test_the_planner_reads_a_router_that_wants_a_token_with_its_token() -> None:
+    """A router with `api_tokens_file` refuses GetClusterStatus without a bearer token: the
+    planner sends its `api_token`."""
+    servicer = RecordedRouter(status=status(prefill_queued_blocks=5, decode_kv_used=10))
+    server = await start_server(
+        [ServiceBinding("tandem.v1.Router", router_pb2_grpc.add_RouterServicer_to_server,
+                        servicer)],
+        interceptors=[public_interceptor(ApiTokens((b"s3cret",)), lambda api: None)])
+    without, wrong, right = (RouterReader(planner_config(server, api_token=token))
+                             for token in (None, "nope", "s3cret"))
+    try:
+        for reader in (without, wrong):
+            with pytest.raises(aio.AioRpcError) as refused:
+                await reader.read()
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        figures = await right.read()
+        assert figures == figures_from_status(servicer.status, None)
+    finally:
+        for reader in (without, wrong, right):
+            await reader.close()
+        await server.stop(0)
 
 
 async def test_dry_run_patches_nothing(kube: KubeApiStandIn,
