@@ -1,4 +1,5 @@
-"""Shared fixtures: locally generated tiny models (random weights, HF layout), made once."""
+"""Shared fixtures: locally generated tiny models (random weights, HF layout), made once, and
+the default model as set-up converted it."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from tests.support.device import device_under_test
 if device_under_test().type == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from cli.import_model import is_complete
+from engine.default_model import smollm2_dir
 from engine.tiny_model import make_tiny_model
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
@@ -57,4 +60,15 @@ def tiny_chat_llama(models_dir: Path) -> Path:
     """`tiny_llama`'s weights (same seed) with a chat template, for the chat API."""
     path = make_tiny_model(models_dir / "llama-chat", arch="llama", seed=1)
     (path / "chat_template.jinja").write_text(TINY_CHAT_TEMPLATE, encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """SmolLM2-135M-Instruct as `scripts/setup.sh` converted it; a failure, never a skip, when
+    it is missing."""
+    path = smollm2_dir()
+    if not is_complete(path):
+        pytest.fail(f"the default model is not in {path}: run scripts/setup.sh (it installs "
+                    "and converts SmolLM2-135M-Instruct), or `tandem import-smollm2`")
     return path

