@@ -31,6 +31,7 @@ def sampling_from_pb(pb: common_pb2.SamplingParams,
             seed=pb.seed if pb.HasField("seed") else None,
             stop_token_ids=tuple(pb.stop_token_ids),
             ignore_eos=pb.ignore_eos,
+            seed_offset=pb.seed_offset,
         )
     except ValueError as error:
         raise as_invalid(error, prefix="sampling.") from None
@@ -41,7 +42,7 @@ def sampling_to_pb(params: SamplingParams, stop: list[str] | None = None,
     pb = common_pb2.SamplingParams(
         max_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p,
         top_k=params.top_k, stop_token_ids=list(params.stop_token_ids),
-        ignore_eos=params.ignore_eos, stop=stop or [])
+        ignore_eos=params.ignore_eos, stop=stop or [], seed_offset=params.seed_offset)
     if params.seed is not None:
         pb.seed = params.seed
     return pb

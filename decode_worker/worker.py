@@ -271,7 +271,8 @@ class DecodeWorker:
         if ends or sampling.max_tokens == 1:
             reason = FinishReason.STOP if ends else FinishReason.LENGTH
             return RequestOutput(rid, [first_token], True, reason, len(reservation.prompt), 0)
-        rest = dataclasses.replace(sampling, max_tokens=sampling.max_tokens - 1)
+        rest = dataclasses.replace(sampling, max_tokens=sampling.max_tokens - 1,
+                                   seed_offset=sampling.seed_offset + 1)
         if reservation.released:
             return self._cancelled(reservation)
         await self.loop.call(lambda e: e.add_request(rid, [*reservation.prompt, first_token],

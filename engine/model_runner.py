@@ -38,7 +38,7 @@ class ModelRunner:
         logits = self.forward(forward, on_layer_done)  # [S', V]
         samplers = [batch.requests[i] for i in rows]
         return StepTokens(rows, sample(logits, [r.sampling for r in samplers],
-                                       [r.generator for r in samplers]))
+                                       [r.output_position for r in samplers]))
 
     def build_batch(self, requests: Sequence[Request], num_new_tokens: Sequence[int],
                     block_manager: BlockManager) -> tuple[ForwardBatch, list[int]]:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-import torch
-
 from engine.block_hash import BlockHash, hash_block, hash_prompt_blocks
 from engine.sampling import SamplingParams
 
@@ -45,15 +43,12 @@ class Request:
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
     hold_blocks: bool = False  # prefill role: keep the blocks after finishing until released
-    generator: torch.Generator | None = None
     block_hashes: list[BlockHash] = field(default_factory=list)
     _hash_seed: int = 0
     _block_size: int = 16
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
-        if self.sampling.seed is not None:
-            self.generator = torch.Generator().manual_seed(self.sampling.seed)
 
     def init_hashes(self, block_size: int, seed: int) -> None:
         """Hashes the prompt's full blocks once; output blocks are hashed as they fill."""
@@ -76,6 +71,12 @@ class Request:
     @property
     def num_output_tokens(self) -> int:
         return len(self.output_token_ids)
+
+    @property
+    def output_position(self) -> int:
+        """The position of the next sampled token in the whole request's output: tokens
+        generated before this prompt ended (`seed_offset`) come first (`engine.sampler`)."""
+        return self.sampling.seed_offset + len(self.output_token_ids)
 
     @property
     def is_finished(self) -> bool:

@@ -1,28 +1,45 @@
-"""Turns next-token logits into tokens: greedy, temperature, top-k, top-p, per-request seeds."""
+"""Turns next-token logits into tokens: greedy, temperature, top-k, top-p, per-request seeds.
+
+A seeded request's draw for output position i comes from a generator seeded with
+(seed, i) alone, so its tokens depend neither on the rest of the batch nor on which process
+sampled the earlier ones: a prefill worker draws position 0, its decode worker 1, 2, ...,
+and a request migrated after n tokens resumes at position n on another pair
+(`SamplingParams.seed_offset`).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 import torch
+import xxhash
 
 from engine.sampling import SamplingParams
 
 
 def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
-           generators: Sequence[torch.Generator | None]) -> list[int]:
-    """One token per row. logits: [S, V] float32; params and generators: one per row.
+           positions: Sequence[int]) -> list[int]:
+    """One token per row. logits: [S, V] float32; params and positions: one per row, the
+    position of the row's token in its request's output (0: the first generated token).
 
     Greedy rows take the argmax; the others are sampled from the temperature-scaled
     distribution cut to the top-k tokens and then to the smallest set whose probability
-    reaches top-p. A row with its own generator (a seeded request) draws only from it, so its
-    tokens do not depend on the rest of the batch.
+    reaches top-p. A seeded row draws from `position_generator(seed, position)`; an unseeded
+    one from torch's global generator.
     """
     tokens = logits.argmax(dim=-1).tolist()  # [S]
     for row, p in enumerate(params):
         if not p.greedy:
-            tokens[row] = _sample_row(logits[row], p, generators[row])
+            generator = None if p.seed is None else position_generator(p.seed, positions[row])
+            tokens[row] = _sample_row(logits[row], p, generator)
     return tokens
+
+
+def position_generator(seed: int, position: int) -> torch.Generator:
+    """The generator of a seeded request's draw at output `position`: a hash of both, so
+    neighbouring seeds and positions give unrelated streams."""
+    mixed = xxhash.xxh64_intdigest(position.to_bytes(8, "little"), seed=seed)
+    return torch.Generator().manual_seed(mixed)
 
 
 def _sample_row(logits: torch.Tensor, p: SamplingParams,

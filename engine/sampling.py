@@ -10,7 +10,11 @@ class SamplingParams:
     """How to pick each next token, and when to stop.
 
     temperature 0 means greedy. top_k 0 means no top-k cut. A seed makes a sampled request
-    reproducible regardless of what else is in the batch.
+    reproducible regardless of what else is in the batch: its draw for output position i
+    depends only on (seed, i) (`engine.sampler`). `seed_offset` is the output position of
+    the first token sampled here: a request whose prompt ends with n tokens it generated
+    before (migrated to another worker, or recomputed there) passes n and continues the
+    same random stream.
     """
 
     max_tokens: int = 16
@@ -20,6 +24,7 @@ class SamplingParams:
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    seed_offset: int = 0
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -32,6 +37,8 @@ class SamplingParams:
             raise ValueError(f"top_k: must be >= 0 (0 disables it), got {self.top_k}")
         if self.seed is not None and not 0 <= self.seed < 2**63:
             raise ValueError(f"seed: must be in [0, 2**63), got {self.seed}")
+        if not 0 <= self.seed_offset < 2**32:
+            raise ValueError(f"seed_offset: must be in [0, 2**32), got {self.seed_offset}")
 
     @property
     def greedy(self) -> bool:

@@ -52,6 +52,8 @@ OUTCOMES = FINISH_OUTCOMES + ERROR_OUTCOMES
 SUCCESS_OUTCOMES = ("stop", "length")  # what latency histograms of whole requests count
 RETRY_REASONS = ("reserve", "prefill", "kv_transfer", "decode")
 LOCAL_PREFILL_REASONS = ("aggregated", "short_prompt")  # why a request skipped the transfer
+# why a request left its decode worker mid-generation (router/migration.py)
+MIGRATION_REASONS = ("unreachable", "error", "ended", "stalled")
 INDEX_MODES = ("exact", "degraded")
 ROLES = ("prefill", "decode", "aggregated")
 # kv_transfer.base.FailureReason values and the `where` of TransferStats.record_failure; kept
@@ -129,6 +131,10 @@ class RouterMetrics:
         self.retries = Counter(
             "tandem_router_retries", "Attempts that failed before the first token and were "
             "retried on another worker pair, by the hop that failed.", ["reason"], registry=r)
+        self.migrations = Counter(
+            "tandem_router_migrations", "Requests moved to another worker pair mid-generation "
+            "(re-prefilled with the tokens so far), by why the decode stream was lost.",
+            ["reason"], registry=r)
         self.local_prefills = Counter(
             "tandem_router_local_prefills", "Requests prefilled on their decode worker with no "
             "prefill worker and no transfer: routed to an aggregated worker, or a short prompt "
@@ -162,6 +168,8 @@ class RouterMetrics:
             self.retries.labels(reason)
         for reason in LOCAL_PREFILL_REASONS:
             self.local_prefills.labels(reason)
+        for reason in MIGRATION_REASONS:
+            self.migrations.labels(reason)
         for role in ROLES:
             self.live_workers.labels(role)
         for api in ("grpc", "http"):
@@ -201,6 +209,10 @@ class RouterMetrics:
     def retry(self, reason: str) -> None:
         """`reason`: the hop that failed: "reserve", "prefill", "kv_transfer" or "decode"."""
         self.retries.labels(reason.lower().replace(" ", "_")).inc()
+
+    def migration(self, reason: str) -> None:
+        """`reason`: one of MIGRATION_REASONS."""
+        self.migrations.labels(reason).inc()
 
     def local_prefill(self, reason: str) -> None:
         """`reason`: "aggregated" or "short_prompt" (LOCAL_PREFILL_REASONS)."""

@@ -56,7 +56,8 @@ _PAIR_FAILURES = {grpc.StatusCode.ABORTED, grpc.StatusCode.FAILED_PRECONDITION}
 class ClientTimeouts:
     """Deadlines of the router's calls to workers, in seconds."""
 
-    rpc_s: float  # Reserve and Prefill (a prefill of a long prompt, queued, included)
+    rpc_s: float  # Reserve
+    prefill_s: float  # Prefill (a long prompt, queued, included), a local route's first token
     status_s: float  # one status poll
     cleanup_s: float  # a best-effort Cancel
 
@@ -175,7 +176,7 @@ class PrefillClient(WorkerClient):
         try:
             reply = await self._stub.Prefill(prefill_pb2.PrefillRequest(
                 request_id=request_id, token_ids=prompt, sampling=sampling, target=target,
-                cache_salt=cache_salt), timeout=self.timeouts.rpc_s)
+                cache_salt=cache_salt), timeout=self.timeouts.prefill_s)
         except aio.AioRpcError as error:
             if error.code() in _PAIR_FAILURES:
                 raise PairFailed(self.worker_id, decode_id, error.code(),

@@ -46,8 +46,21 @@ class RouterConfig:
         "help": "when every decode worker is out of KV blocks, wait this long before asking "
                 "again"})
     lease_ms: int = field(default=30_000, metadata={"help": "decode reservation lease"})
-    rpc_timeout_s: float = field(default=60.0, metadata={
-        "help": "deadline of the unary calls to workers (Reserve, Prefill)"})
+    rpc_timeout_s: float = field(default=30.0, metadata={
+        "help": "deadline of a Reserve call to a decode worker (it waits for one engine step "
+                "at most)"})
+    prefill_timeout_s: float = field(default=60.0, metadata={
+        "help": "deadline of a prefill: the Prefill call (the prompt queued and computed, its "
+                "KV written), or a local route's wait for its first token; past it the worker "
+                "is marked down and the request goes to another pair"})
+    max_migrations: int = field(default=2, metadata={
+        "help": "times one request may move to another pair mid-generation, when its decode "
+                "worker fails or stalls (re-prefilled with the tokens so far; 0: never); past "
+                "it the request ends with UNAVAILABLE"})
+    decode_stall_s: float = field(default=30.0, metadata={
+        "help": "a decode stream with no message for this long is lost, like a dead "
+                "worker's: its worker is marked down and the request migrates (well above "
+                "the slowest legitimate decode step)"})
     cleanup_timeout_s: float = field(default=5.0, metadata={
         "help": "deadline of the best-effort release and cancel calls to workers, and of "
                 "those still pending when the router stops"})
@@ -113,9 +126,11 @@ class RouterConfig:
                      "default_max_tokens", "status_misses_before_down"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        for name in ("queue_timeout_s", "rpc_timeout_s", "cleanup_timeout_s",
-                     "refresh_interval_s", "status_timeout_s", "tail_sync_interval_s",
-                     "tail_stale_after_s", "redis_op_timeout_s"):
+        if self.max_migrations < 0:
+            raise ValueError(f"max_migrations: must be >= 0, got {self.max_migrations}")
+        for name in ("queue_timeout_s", "rpc_timeout_s", "prefill_timeout_s", "decode_stall_s",
+                     "cleanup_timeout_s", "refresh_interval_s", "status_timeout_s",
+                     "tail_sync_interval_s", "tail_stale_after_s", "redis_op_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")
         for name in ("no_capacity_backoff_s", "worker_down_s", "worker_forget_after_s",

@@ -9,6 +9,7 @@ the rest of it is read after the first token has gone to the client.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
@@ -45,23 +46,36 @@ class LocalStream:
 
 
 async def open_local(decode: DecodeClient, attempt_id: str, prompt_tokens: int,
-                     reservation: Reservation) -> tuple[FirstToken, LocalStream]:
-    """Opens `attempt_id`'s decode stream without a first token and reads up to it. Raises
-    WorkerFailed (the stream failed or ended first); the stream is closed then."""
+                     reservation: Reservation, timeout_s: float,
+                     ) -> tuple[FirstToken, LocalStream]:
+    """Opens `attempt_id`'s decode stream without a first token and reads up to it, for
+    `timeout_s` at most (the deadline of a prefill). Raises WorkerFailed (the stream failed,
+    ended first, or ran past the deadline: DEADLINE_EXCEEDED); the stream is closed then."""
     stack = contextlib.AsyncExitStack()
     try:
         chunks = await stack.enter_async_context(decode.stream(attempt_id, None))
-        async for chunk in chunks:
-            if chunk.token_ids:
-                cached = reservation.num_cached_tokens
-                first = FirstToken(chunk.token_ids[0], prompt_tokens - cached, cached, 0)
-                rest = TokenChunk(chunk.token_ids[1:], chunk.finish_reason)
-                return first, LocalStream(stack, chunks, rest)
-            if chunk.finish_reason is not None:
-                raise WorkerFailed(decode.worker_id, "decode", grpc.StatusCode.ABORTED,
-                                   f"released before its first token ({chunk.finish_reason})")
-        raise WorkerFailed(decode.worker_id, "decode", grpc.StatusCode.ABORTED,
-                           "the stream ended before its first token")
+        try:
+            async with asyncio.timeout(timeout_s):
+                first, rest = await _first_of(decode, chunks, prompt_tokens, reservation)
+        except TimeoutError:
+            raise WorkerFailed(decode.worker_id, "decode", grpc.StatusCode.DEADLINE_EXCEEDED,
+                               f"no first token within {timeout_s:g} s "
+                               "(prefill_timeout_s)") from None
+        return first, LocalStream(stack, chunks, rest)
     except BaseException:
         await stack.aclose()
         raise
+
+
+async def _first_of(decode: DecodeClient, chunks: AsyncIterator[TokenChunk], prompt_tokens: int,
+                    reservation: Reservation) -> tuple[FirstToken, TokenChunk]:
+    async for chunk in chunks:
+        if chunk.token_ids:
+            cached = reservation.num_cached_tokens
+            first = FirstToken(chunk.token_ids[0], prompt_tokens - cached, cached, 0)
+            return first, TokenChunk(chunk.token_ids[1:], chunk.finish_reason)
+        if chunk.finish_reason is not None:
+            raise WorkerFailed(decode.worker_id, "decode", grpc.StatusCode.ABORTED,
+                               f"released before its first token ({chunk.finish_reason})")
+    raise WorkerFailed(decode.worker_id, "decode", grpc.StatusCode.ABORTED,
+                       "the stream ended before its first token")

@@ -10,13 +10,19 @@ worker: the router opens the decode stream without a first token, the worker pre
 prompt itself, and the stream's first token is the request's (`router.local`).
 
 Before the first token a failed hop is retried on another pair (up to `max_attempts`), each
-attempt with its own id (`<request id>.<attempt>`) so a late write or event of a failed attempt
-never touches the next one. A worker that cannot be reached is marked down; a pair whose KV
-transfer fails is counted by `PairHealth` and avoided while it keeps failing. After the first
-token the request is bound to its decode worker: if that worker fails, the request ends with
-UNAVAILABLE; if the worker releases it, with FINISH_REASON_CANCELLED. Whatever ends a request
-(finish, stop string, client cancel, error) frees its admission slot and, in the background,
-whatever the workers still hold for it.
+attempt with its own id (`<request id>.<n>`, n counting every attempt of the request, retries
+and migrations alike) so a late write, event or cancel of a failed attempt never touches the
+next one. A worker that cannot be reached, or a prefill that runs past `prefill_timeout_s`, is
+marked down; a pair whose KV transfer fails is counted by `PairHealth` and avoided while it
+keeps failing. After the first token the request streams from its decode worker; if that
+stream is lost (the worker fails the call or is unreachable, the stream ends early, or no
+token comes for `decode_stall_s`), the request migrates (`router.migration`): the prompt and
+the tokens so far are prefilled on another pair, never the lost worker, and the same client
+stream continues with no token repeated or lost; past `max_migrations` it ends with
+UNAVAILABLE naming the workers. If the worker releases the request it ends with
+FINISH_REASON_CANCELLED. Whatever ends an attempt or a request (finish, stop string, client
+cancel, error, migration) frees its admission slot and, in the background, whatever the
+workers still hold for it.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from cluster.errors import AlreadyRunning, NoCapacity, NoWorker
 from cluster.roles import Role
 from engine.block_hash import BlockHash, hash_prompt_blocks
 from engine.model_config import ModelConfig
+from engine.sampling import SamplingParams
 from engine.tokenizer import Tokenizer
 from observability.metrics import RouterMetrics
 from observability.tracing import record_span, span
@@ -45,6 +52,7 @@ from router.decide import PREFIX_POLICIES, Decider
 from router.load import Assignment, InFlightTracker, Route
 from router.local import LocalStream, open_local
 from router.measure import measured
+from router.migration import DecodeLost, Progress, within_stall_bound
 from router.pair_health import PairHealth
 from router.policies import Policy, make_policy
 from router.prefix import PrefixLookup
@@ -121,18 +129,50 @@ class Router:
                 self.metrics.queued(waited)
                 record_span("router.queue", parent=None, duration_s=waited,
                             attributes={"tandem.queue_depth": self.admission.waiting})
-                bound = await self._first_token(prompt, request)
-                async for delta in self._stream(bound, prompt, request):
-                    yield delta
+                progress = Progress(request.request_id, prompt, request.sampling)
+                stops = StopChecker(self.tokenizer, request.stop)
+                while True:
+                    bound = await self._first_token(progress, request)
+                    try:
+                        async for delta in self._stream(bound, progress, stops, request):
+                            yield delta
+                        return
+                    except DecodeLost as lost:
+                        self._migrate(progress, lost)
         finally:
             self._running.discard(request.request_id)
 
+    def _migrate(self, progress: Progress, lost: DecodeLost) -> None:
+        """Counts a lost decode stream as a migration, or raises NoWorker past the limit."""
+        progress.lost.append(lost)
+        if len(progress.lost) > self.config.max_migrations:
+            raise NoWorker(f"request {progress.request_id}: {progress.lost_summary()}; not "
+                           f"migrated again (max_migrations={self.config.max_migrations})")
+        self.stats.migrations[lost.reason] += 1
+        self.metrics.migration(lost.reason)
+        log.warning("request %s: migrating to another pair after %d tokens (migration %d of "
+                    "at most %d): %s", progress.request_id, len(progress.generated),
+                    len(progress.lost), self.config.max_migrations, lost)
+
     # ---- before the first token: route, reserve, prefill, retry --------------------------
 
-    async def _first_token(self, prompt: list[int], request: GenerateInput) -> _Bound:
+    async def _first_token(self, progress: Progress, request: GenerateInput) -> _Bound:
+        """The next attempt's first token: the client's first, or — after a lost decode
+        stream — the one after the tokens so far (then excluding every lost worker, and a
+        failure names them)."""
+        try:
+            return await self._attempts(progress, request)
+        except NoWorker as failed:
+            if not progress.lost:
+                raise
+            raise NoWorker(f"request {progress.request_id}: {progress.lost_summary()}; "
+                           f"migrating it failed: {failed}") from None
+
+    async def _attempts(self, progress: Progress, request: GenerateInput) -> _Bound:
+        prompt, sampling = progress.attempt_prompt, progress.attempt_sampling
         hashes = hash_prompt_blocks(prompt, self.config.block_size, request.cache_salt.encode(),
                                     self.config.hash_seed)
-        excluded: set[str] = set()  # workers, for this request
+        excluded = set(progress.lost_workers)  # workers, for this request
         failed_pairs: set[tuple[str, str]] = set()
         errors: list[str] = []
         loop = asyncio.get_running_loop()
@@ -142,9 +182,10 @@ class Router:
             route, prefill_blocks = await self._route(hashes, excluded, failed_pairs, errors,
                                                       attempt)
             assignment = self.tracker.assign(route, prefill_blocks)
-            attempt_id = f"{request.request_id}.{attempt}"
+            attempt_id = progress.next_attempt_id()
             try:
-                first, local = await self._try_pair(route, attempt_id, prompt, request)
+                first, local = await self._try_pair(route, attempt_id, prompt, sampling,
+                                                    request.cache_salt)
             except WorkerFull as full:
                 assignment.finish()
                 excluded.add(full.worker_id)
@@ -152,7 +193,8 @@ class Router:
                     raise NoCapacity("every decode worker is out of KV blocks") from None
                 if {h.worker_id for h in self.pool.live(Role.DECODE)
                         + self.pool.live(Role.AGGREGATED)} <= excluded:
-                    excluded.clear()  # everyone was full: wait a little and try again
+                    # everyone was full: wait a little and try again (lost workers stay out)
+                    excluded = set(progress.lost_workers)
                     await asyncio.sleep(self.config.no_capacity_backoff_s)
                 continue
             except (WorkerFailed, PairFailed) as failed:
@@ -206,12 +248,13 @@ class Router:
         return route, max(prompt_blocks - hits.get(route.prefill, 0), 0)
 
     async def _try_pair(self, route: Route, attempt_id: str, prompt: list[int],
-                        request: GenerateInput) -> tuple[FirstToken, LocalStream | None]:
+                        params: SamplingParams, cache_salt: str,
+                        ) -> tuple[FirstToken, LocalStream | None]:
         """Reserves on D, prefills on P — or on D itself for a local route or a short
         uncached prompt (then with D's stream, open); whatever fails, nothing stays held."""
         decode = self.pool.decode_client(route.decode)
-        sampling = sampling_to_pb(request.sampling)
-        salt = request.cache_salt or None
+        sampling = sampling_to_pb(params)
+        salt = cache_salt or None
         try:
             reservation = await decode.reserve(attempt_id, prompt, sampling,
                                                self.config.lease_ms, salt)
@@ -224,7 +267,8 @@ class Router:
         if route.local or short:
             reason = "aggregated" if route.local else "short_prompt"
             try:
-                first, local = await open_local(decode, attempt_id, len(prompt), reservation)
+                first, local = await open_local(decode, attempt_id, len(prompt), reservation,
+                                                self.config.prefill_timeout_s)
             except BaseException:
                 self._background(decode.cancel(attempt_id, "local prefill failed"))
                 raise
@@ -257,51 +301,60 @@ class Router:
 
     # ---- after the first token: the decode stream ----------------------------------------
 
-    async def _stream(self, bound: _Bound, prompt: list[int],
+    async def _stream(self, bound: _Bound, progress: Progress, stops: StopChecker,
                       request: GenerateInput) -> AsyncIterator[Delta]:
+        """Relays one attempt's tokens, from its first; raises DecodeLost if its decode
+        stream is lost before the finish reason (the request may migrate then)."""
         decode = self.pool.decode_client(bound.decode_id)
-        stops = StopChecker(self.tokenizer, request.stop)
-        cached = bound.first.num_cached_tokens
+        if progress.cached_tokens is None:
+            progress.cached_tokens = bound.first.num_cached_tokens
 
-        def last(tokens: list[int], text: str, reason: str, completion: int) -> Delta:
-            return Delta(tokens, text, reason, Usage(len(prompt), cached, completion),
-                         stops.matched)
+        def last(tokens: list[int], text: str, reason: str) -> Delta:
+            usage = Usage(len(progress.prompt), progress.cached_tokens or 0,
+                          len(progress.generated))
+            return Delta(tokens, text, reason, usage, stops.matched)
 
         released = False  # the decode worker ended the request itself: nothing to cancel
         final: Delta | None = None
         try:
+            progress.generated.append(bound.first.token_id)
             text, stopped = stops.push([bound.first.token_id])
             if stopped:
-                yield last([bound.first.token_id], text, "stop", 1)
+                yield last([bound.first.token_id], text, "stop")
                 return
             yield Delta([bound.first.token_id], text)
-            completion = 1
-            async with self._rest_of_stream(bound) as chunks:
-                async for chunk in chunks:
+            async with self._rest_of_stream(bound) as chunks, contextlib.aclosing(
+                    within_stall_bound(chunks, decode.worker_id,
+                                       self.config.decode_stall_s)) as bounded:
+                async for chunk in bounded:
                     if final is not None:
                         break  # nothing may follow a finish reason
-                    completion += len(chunk.token_ids)
+                    progress.generated += chunk.token_ids
                     text, stopped = stops.push(chunk.token_ids)
                     if stopped:
-                        final = last(chunk.token_ids, text, "stop", completion)
+                        final = last(chunk.token_ids, text, "stop")
                         break  # leaving the stream cancels what the worker would still send
                     if chunk.finish_reason is not None:
                         released = True  # read on: the call (and its span) ends cleanly
                         final = last(chunk.token_ids, text + stops.flush(),
-                                     chunk.finish_reason, completion)
+                                     chunk.finish_reason)
                     elif chunk.token_ids:
                         yield Delta(chunk.token_ids, text)
             if final is None:
-                raise NoWorker(f"decode worker {decode.worker_id} ended the stream early")
+                raise DecodeLost(decode.worker_id, "ended", "the stream ended early")
             yield final
-        except WorkerFailed as failed:
-            if failed.down:
-                self.pool.mark_down(decode.worker_id, f"decode stream: {failed.code.name}")
+        except DecodeLost as lost:
+            if lost.worker_down:
+                self.pool.mark_down(decode.worker_id, f"decode stream: {lost}")
             if final is not None:  # it failed after the last message: the request is whole
                 yield final
                 return
-            raise NoWorker(f"decode worker {decode.worker_id} failed mid-request: "
-                           f"{failed.code.name}: {failed}") from None
+            if len(progress.generated) >= progress.sampling.max_tokens or \
+                    len(progress.attempt_prompt) >= self.validator.context:
+                # every token was relayed, only the finish reason was lost
+                yield last([], stops.flush(), "length")
+                return
+            raise
         finally:
             if bound.local is not None:  # a stop string in the first token: never read on
                 await bound.local.close()

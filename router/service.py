@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from grpc import aio
 
 from cluster.convert import FINISH_TO_PB, sampling_from_pb
-from observability.metrics import LOCAL_PREFILL_REASONS
+from observability.metrics import LOCAL_PREFILL_REASONS, MIGRATION_REASONS
 from observability.tracing import annotate, set_request_id
 from router.prefix import IndexMode
 from router.request import Delta, GenerateInput
@@ -52,6 +52,8 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             **{f"outcome/{k}": v for k, v in stats.outcomes.items()},
             # every reason, zeros included: a load generator reads them before and after a run
             **{f"local_prefills/{k}": stats.local_prefills[k] for k in LOCAL_PREFILL_REASONS},
+            "migrations": sum(stats.migrations.values()),
+            **{f"migrations/{k}": stats.migrations[k] for k in MIGRATION_REASONS},
         }
         return router_pb2.GetClusterStatusResponse(
             workers=[h.status for h in pool.workers.values() if h.status is not None and h.up],

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 class RouterStats:
     requests: int = 0  # requests admitted to routing (validated, not duplicates)
     retries: int = 0  # attempts that failed before the first token
+    # requests moved to another pair mid-generation, by reason (MIGRATION_REASONS)
+    migrations: Counter[str] = field(default_factory=Counter)
     decisions: Counter[str] = field(default_factory=Counter)  # "policy/mode"
     outcomes: Counter[str] = field(default_factory=Counter)  # finish reason or status code
     # requests prefilled on their decode worker, no transfer: "aggregated" (an aggregated

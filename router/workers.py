@@ -69,6 +69,7 @@ class WorkerPool:
         self.registry = registry
         self.config = config
         self.timeouts = ClientTimeouts(rpc_s=config.rpc_timeout_s,
+                                       prefill_s=config.prefill_timeout_s,
                                        status_s=config.status_timeout_s,
                                        cleanup_s=config.cleanup_timeout_s)
         # every call to a worker carries the cluster secret's credential

@@ -153,6 +153,21 @@ def test_seeded_sampling_is_reproducible_whatever_the_batch(tiny_llama: Path) ->
     assert got != hf_greedy(tiny_llama, prompt, 10)  # it really sampled
 
 
+def test_a_seeded_request_resumed_with_its_tokens_continues_its_stream(
+        tiny_llama: Path) -> None:
+    """What a migrated request relies on: prompt + the first n tokens, with seed_offset n,
+    samples exactly the rest of the undisturbed run."""
+    sampling = SamplingParams(max_tokens=12, temperature=1.0, seed=99, ignore_eos=True)
+    prompt = random_prompt(9, 60)
+    engine = make_engine(tiny_llama)
+    whole = engine.generate([prompt], sampling)[0]
+    for n in (1, 5):
+        resumed = SamplingParams(max_tokens=12 - n, temperature=1.0, seed=99, ignore_eos=True,
+                                 seed_offset=n)
+        assert engine.generate([prompt + whole[:n]], resumed)[0] == whole[n:], n
+    assert whole != hf_greedy(tiny_llama, prompt, 12)  # it really sampled
+
+
 def test_bfloat16_engine_runs_and_mostly_agrees(tiny_llama: Path) -> None:
     prompt = random_prompt(25, 60)
     tokens = make_engine(tiny_llama, dtype="bfloat16").generate([prompt], GREEDY)[0]

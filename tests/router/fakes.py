@@ -33,12 +33,18 @@ from tandem_proto.tandem.v1 import (
 FIRST_TOKEN = 7
 
 
+def next_token(context_tokens: int) -> int:
+    """A counting fake's "model": the token after a context of this many tokens, so a
+    request re-prefilled elsewhere with its tokens so far continues as if undisturbed."""
+    return 1000 + context_tokens
+
+
 @dataclass
 class Script:
     """What a fake decode worker does with a Decode stream."""
 
-    tokens: int = 3  # tokens streamed after the first one
-    token_id: int = 100  # the id of each of them
+    tokens: int | None = 3  # tokens streamed after the first one (None: up to max_tokens)
+    token_id: int | None = 100  # the id of each of them (None: `next_token` of the context)
     finish: common_pb2.FinishReason = common_pb2.FINISH_REASON_LENGTH
     fail_with: grpc.StatusCode | None = None  # abort after the tokens instead of finishing
     hold: bool = False  # after the tokens, wait until the request is cancelled
@@ -84,15 +90,19 @@ class FakePrefill(FakeWorker, prefill_pb2_grpc.PrefillServicer):
     """Answers FIRST_TOKEN, or ABORTED ("KV transfer failed") for targets in `fail_to`."""
 
     fail_to: set[str] = field(default_factory=set)  # decode worker ids
+    counting: bool = False  # answer next_token(prompt length) instead of FIRST_TOKEN
+    requests: list[prefill_pb2.PrefillRequest] = field(default_factory=list)
 
     async def Prefill(self, request: prefill_pb2.PrefillRequest,
                       context: aio.ServicerContext) -> prefill_pb2.PrefillResponse:
         decode_id = request.target.endpoint.worker_id
         self.calls[decode_id] += 1
+        self.requests.append(request)
         if decode_id in self.fail_to:
             await context.abort(grpc.StatusCode.ABORTED,
                                 f"KV transfer to {decode_id} failed: peer_lost")
-        return prefill_pb2.PrefillResponse(first_token_id=FIRST_TOKEN,
+        first = next_token(len(request.token_ids)) if self.counting else FIRST_TOKEN
+        return prefill_pb2.PrefillResponse(first_token_id=first,
                                            num_computed_tokens=len(request.token_ids))
 
 
@@ -101,11 +111,15 @@ class FakeDecode(FakeWorker, decode_pb2_grpc.DecodeServicer):
     """Reserves whatever is asked and streams as `script` says."""
 
     script: Script = field(default_factory=Script)
+    # scripts for the next Decode calls, taken first (a list several fakes may share)
+    plan: list[Script] = field(default_factory=list)
+    reserves: dict[str, decode_pb2.ReserveRequest] = field(default_factory=dict)
     _held: dict[str, asyncio.Event] = field(default_factory=dict)
 
     async def Reserve(self, request: decode_pb2.ReserveRequest,
                       context: aio.ServicerContext) -> decode_pb2.ReserveResponse:
         self.calls["reserve"] += 1
+        self.reserves[request.request_id] = request
         blocks = -(-len(request.token_ids) // 16)
         return decode_pb2.ReserveResponse(
             block_ids=list(range(blocks)),
@@ -114,16 +128,21 @@ class FakeDecode(FakeWorker, decode_pb2_grpc.DecodeServicer):
     async def Decode(self, request: decode_pb2.DecodeRequest,
                      context: aio.ServicerContext) -> AsyncIterator[decode_pb2.DecodeResponse]:
         self.calls["decode"] += 1
-        for _ in range(self.script.tokens):
-            yield decode_pb2.DecodeResponse(token_ids=[self.script.token_id])
-        if self.script.fail_with is not None:
-            await context.abort(self.script.fail_with, "scripted failure")
-        if self.script.hold:
+        script = self.plan.pop(0) if self.plan else self.script
+        reserved = self.reserves[request.request_id]
+        count = script.tokens if script.tokens is not None else reserved.sampling.max_tokens - 1
+        for i in range(count):
+            token = script.token_id if script.token_id is not None else \
+                next_token(len(reserved.token_ids) + 1 + i)
+            yield decode_pb2.DecodeResponse(token_ids=[token])
+        if script.fail_with is not None:
+            await context.abort(script.fail_with, "scripted failure")
+        if script.hold:
             released = self._held.setdefault(request.request_id, asyncio.Event())
             await released.wait()
             yield decode_pb2.DecodeResponse(finish_reason=common_pb2.FINISH_REASON_CANCELLED)
             return
-        yield decode_pb2.DecodeResponse(finish_reason=self.script.finish)
+        yield decode_pb2.DecodeResponse(finish_reason=script.finish)
 
     def on_cancel(self, request_id: str) -> None:
         self._held.setdefault(request_id, asyncio.Event()).set()

@@ -150,6 +150,18 @@ def test_validation_names_the_field() -> None:
         RouterConfig(model="/m", redis_url="redis://h:1/0", status_timeout_s=0)
     with pytest.raises(ValueError, match="worker_down_s: must be >= 0"):
         RouterConfig(model="/m", redis_url="redis://h:1/0", worker_down_s=-1)
+    for field, value, message in [("max_migrations", -1, "max_migrations: must be >= 0"),
+                                  ("decode_stall_s", 0, "decode_stall_s: must be > 0"),
+                                  ("prefill_timeout_s", 0, "prefill_timeout_s: must be > 0")]:
+        with pytest.raises(ValueError, match=message):
+            RouterConfig(model="/m", redis_url="redis://h:1/0", **{field: value})
+
+
+def test_migration_settings_have_defaults_that_cannot_fire_on_a_slow_step() -> None:
+    config = build(REQUIRED)
+    assert config.max_migrations == 2 and config.decode_stall_s == 30.0
+    assert build([*REQUIRED, "--max-migrations", "0"]).max_migrations == 0
+    assert build(REQUIRED, {"TANDEM_DECODE_STALL_S": "2.5"}).decode_stall_s == 2.5
 
 
 def test_local_prefill_threshold_is_unset_unless_given() -> None:

@@ -174,7 +174,7 @@ async def test_the_pool_passes_the_reported_prefill_queue_to_the_policies() -> N
 
     channel = aio.insecure_channel("127.0.0.1:1")  # never dialled
     handle = WorkerHandle("p0", P, "127.0.0.1:1", channel,
-                          PrefillClient("p0", channel, ClientTimeouts(1, 1, 1)),
+                          PrefillClient("p0", channel, ClientTimeouts(1, 1, 1, 1)),
                           status=common_pb2.WorkerStatus(load=common_pb2.WorkerLoad(
                               queued_prompt_blocks=94, running=2)))
     load = handle.load()

@@ -1,0 +1,158 @@
+"""Request migration against scripted workers over real gRPC (tests/router/fakes.py): a lost
+decode stream — failed, or stalled past `decode_stall_s` — continues on another pair with the
+tokens so far, the same client stream, a fresh attempt id and the sampling's offset; past
+`max_migrations` the request ends naming the workers. The fakes "generate" `next_token` of
+the context, so an undisturbed run is known exactly. Real workers: tests/e2e/test_migration.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from cli.redis_server import LocalRedisServer
+from cluster.errors import NoWorker
+from cluster.roles import Role
+from engine.sampling import SamplingParams
+from index.redis_client import RedisConfig, connect
+from index.registry import WorkerRegistry
+from router.__main__ import build_router
+from router.config import RouterConfig
+from router.request import Delta, GenerateInput
+from router.router import Router
+from tests.router.fakes import FakeDecode, FakePrefill, Script, next_token, serve
+
+pytestmark = pytest.mark.timeout(60)
+
+PROMPT = [5, 6, 7, 8]
+
+
+@pytest.fixture(scope="module")
+def redis() -> Iterator[LocalRedisServer]:
+    with LocalRedisServer() as server:
+        yield server
+
+
+@asynccontextmanager
+async def cluster(redis: LocalRedisServer, model: Path, decode: int, **overrides: Any,
+                  ) -> AsyncIterator[tuple[Router, FakePrefill, list[FakeDecode]]]:
+    """One counting prefill worker, `decode` counting decode workers sharing one plan of
+    scripts (the first Decode calls, wherever they land), and a router (`overrides`)."""
+    namespace = f"m{id(overrides)}"
+    config = RouterConfig(model=str(model), redis_url=redis.url, namespace=namespace,
+                          refresh_interval_s=0.05, prefix_index="pipelined", **overrides)
+    client = connect(RedisConfig(url=redis.url, namespace=namespace))
+    registry = WorkerRegistry(client, RedisConfig(url=redis.url, namespace=namespace), ttl_s=60)
+    prefill = FakePrefill("p0", Role.PREFILL, counting=True)
+    plan: list[Script] = []
+    decoders = [FakeDecode(f"d{i}", Role.DECODE, script=Script(tokens=None, token_id=None),
+                           plan=plan) for i in range(decode)]
+    for fake in [prefill, *decoders]:
+        await serve(fake, registry)
+    router = await build_router(config)
+    try:
+        while len(router.pool.live(Role.PREFILL)) + len(router.pool.live(Role.DECODE)) < \
+                1 + decode:
+            await asyncio.sleep(0.02)
+        yield router, prefill, decoders
+    finally:
+        await router.close()
+        for fake in [prefill, *decoders]:
+            assert fake.server is not None
+            await fake.server.stop(None)
+        await client.aclose()
+
+
+def request(request_id: str, sampling: SamplingParams, stop: list[str] | None = None,
+            ) -> GenerateInput:
+    return GenerateInput(request_id=request_id, text="", token_ids=list(PROMPT),
+                         sampling=sampling, stop=stop or [])
+
+
+async def collect(router: Router, generate: GenerateInput) -> list[Delta]:
+    return [delta async for delta in router.generate(generate)]
+
+
+def undisturbed(max_tokens: int) -> list[int]:
+    return [next_token(len(PROMPT) + i) for i in range(max_tokens)]
+
+
+@pytest.mark.parametrize(("lost", "reason", "down"), [
+    (Script(tokens=2, token_id=None, fail_with=grpc.StatusCode.UNAVAILABLE), "unreachable", True),
+    (Script(tokens=2, token_id=None, fail_with=grpc.StatusCode.INTERNAL), "error", False),
+    (Script(tokens=2, token_id=None, hold=True), "stalled", True),
+])
+async def test_a_lost_decode_stream_continues_on_another_pair_token_for_token(
+        redis: LocalRedisServer, tiny_llama: Path, lost: Script, reason: str,
+        down: bool) -> None:
+    async with cluster(redis, tiny_llama, 2, decode_stall_s=0.5) as (router, prefill, decoders):
+        decoders[0].plan.append(lost)  # the first Decode call, on whichever worker
+        sampling = SamplingParams(max_tokens=8, temperature=0.7, seed=42)
+        deltas = await collect(router, request("r", sampling))
+        tokens = [t for d in deltas for t in d.token_ids]
+        assert tokens == undisturbed(8)  # nothing repeated, nothing lost
+        assert deltas[-1].finish_reason == "length"
+        usage = deltas[-1].usage
+        assert usage is not None
+        assert (usage.prompt_tokens, usage.completion_tokens) == (len(PROMPT), 8)
+        # the second prefill: prompt + the 3 tokens so far, a fresh id, the sampling resumed
+        first, second = prefill.requests
+        assert (first.request_id, second.request_id) == ("r.0", "r.1")
+        assert list(second.token_ids) == PROMPT + undisturbed(3)
+        assert (second.sampling.max_tokens, second.sampling.seed_offset) == (5, 3)
+        assert second.sampling.seed == 42
+        gone = next(d for d in decoders if "r.0" in d.reserves)
+        other = next(d for d in decoders if d is not gone)
+        assert second.target.endpoint.worker_id == other.worker_id  # never the lost worker
+        assert router.stats.migrations == {reason: 1}
+        assert (gone.worker_id in {h.worker_id for h in router.pool.live(Role.DECODE)}) != down
+
+        async def cancelled() -> None:  # the lost attempt, released in the background
+            while "r.0" not in gone.cancelled or gone.holding():
+                await asyncio.sleep(0.02)
+        await asyncio.wait_for(cancelled(), 5)
+        assert router.admission.inflight == 0
+
+
+async def test_past_max_migrations_the_request_ends_unavailable_naming_the_workers(
+        redis: LocalRedisServer, tiny_llama: Path) -> None:
+    async with cluster(redis, tiny_llama, 3, max_migrations=1) as (router, _, decoders):
+        failing = Script(tokens=1, token_id=None, fail_with=grpc.StatusCode.UNAVAILABLE)
+        decoders[0].plan.extend([failing, failing])
+        with pytest.raises(NoWorker, match="max_migrations=1") as caught:
+            await collect(router, request("r", SamplingParams(max_tokens=8)))
+        lost = [d.worker_id for d in decoders if d.calls["decode"]]
+        assert len(lost) == 2
+        for worker_id in lost:
+            assert f"decode worker {worker_id} failed mid-request: UNAVAILABLE" in str(
+                caught.value)
+        assert router.stats.migrations == {"unreachable": 1}
+        assert router.stats.outcomes["UNAVAILABLE"] == 1
+
+
+async def test_without_another_decode_worker_the_migration_fails_naming_the_lost_one(
+        redis: LocalRedisServer, tiny_llama: Path) -> None:
+    async with cluster(redis, tiny_llama, 1) as (router, _, decoders):
+        decoders[0].plan.append(Script(tokens=1, token_id=None,
+                                       fail_with=grpc.StatusCode.NOT_FOUND))
+        with pytest.raises(NoWorker, match="d0 failed mid-request: NOT_FOUND.*migrating it "
+                                           "failed: no live decode worker"):
+            await collect(router, request("r", SamplingParams(max_tokens=8)))
+
+
+async def test_a_request_whose_every_token_came_loses_only_its_finish_reason(
+        redis: LocalRedisServer, tiny_llama: Path) -> None:
+    """The stream broke after the last token: the request is whole, nothing to migrate."""
+    async with cluster(redis, tiny_llama, 2) as (router, prefill, decoders):
+        decoders[0].plan.append(Script(tokens=3, token_id=None,
+                                       fail_with=grpc.StatusCode.UNAVAILABLE))
+        deltas = await collect(router, request("r", SamplingParams(max_tokens=4)))
+        assert [t for d in deltas for t in d.token_ids] == undisturbed(4)
+        assert deltas[-1].finish_reason == "length"
+        assert len(prefill.requests) == 1 and not router.stats.migrations
