@@ -134,9 +134,13 @@ def _router_row() -> Row:
                Target("sum(tandem_router_inflight_requests)", "in flight")]),
         Panel("Queue time", "Time waited for an admission slot.",
               quantiles("tandem_router_queue_time_seconds", qs=(0.5, 0.99)), "s"),
-        Panel("Retries", "Attempts retried on another pair, by the hop that failed.",
+        Panel("Retries and migrations", "Attempts retried on another pair before the first "
+              "token, by the hop that failed; requests migrated to another pair "
+              "mid-generation, by why their decode stream was lost.",
               [Target(f"sum by (reason) ({rate('tandem_router_retries_total')})",
-                      "{{reason}}")], "ops"),
+                      "retry {{reason}}"),
+               Target(f"sum by (reason) ({rate('tandem_router_migrations_total')})",
+                      "migration {{reason}}")], "ops"),
         Panel("Local prefills", "Requests prefilled on their decode worker, no transfer: "
               "routed to an aggregated worker, or a short uncached prompt (conditional "
               "disaggregation).",

@@ -41,7 +41,8 @@ REQUIRED_METRICS = [
     "tandem_router_prefix_tail_sync_failures_total",
     "tandem_router_registry_list_failures_total", "tandem_router_index_mode_transitions_total",
     "tandem_prefill_transfer_failures_total", "tandem_prefill_connect_failures_total",
-    "tandem_router_retries_total", "tandem_decode_kv_arrivals_total"]
+    "tandem_router_retries_total", "tandem_decode_kv_arrivals_total",
+    "tandem_router_migrations_total"]
 
 
 def dashboard() -> dict[str, Any]:

@@ -111,6 +111,8 @@ async def test_a_lost_decode_stream_continues_on_another_pair_token_for_token(
         other = next(d for d in decoders if d is not gone)
         assert second.target.endpoint.worker_id == other.worker_id  # never the lost worker
         assert router.stats.migrations == {reason: 1}
+        assert router.registry.get_sample_value("tandem_router_migrations_total",
+                                                {"reason": reason}) == 1
         assert (gone.worker_id in {h.worker_id for h in router.pool.live(Role.DECODE)}) != down
 
         async def cancelled() -> None:  # the lost attempt, released in the background
