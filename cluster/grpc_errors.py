@@ -15,6 +15,8 @@ and aborts the call with the matching status:
 | UnknownRequest                              | NOT_FOUND          |
 | HandshakeMismatch                           | FAILED_PRECONDITION|
 | TransferFailed                              | ABORTED            |
+| Forbidden                                   | PERMISSION_DENIED  |
+| LimitExceeded                               | RESOURCE_EXHAUSTED |
 | anything else (a plain ValueError included) | INTERNAL (logged with its traceback) |
 
 Only the dedicated types are the caller's fault: the engine's `InvalidInput`, whose message
@@ -41,9 +43,11 @@ from cluster.errors import (
     AlreadyRunning,
     Cancelled,
     DeadlineExceeded,
+    Forbidden,
     HandshakeMismatch,
     IndexUnavailable,
     InvalidRequest,
+    LimitExceeded,
     NoCapacity,
     NoWorker,
     TransferFailed,
@@ -68,6 +72,8 @@ _STATUS_OF: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (UnknownRequest, grpc.StatusCode.NOT_FOUND),
     (HandshakeMismatch, grpc.StatusCode.FAILED_PRECONDITION),
     (TransferFailed, grpc.StatusCode.ABORTED),
+    (Forbidden, grpc.StatusCode.PERMISSION_DENIED),
+    (LimitExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (TimeoutError, grpc.StatusCode.DEADLINE_EXCEEDED),
 )
 
