@@ -51,9 +51,10 @@ INTERNAL = (500, "internal_error")
 
 # The router's names for a request's parts → the API's, per endpoint (set on request.state).
 PARAM_ALIASES: dict[str, dict[str, str]] = {
-    "completions": {"text": "prompt", "token_ids": "prompt", "sampling.stop": "stop"},
+    "completions": {"text": "prompt", "token_ids": "prompt", "sampling.stop": "stop",
+                    "sampling.max_tokens": "max_tokens"},
     "chat": {"text": "messages", "token_ids": "messages", "prompt": "messages",
-             "sampling.stop": "stop"},
+             "sampling.stop": "stop", "sampling.max_tokens": "max_tokens"},
 }
 
 
