@@ -30,6 +30,7 @@ import grpc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cluster.convert import as_invalid
 from cluster.errors import InvalidRequest, TandemError
@@ -143,6 +144,16 @@ def install(app: FastAPI) -> None:
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         param, message = _first_error(list(exc.errors()))
         return JSONResponse(error_body(message, "invalid_request_error", param), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # FastAPI's own refusals (a body that is not UTF-8 JSON, an unknown path, a wrong
+        # method) in the same OpenAI error body as ours
+        type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        param = "body" if exc.status_code == 400 else None
+        message = f"body: {exc.detail}" if param else str(exc.detail)
+        return JSONResponse(error_body(message, type_, param), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
 
     async def _mapped(request: Request, exc: Exception) -> JSONResponse:
         status, body = describe(exc, getattr(request.state, "param_aliases", None))

@@ -160,3 +160,13 @@ async def test_prompt_and_output_text_reach_logs_and_spans_only_when_enabled(
     for where in (logged, spans):
         for text in (f"say {marker}", f"chat {marker}", f"grpc {marker}", http_output):
             assert (text in where) is enabled, (text, enabled)
+
+
+async def test_a_body_that_is_not_utf8_json_gets_an_openai_error_body(make_api: Factory) -> None:
+    """FastAPI's own refusal (found by tests/e2e/test_fuzz.py) in the API's error shape."""
+    async with make_api() as api, httpx.AsyncClient(timeout=10) as http:
+        reply = await http.post(f"{api.base_url}/completions", content=b"\x80",
+                                headers={"content-type": "application/json"})
+    assert reply.status_code == 400
+    assert reply.json()["error"]["param"] == "body"
+    assert reply.json()["error"]["type"] == "invalid_request_error"
