@@ -54,6 +54,16 @@ class HandshakeMismatch(TandemError):
         self.detail = detail
 
 
+class Forbidden(TandemError):
+    """An authenticated caller asked for something it holds no grant for (a Prefill whose
+    target is not a live reservation of a decode worker: `cluster.transfer_grant`)."""
+
+
+class LimitExceeded(TandemError):
+    """A request is over a configured limit (stream count per API token, ...); the message
+    names the limit and its value."""
+
+
 class IndexUnavailable(TandemError):
     """Redis (prefix index or registry) did not answer in time; the router degrades."""
 

@@ -15,6 +15,9 @@ and aborts the call with the matching status:
 | UnknownRequest                              | NOT_FOUND          |
 | HandshakeMismatch                           | FAILED_PRECONDITION|
 | TransferFailed                              | ABORTED            |
+| Forbidden                                   | PERMISSION_DENIED  |
+| LimitExceeded                               | RESOURCE_EXHAUSTED |
+| a request message that does not parse      | INVALID_ARGUMENT ("request: malformed message") |
 | anything else (a plain ValueError included) | INTERNAL (logged with its traceback) |
 
 Only the dedicated types are the caller's fault: the engine's `InvalidInput`, whose message
@@ -32,6 +35,7 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -41,9 +45,11 @@ from cluster.errors import (
     AlreadyRunning,
     Cancelled,
     DeadlineExceeded,
+    Forbidden,
     HandshakeMismatch,
     IndexUnavailable,
     InvalidRequest,
+    LimitExceeded,
     NoCapacity,
     NoWorker,
     TransferFailed,
@@ -68,6 +74,8 @@ _STATUS_OF: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (UnknownRequest, grpc.StatusCode.NOT_FOUND),
     (HandshakeMismatch, grpc.StatusCode.FAILED_PRECONDITION),
     (TransferFailed, grpc.StatusCode.ABORTED),
+    (Forbidden, grpc.StatusCode.PERMISSION_DENIED),
+    (LimitExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (TimeoutError, grpc.StatusCode.DEADLINE_EXCEEDED),
 )
 
@@ -89,9 +97,37 @@ async def _abort(context: aio.ServicerContext, method: str, exc: Exception) -> N
     await context.abort(code, details)
 
 
+@dataclass(frozen=True)
+class _Malformed:
+    """A request message that did not parse; the call answers INVALID_ARGUMENT."""
+
+    error: str
+
+    def check(self) -> None:
+        raise InvalidRequest("request", f"malformed message: {self.error}")
+
+
+def _tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """A deserializer that returns `_Malformed` instead of raising: grpc answers a request
+    that does not parse with INTERNAL ("Exception deserializing request!"), which would dress
+    the caller's bytes as our bug."""
+    if deserialize is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except Exception as exc:
+            return _Malformed(f"{type(exc).__name__}: {exc}")
+
+    return parse
+
+
 def _wrap_unary(behavior: Callable[..., Awaitable[Any]], method: str) -> Callable[..., Any]:
     async def wrapper(request: Any, context: aio.ServicerContext) -> Any:
         try:
+            if isinstance(request, _Malformed):
+                request.check()
             return await behavior(request, context)
         except aio.AbortError:
             raise  # the servicer aborted on its own: keep its status
@@ -105,6 +141,8 @@ def _wrap_stream(behavior: Callable[..., Any], method: str) -> Callable[..., Any
     if inspect.isasyncgenfunction(behavior):
         async def gen_wrapper(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
             try:
+                if isinstance(request, _Malformed):
+                    request.check()
                 async for response in behavior(request, context):
                     yield response
             except aio.AbortError:
@@ -134,6 +172,8 @@ class ErrorMappingInterceptor(aio.ServerInterceptor):
         method: str = handler_call_details.method  # type: ignore[attr-defined]
         codec = {"request_deserializer": handler.request_deserializer,
                  "response_serializer": handler.response_serializer}
+        if not handler.request_streaming:  # one request message: a bad one is the caller's
+            codec["request_deserializer"] = _tolerant(handler.request_deserializer)
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
                 _wrap_unary(handler.unary_unary, method), **codec)

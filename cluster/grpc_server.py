@@ -81,7 +81,7 @@ async def start_server(services: Sequence[ServiceBinding], address: str = "127.0
     host, _ = split_host_port(address, "listen")
     server = aio.server(
         interceptors=[*server_interceptors(), ErrorMappingInterceptor(), *interceptors],
-        options=[*_DEFAULT_OPTIONS, *options])
+        options=list({**dict(_DEFAULT_OPTIONS), **dict(options)}.items()))  # given ones win
     for binding in services:
         binding.add_to_server(binding.servicer, server)
     health = grpc_health.aio.HealthServicer()

@@ -20,6 +20,7 @@ import logging
 import signal
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from grpc import aio
 from prometheus_client import CollectorRegistry
@@ -45,13 +46,15 @@ class ProcessOptions:
     on_started: Callable[[str], Awaitable[None]] | None = None  # gets the advertised address
     on_stopping: Callable[[], Awaitable[None]] | None = None
     interceptors: Sequence[aio.ServerInterceptor] = ()  # after tracing and error mapping
+    grpc_options: Sequence[tuple[str, Any]] = ()  # channel args, after the defaults
 
 
 async def serve_until_stopped(services: Sequence[ServiceBinding], options: ProcessOptions,
                               ) -> str:
     """Runs the process's servers until a signal or `options.stop` (see the module doc);
     returns the address it served on."""
-    server = await start_server(services, options.listen, interceptors=options.interceptors)
+    server = await start_server(services, options.listen, interceptors=options.interceptors,
+                                options=options.grpc_options)
     host = options.advertise_host or server.host
     address = f"{host}:{server.port}"
     metrics = None

@@ -53,6 +53,10 @@ class WorkerConfig:
                 "calls to this worker (the router's transfer_token must be the same); unset: "
                 "a local development secret, accepted only when the listen and advertise "
                 "hosts are loopback"})
+    transfer_host: str | None = field(default=None, metadata={
+        "help": "the address the KV transfer listeners (the control link and UCX) bind and "
+                "advertise; UCX is restricted to the interface holding it; unset: the "
+                "advertise host"})
     transfer_connect_timeout_s: float = field(default=TransferConfig.connect_timeout_s, metadata={
         "help": "KV transfer: TCP connect + handshake + backend set-up to a peer"})
     transfer_write_timeout_s: float = field(default=TransferConfig.write_timeout_s, metadata={
@@ -98,10 +102,15 @@ class WorkerConfig:
         for name in ("quarantine_s", "shutdown_grace_s", "step_delay_ms"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        if self.transfer_host is not None and self.transfer_host.strip("[]") in ("", "0.0.0.0",
+                                                                                "::"):
+            raise ValueError(f"transfer_host: must be one address peers can dial, not "
+                             f"{self.transfer_host!r}")
         if self.transfer_token == "":
             raise ValueError("transfer_token: must not be empty (leave it unset on loopback)")
         if self.transfer_token is None:
-            exposed = [h for h in {listen_host, self.host} if not is_loopback(h)]
+            exposed = [h for h in {listen_host, self.host, self.data_host}
+                       if not is_loopback(h)]
             if exposed:
                 raise ValueError(
                     f"transfer_token: required when serving on a non-loopback address "
@@ -115,6 +124,11 @@ class WorkerConfig:
     @property
     def host(self) -> str:
         return self.advertise_host or split_host_port(self.listen, "listen")[0]
+
+    @property
+    def data_host(self) -> str:
+        """Where the KV transfer binds and what peers dial."""
+        return self.transfer_host or self.host
 
     @property
     def step_delay_s(self) -> float:
@@ -134,7 +148,7 @@ class WorkerConfig:
     def transfer_config(self) -> TransferConfig:
         """The KV transfer agent's config, keyed by the cluster secret."""
         return TransferConfig(
-            token=self.cluster_secret(), backend=self.transfer_backend, host=self.host,
+            token=self.cluster_secret(), backend=self.transfer_backend, host=self.data_host,
             connect_timeout_s=self.transfer_connect_timeout_s,
             write_timeout_s=self.transfer_write_timeout_s,
             request_timeout_s=self.transfer_request_timeout_s,

@@ -28,6 +28,7 @@ import torch
 
 from kv_transfer.agent import BaseAgent
 from kv_transfer.base import FailureReason, TransferConfig, TransferError
+from kv_transfer.netdev import ucx_env, ucx_net_devices
 from kv_transfer.spec import KVLayoutSpec
 
 log = logging.getLogger(__name__)
@@ -71,9 +72,12 @@ class NixlAgent(BaseAgent):
         super().__init__(spec, config)
         from nixl_cu12._api import nixl_agent, nixl_agent_config
 
-        self._nixl = nixl_agent(self.name, nixl_agent_config(
-            enable_prog_thread=config.nixl_progress_thread, enable_listen_thread=False,
-            backends=["UCX"]))
+        # NIXL's UCX backend reads UCX_NET_DEVICES when it builds its context (its own
+        # `ucx_devices` parameter still left a listener on every interface, NIXL 1.5.1)
+        with ucx_env(NET_DEVICES=ucx_net_devices(config.host)):
+            self._nixl = nixl_agent(self.name, nixl_agent_config(
+                enable_prog_thread=config.nixl_progress_thread, enable_listen_thread=False,
+                backends=["UCX"]))
         self._reg: Any = None
         self._local: Any = None  # prepped dlist over our L * N (layer, block) units
         self._remotes: dict[str, _Remote] = {}

@@ -31,6 +31,7 @@ import torch
 from kv_transfer.agent import BaseAgent
 from kv_transfer.base import FailureReason, TransferConfig, TransferError
 from kv_transfer.buffers import ucx_buffer
+from kv_transfer.netdev import ucx_net_devices
 from kv_transfer.spec import KVLayoutSpec
 
 log = logging.getLogger(__name__)
@@ -95,7 +96,9 @@ class UcxxAgent(BaseAgent):
         from ucxx._lib.arr import Array
 
         self._ucx, self._Array = ucx, Array
-        self._context = ucx.UCXContext({}, feature_flags=(ucx.Feature.TAG,))
+        devices = ucx_net_devices(config.host)  # UCX's listeners on that interface only
+        self._context = ucx.UCXContext({"NET_DEVICES": devices} if devices else {},
+                                       feature_flags=(ucx.Feature.TAG,))
         self._worker = ucx.UCXWorker(self._context)
         self._cache_u8: torch.Tensor | None = None  # [L * N, block_bytes]: the cache's units
         self._out: dict[str, _Outbound] = {}

@@ -13,14 +13,19 @@ from engine.chat_template import ChatTemplate
 from observability.http_tracing import instrument_app
 from openai_api import chat, completions, errors
 from openai_api.auth import BearerAuthMiddleware
+from openai_api.body_limit import BodyLimitMiddleware
 from openai_api.state import ApiState, api_state
 from router.api_tokens import ApiTokens
 from router.router import Router
+from router.token_streams import TokenStreams
 
 
-def build_app(router: Router, tokens: ApiTokens | None = None) -> FastAPI:
+def build_app(router: Router, tokens: ApiTokens | None = None,
+              streams: TokenStreams | None = None) -> FastAPI:
     """The API over `router`, for its configured model; with `tokens`, every path but
-    `/health` needs one of them as a bearer token (`openai_api.auth`)."""
+    `/health` needs one of them as a bearer token (`openai_api.auth`), and with `streams` a
+    token runs a bounded number of generations at once. Bodies over `max_request_bytes` are
+    413 (`openai_api.body_limit`)."""
     config = router.config
     app = FastAPI(title="Tandem", summary="OpenAI-compatible API of a Tandem cluster")
     app.state.api = ApiState(router=router, model_name=config.model_name,
@@ -47,7 +52,9 @@ def build_app(router: Router, tokens: ApiTokens | None = None) -> FastAPI:
 
     if tokens is not None:
         failures = router.metrics.auth_failures.labels("http")
-        app.add_middleware(BearerAuthMiddleware, tokens=tokens, on_refused=failures.inc)
+        app.add_middleware(BearerAuthMiddleware, tokens=tokens, on_refused=failures.inc,
+                           streams=streams)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_request_bytes)  # outermost
     instrument_app(app)
     return app
 

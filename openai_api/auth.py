@@ -15,27 +15,47 @@ from collections.abc import Callable
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from cluster.errors import LimitExceeded
 from openai_api.errors import error_body
 from router.api_tokens import ApiTokens
+from router.token_streams import TokenStreams
 
 OPEN_PATHS = frozenset({"/health"})
 
 
 class BearerAuthMiddleware:
-    """Refuses HTTP requests without a valid bearer token (see the module doc)."""
+    """Refuses HTTP requests without a valid bearer token (see the module doc); with
+    `streams`, a POST holds one of its token's stream slots until its response is sent (429
+    when none is free)."""
 
-    def __init__(self, app: ASGIApp, tokens: ApiTokens, on_refused: Callable[[], None]) -> None:
+    def __init__(self, app: ASGIApp, tokens: ApiTokens, on_refused: Callable[[], None],
+                 streams: TokenStreams | None = None) -> None:
         self.app = app
         self.tokens = tokens
         self.on_refused = on_refused
+        self.streams = streams
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
             await self.app(scope, receive, send)
             return
         header = next((v for k, v in scope["headers"] if k == b"authorization"), None)
-        if self.tokens.accepts(header.decode("latin-1") if header is not None else None):
-            await self.app(scope, receive, send)
+        authorization = header.decode("latin-1") if header is not None else None
+        if self.tokens.accepts(authorization):
+            if self.streams is None or scope["method"] != "POST":
+                await self.app(scope, receive, send)
+                return
+            try:
+                slot = self.streams.acquire(authorization)
+            except LimitExceeded as error:
+                await JSONResponse(error_body(str(error), "rate_limit_error", None,
+                                              "too_many_streams"), status_code=429)(
+                    scope, receive, send)
+                return
+            try:
+                await self.app(scope, receive, send)
+            finally:
+                self.streams.release(slot)
             return
         self.on_refused()
         message = ("missing bearer token (header 'Authorization: Bearer <token>')"

@@ -41,7 +41,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     if body.max_completion_tokens is not None:
         max_tokens, param = body.max_completion_tokens, "max_completion_tokens"
     # Unset: up to the end of the context (the engine stops there), as OpenAI answers.
-    sampling = sampling_params(body, max_tokens, param, api.context - 1, api.context)
+    sampling = sampling_params(body, max_tokens, param, api.chat_default_max_tokens,
+                               api.context)
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text}
                 for m in body.messages]
     try:

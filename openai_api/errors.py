@@ -30,6 +30,7 @@ import grpc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cluster.convert import as_invalid
 from cluster.errors import InvalidRequest, TandemError
@@ -51,9 +52,10 @@ INTERNAL = (500, "internal_error")
 
 # The router's names for a request's parts → the API's, per endpoint (set on request.state).
 PARAM_ALIASES: dict[str, dict[str, str]] = {
-    "completions": {"text": "prompt", "token_ids": "prompt", "sampling.stop": "stop"},
+    "completions": {"text": "prompt", "token_ids": "prompt", "sampling.stop": "stop",
+                    "sampling.max_tokens": "max_tokens"},
     "chat": {"text": "messages", "token_ids": "messages", "prompt": "messages",
-             "sampling.stop": "stop"},
+             "sampling.stop": "stop", "sampling.max_tokens": "max_tokens"},
 }
 
 
@@ -142,6 +144,16 @@ def install(app: FastAPI) -> None:
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         param, message = _first_error(list(exc.errors()))
         return JSONResponse(error_body(message, "invalid_request_error", param), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # FastAPI's own refusals (a body that is not UTF-8 JSON, an unknown path, a wrong
+        # method) in the same OpenAI error body as ours
+        type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        param = "body" if exc.status_code == 400 else None
+        message = f"body: {exc.detail}" if param else str(exc.detail)
+        return JSONResponse(error_body(message, type_, param), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
 
     async def _mapped(request: Request, exc: Exception) -> JSONResponse:
         status, body = describe(exc, getattr(request.state, "param_aliases", None))

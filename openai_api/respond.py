@@ -26,6 +26,7 @@ from openai_api.errors import describe
 from openai_api.responses import Shape
 from router.request import Delta, GenerateInput
 from router.router import Router
+from router.text_log import OutputText, RequestTextLog
 
 log = logging.getLogger(__name__)
 
@@ -55,24 +56,30 @@ async def respond(request: Request, router: Router, generate: GenerateInput, sha
                   stream: bool, aliases: Mapping[str, str]) -> Response:
     """The response to one request (see the module doc)."""
     annotate({"tandem.request_id": generate.request_id})
+    text_log = RequestTextLog(router.config.log_request_text)
+    output = text_log.output(generate.request_id)
     with set_request_id(generate.request_id):
+        text_log.prompt(generate)
         deltas = router.generate(generate)
         try:
             first = await unless_disconnected(request, anext(deltas))
             if not stream:
                 text, last = await unless_disconnected(request, _collect(first, deltas))
                 assert last.finish_reason is not None
+                output.add(text)
+                output.done()
                 return JSONResponse(shape.body(text, last.finish_reason, last.usage))
         except BaseException:
             await deltas.aclose()
             raise
-    return StreamingResponse(_sse(first, deltas, shape, aliases, generate.request_id),
+    return StreamingResponse(_sse(first, deltas, shape, aliases, generate.request_id, output),
                              media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 async def _sse(first: Delta, deltas: AsyncGenerator[Delta, None], shape: Shape,
-               aliases: Mapping[str, str], request_id: str) -> AsyncIterator[bytes]:
+               aliases: Mapping[str, str], request_id: str,
+               output: OutputText) -> AsyncIterator[bytes]:
     with set_request_id(request_id):
         try:
             if shape.kind == "chat":
@@ -80,9 +87,11 @@ async def _sse(first: Delta, deltas: AsyncGenerator[Delta, None], shape: Shape,
             delta = first
             while True:
                 _checked(delta)
+                output.add(delta.text)
                 if delta.text or delta.finish_reason is not None:
                     yield _event(shape.chunk(delta.text, delta.finish_reason))
                 if delta.finish_reason is not None:
+                    output.done()
                     break
                 delta = await anext(deltas)
             if shape.include_usage:

@@ -25,6 +25,12 @@ class ApiState:
         """The model's context, in tokens (prompt and generated together)."""
         return self.router.validator.context
 
+    @property
+    def chat_default_max_tokens(self) -> int:
+        """A chat without max_tokens: the rest of the context, cut to `max_output_tokens`."""
+        cap = self.router.validator.limits.max_output_tokens
+        return min(self.context - 1, cap) if cap is not None else self.context - 1
+
     def check_model(self, model: str | None) -> None:
         """404 unless `model` is unset or the served model's name."""
         if model is not None and model != self.model_name:

@@ -29,7 +29,7 @@ async def serve(config: WorkerConfig) -> None:
     runtime.attach_metrics(prefill=lambda: worker.stats)
     await serve_role(runtime, ServiceBinding(
         "tandem.v1.Prefill", prefill_pb2_grpc.add_PrefillServicer_to_server,
-        PrefillServicer(worker)), worker)
+        PrefillServicer(worker, config.cluster_secret())), worker)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -24,6 +24,7 @@ from router.prefix import IndexSource, PrefixLookup, TailSource
 from router.router import Router
 from router.service import RouterServicer
 from router.sources import source_fallbacks, worker_source
+from router.token_streams import TokenStreams
 from router.workers import WorkerPool
 from tandem_proto.tandem.v1 import router_pb2_grpc
 
@@ -64,24 +65,27 @@ async def serve(config: RouterConfig) -> None:
                              metrics_registry=router.registry,
                              metrics_listen=config.metrics_listen)
     options.interceptors = grpc_interceptors(router, tokens)
-    http = HttpServer(build_app(router, tokens), config.http_listen, options.grace_s) \
-        if config.http_listen else None
+    options.grpc_options = [("grpc.max_receive_message_length", config.max_request_bytes)]
+    streams = TokenStreams(config.max_streams_per_token) if tokens is not None else None
+    http = HttpServer(build_app(router, tokens, streams), config.http_listen,
+                      options.grace_s) if config.http_listen else None
     try:
         if http is not None:
             address = await http.start()
             log.info("OpenAI API on http://%s/v1 (model %r)", address, config.model_name)
             options.on_stopping = http.begin_stop
-        await serve_until_stopped([router_binding(router)], options)
+        await serve_until_stopped([router_binding(router, streams)], options)
     finally:
         if http is not None:
             await http.stop()
         await router.close()
 
 
-def router_binding(router: Router) -> ServiceBinding:
-    """The public `tandem.v1.Router` service over `router`."""
+def router_binding(router: Router, streams: TokenStreams | None = None) -> ServiceBinding:
+    """The public `tandem.v1.Router` service over `router` (with `streams`: generations per
+    API token bounded)."""
     return ServiceBinding("tandem.v1.Router", router_pb2_grpc.add_RouterServicer_to_server,
-                          RouterServicer(router))
+                          RouterServicer(router, streams))
 
 
 def grpc_interceptors(router: Router, tokens: ApiTokens | None) -> list[aio.ServerInterceptor]:

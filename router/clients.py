@@ -100,6 +100,7 @@ class Reservation(NamedTuple):
     num_cached_tokens: int
     endpoint: common_pb2.TransferEndpoint  # where the prefill worker writes
     lease_expires_unix_ms: int
+    grant: common_pb2.TransferGrant  # the decode worker's permission, passed to the prefill
 
 
 class FirstToken(NamedTuple):
@@ -172,7 +173,8 @@ class PrefillClient(WorkerClient):
         WorkerFailed."""
         target = prefill_pb2.DecodeTarget(endpoint=reservation.endpoint,
                                           block_ids=reservation.block_ids,
-                                          num_cached_blocks=reservation.num_cached_blocks)
+                                          num_cached_blocks=reservation.num_cached_blocks,
+                                          grant=reservation.grant)
         try:
             reply = await self._stub.Prefill(prefill_pb2.PrefillRequest(
                 request_id=request_id, token_ids=prompt, sampling=sampling, target=target,
@@ -205,7 +207,7 @@ class DecodeClient(WorkerClient):
             self._raise(error, "reserve")
         return Reservation(list(reply.block_ids), reply.num_cached_blocks,
                            reply.num_cached_tokens, reply.endpoint,
-                           reply.lease_expires_unix_ms)
+                           reply.lease_expires_unix_ms, reply.grant)
 
     @contextlib.asynccontextmanager
     async def stream(self, request_id: str, first_token: int | None,

@@ -116,6 +116,25 @@ class RouterConfig:
         "help": "the cluster secret, the workers' transfer_token: presented on every call to "
                 "a worker; unset: the local development secret, accepted only when the router "
                 "listens on loopback"})
+    max_request_bytes: int = field(default=8 * 1024 * 1024, metadata={
+        "help": "largest request: a gRPC message the router receives (RESOURCE_EXHAUSTED "
+                "beyond it) and an HTTP body (413)"})
+    max_prompt_tokens: int | None = field(default=None, metadata={
+        "help": "longest prompt in tokens (INVALID_ARGUMENT / 400 beyond it); unset: the "
+                "model's context less one"})
+    max_output_tokens: int | None = field(default=None, metadata={
+        "help": "largest max_tokens a request may ask (INVALID_ARGUMENT / 400 beyond it; the "
+                "default of a chat without one is cut to it); unset: the model's context"})
+    max_stop_strings: int = field(default=16, metadata={
+        "help": "most stop strings in one request"})
+    max_stop_chars: int = field(default=256, metadata={
+        "help": "longest stop string, in characters"})
+    max_streams_per_token: int = field(default=128, metadata={
+        "help": "with api_tokens_file: generations one API token may run at once, gRPC and "
+                "HTTP together (RESOURCE_EXHAUSTED / 429 beyond it)"})
+    log_request_text: bool = field(default=False, metadata={
+        "help": "log prompts and generated text (and put them on the request's span); off: "
+                "no prompt or output text reaches a log line or a span"})
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -123,7 +142,8 @@ class RouterConfig:
         if not self.redis_url:
             raise ValueError("redis_url: --redis-url (or TANDEM_REDIS_URL) is required")
         for name in ("max_inflight", "max_queue", "max_attempts", "block_size", "lease_ms",
-                     "default_max_tokens", "status_misses_before_down"):
+                     "default_max_tokens", "status_misses_before_down", "max_stop_strings",
+                     "max_stop_chars", "max_streams_per_token"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.max_migrations < 0:
@@ -137,6 +157,14 @@ class RouterConfig:
                      "channel_close_delay_s", "index_retry_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        if self.max_request_bytes < 1024:
+            raise ValueError(f"max_request_bytes: must be >= 1024, got {self.max_request_bytes}")
+        for name in ("max_prompt_tokens", "max_output_tokens"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1 or unset, got {getattr(self, name)}")
+        if self.max_output_tokens is not None and self.default_max_tokens > self.max_output_tokens:
+            raise ValueError(f"default_max_tokens: {self.default_max_tokens} exceeds "
+                             f"max_output_tokens {self.max_output_tokens}")
         if self.local_prefill_max_tokens is not None and self.local_prefill_max_tokens < 0:
             raise ValueError(f"local_prefill_max_tokens: must be >= 0 or unset, "
                              f"got {self.local_prefill_max_tokens}")

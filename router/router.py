@@ -59,7 +59,7 @@ from router.prefix import PrefixLookup
 from router.request import Delta, GenerateInput, Usage
 from router.stats import RouterStats
 from router.stops import StopChecker
-from router.validate import PromptValidator
+from router.validate import PromptValidator, request_limits
 from router.workers import WorkerPool
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,8 @@ class Router:
         self.pool = pool
         self.lookup = lookup
         self.tokenizer = Tokenizer.from_dir(config.model)
-        self.validator = PromptValidator(self.tokenizer, ModelConfig.from_dir(config.model))
+        self.validator = PromptValidator(self.tokenizer, ModelConfig.from_dir(config.model),
+                                         request_limits(config))
         self.policy: Policy = make_policy(config.policy)
         self.decider = Decider(self.policy, lookup)
         self.tracker = InFlightTracker()

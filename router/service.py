@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import AbstractContextManager, nullcontext
 
 from grpc import aio
 
@@ -13,27 +14,44 @@ from observability.tracing import annotate, set_request_id
 from router.prefix import IndexMode
 from router.request import Delta, GenerateInput
 from router.router import Router
+from router.text_log import RequestTextLog
+from router.token_streams import TokenStreams
 from router.validate import check_request_id
 from tandem_proto.tandem.v1 import common_pb2, router_pb2, router_pb2_grpc
 
 
 class RouterServicer(router_pb2_grpc.RouterServicer):
-    def __init__(self, router: Router) -> None:
+    def __init__(self, router: Router, streams: TokenStreams | None = None,
+                 ) -> None:
         self.router = router
+        self.streams = streams  # with API tokens: generations per token
+        self.text_log = RequestTextLog(router.config.log_request_text)
 
     async def Generate(self, request: router_pb2.GenerateRequest,
                        context: aio.ServicerContext) -> AsyncIterator[router_pb2.GenerateResponse]:
         request_id = request.request_id if request.HasField("request_id") else uuid.uuid4().hex
         check_request_id(request_id)  # before the id reaches a log line or a span
         annotate({"tandem.request_id": request_id})
-        with set_request_id(request_id):
+        with set_request_id(request_id), self._stream_slot(context):
             sampling = sampling_from_pb(request.sampling, self.router.config.default_max_tokens)
             generate = GenerateInput(
                 request_id=request_id, text=request.text, token_ids=list(request.token_ids),
                 sampling=sampling, stop=list(request.sampling.stop),
                 cache_salt=request.cache_salt if request.HasField("cache_salt") else "")
+            self.text_log.prompt(generate)
+            output = self.text_log.output(request_id)
             async for delta in self.router.generate(generate):
+                output.add(delta.text)
                 yield to_pb(request_id, delta)
+            output.done()
+
+    def _stream_slot(self, context: aio.ServicerContext) -> AbstractContextManager[None]:
+        """One of the caller's token's stream slots (none to take without API tokens)."""
+        if self.streams is None:
+            return nullcontext()
+        metadata = context.invocation_metadata() or ()
+        authorization = next((v for k, v in metadata if k == "authorization"), None)
+        return self.streams.stream(authorization if isinstance(authorization, str) else None)
 
     async def GetClusterStatus(self, request: router_pb2.GetClusterStatusRequest,
                                context: aio.ServicerContext,

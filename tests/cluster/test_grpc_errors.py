@@ -13,9 +13,11 @@ from cluster.errors import (
     AlreadyRunning,
     Cancelled,
     DeadlineExceeded,
+    Forbidden,
     HandshakeMismatch,
     IndexUnavailable,
     InvalidRequest,
+    LimitExceeded,
     NoCapacity,
     NoWorker,
     UnknownRequest,
@@ -47,6 +49,9 @@ CASES: list[tuple[Exception, grpc.StatusCode, str]] = [
     (DeadlineExceeded("transfer: 2.0 s"), grpc.StatusCode.DEADLINE_EXCEEDED, "transfer"),
     (Cancelled("client went away"), grpc.StatusCode.CANCELLED, "client went away"),
     (UnknownRequest("req-9"), grpc.StatusCode.NOT_FOUND, "req-9"),
+    (Forbidden("target.grant: expired"), grpc.StatusCode.PERMISSION_DENIED, "target.grant"),
+    (LimitExceeded("the limit is 2 (max_streams_per_token)"),
+     grpc.StatusCode.RESOURCE_EXHAUSTED, "max_streams_per_token"),
     (HandshakeMismatch("p0", "d0", "block_size 16 vs 32"), grpc.StatusCode.FAILED_PRECONDITION,
      "p0 -> d0: block_size 16 vs 32"),
     (RuntimeError("kaboom"), grpc.StatusCode.INTERNAL, "RuntimeError: kaboom"),
@@ -174,3 +179,21 @@ def test_only_unexpected_errors_are_internal() -> None:
         expected_internal = type(error) in (RuntimeError, ValueError)
         assert (status_for(error)[0] == grpc.StatusCode.INTERNAL) is expected_internal
         assert status_for(error)[0] == code
+
+
+@pytest.mark.parametrize("method", ["/tandem.v1.Router/GetClusterStatus",
+                                    "/tandem.v1.Router/Generate"])
+async def test_a_request_that_does_not_parse_is_invalid_argument_not_internal(
+        server: tuple[GrpcServer, FailingRouter, Any], channel: aio.Channel,
+        method: str) -> None:
+    call = (channel.unary_unary if method.endswith("Status") else channel.unary_stream)(method)
+    garbage = b"\x0a\xff\xff\xff\xff\x0f"  # field 1, a length past the end of the message
+    with pytest.raises(aio.AioRpcError) as info:
+        reply = call(garbage, timeout=5)
+        if method.endswith("Generate"):
+            async for _ in reply:  # type: ignore[union-attr]
+                pass
+        else:
+            await reply  # type: ignore[misc]
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "request: malformed message" in (info.value.details() or "")

@@ -142,3 +142,13 @@ def test_other_validation_names_the_field() -> None:
         WorkerConfig(role=Role.DECODE, model="/m", quarantine_s=-1)
     with pytest.raises(ValueError, match="transfer_poll_interval_s: must be > 0"):
         WorkerConfig(role=Role.PREFILL, model="/m", transfer_poll_interval_s=0)
+
+
+def test_transfer_host_is_where_the_transfer_binds() -> None:
+    config = build(["--model", "/m", "--listen", "127.0.0.1:0", "--transfer-host", "127.0.0.2"])
+    assert config.transfer_config().host == "127.0.0.2"
+    assert build(["--model", "/m"]).transfer_config().host == "127.0.0.1"  # the listen host
+    with pytest.raises(ValueError, match="transfer_host: must be one address peers can dial"):
+        WorkerConfig(role=Role.DECODE, model="/m", transfer_host="0.0.0.0")
+    with pytest.raises(ValueError, match="transfer_token: required .*10.1.2.3"):
+        WorkerConfig(role=Role.DECODE, model="/m", transfer_host="10.1.2.3")

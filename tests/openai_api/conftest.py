@@ -5,7 +5,7 @@ as the client. The real workers behind the same API are tests/e2e/test_openai_ap
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -15,14 +15,17 @@ import openai
 import pytest
 
 from cli.redis_server import LocalRedisServer
+from cluster.grpc_server import start_server
 from cluster.roles import Role
 from index.redis_client import RedisConfig, connect
 from index.registry import WorkerRegistry
 from openai_api.app import build_app
 from openai_api.server import HttpServer
-from router.__main__ import build_router
+from router.__main__ import build_router, grpc_interceptors, router_binding
+from router.api_tokens import ApiTokens
 from router.config import RouterConfig
 from router.router import Router
+from router.token_streams import TokenStreams
 from tests.router.fakes import FakeDecode, FakePrefill, serve
 
 
@@ -33,6 +36,7 @@ class Api:
     decode: list[FakeDecode]
     base_url: str  # http://host:port/v1
     client: openai.AsyncOpenAI  # no retries: each error is seen as the server sent it
+    grpc_address: str  # the same router's tandem.v1.Router, as `router/__main__` serves it
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +55,7 @@ def make_api(redis: LocalRedisServer, tiny_chat_llama: Path) -> Iterator[Factory
 
     @asynccontextmanager
     async def make(prefill: int = 1, decode: int = 1, model: Path | None = None,
-                   **overrides: Any) -> AsyncIterator[Api]:
+                   api_tokens: Sequence[str] = (), **overrides: Any) -> AsyncIterator[Api]:
         namespace = f"api{next(namespaces)}"
         config = RouterConfig(model=str(model or tiny_chat_llama), redis_url=redis.url,
                               namespace=namespace, refresh_interval_s=0.05,
@@ -66,17 +70,24 @@ def make_api(redis: LocalRedisServer, tiny_chat_llama: Path) -> Iterator[Factory
         for fake in fakes:
             await serve(fake, registry)
         router = await build_router(config)
-        http = HttpServer(build_app(router), config.http_listen, grace_s=2.0)
+        tokens = ApiTokens(tuple(t.encode() for t in api_tokens)) if api_tokens else None
+        streams = TokenStreams(config.max_streams_per_token) if tokens is not None else None
+        http = HttpServer(build_app(router, tokens, streams), config.http_listen, grace_s=2.0)
+        grpc_server = await start_server(
+            [router_binding(router, streams)], interceptors=grpc_interceptors(router, tokens),
+            options=[("grpc.max_receive_message_length", config.max_request_bytes)])
         try:
             while len(router.pool.live(Role.PREFILL)) + len(router.pool.live(Role.DECODE)) < \
                     prefill + decode:
                 await asyncio.sleep(0.02)
             address = await http.start()
             base_url = f"http://{address}/v1"
-            async with openai.AsyncOpenAI(base_url=base_url, api_key="none",
+            async with openai.AsyncOpenAI(base_url=base_url,
+                                          api_key=api_tokens[0] if api_tokens else "none",
                                           max_retries=0, timeout=30) as sdk:
-                yield Api(router, fakes_p, fakes_d, base_url, sdk)
+                yield Api(router, fakes_p, fakes_d, base_url, sdk, grpc_server.address)
         finally:
+            await grpc_server.stop(None)
             await http.stop()
             await router.close()
             for fake in fakes:

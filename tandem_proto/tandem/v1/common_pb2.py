@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16tandem/v1/common.proto\x12\ttandem.v1\"\x89\x02\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\rH\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x03\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x05 \x01(\rH\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x13\n\x0bseed_offset\x18\t \x01(\rB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\r\n\x0b_max_tokens\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x15\n\rcached_tokens\x18\x02 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\r\"g\n\x10TransferEndpoint\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x10\n\x08metadata\x18\x02 \x01(\x0c\x12\x13\n\x0b\x63ompat_hash\x18\x03 \x01(\t\x12\x19\n\x11handshake_version\x18\x04 \x01(\r\"\xae\x01\n\nWorkerLoad\x12\x0f\n\x07running\x18\x01 \x01(\r\x12\x0f\n\x07waiting\x18\x02 \x01(\r\x12\x16\n\x0ekv_blocks_used\x18\x03 \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\x04 \x01(\r\x12\x13\n\x0bmax_running\x18\x06 \x01(\r\x12\x1c\n\x14queued_prompt_blocks\x18\x07 \x01(\rJ\x04\x08\x05\x10\x06R\x14queued_prompt_tokens\"\xa8\x04\n\x0cWorkerStatus\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12#\n\x04role\x18\x02 \x01(\x0e\x32\x15.tandem.v1.WorkerRole\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12#\n\x04load\x18\x04 \x01(\x0b\x32\x15.tandem.v1.WorkerLoad\x12\x14\n\x0cload_unix_ms\x18\x05 \x01(\x04\x12\x1f\n\x17publishes_prefix_events\x18\x06 \x01(\x08\x12\x37\n\x08\x63ounters\x18\x07 \x03(\x0b\x32%.tandem.v1.WorkerStatus.CountersEntry\x12\x13\n\x0b\x63ompat_hash\x18\x08 \x01(\t\x12\x12\n\nblock_size\x18\t \x01(\r\x12\x11\n\thash_seed\x18\n \x01(\x04\x12\x38\n\tkv_layout\x18\x0b \x03(\x0b\x32%.tandem.v1.WorkerStatus.KvLayoutEntry\x12\x33\n\x06gauges\x18\x0c \x03(\x0b\x32#.tandem.v1.WorkerStatus.GaugesEntry\x1a/\n\rCountersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a/\n\rKvLayoutEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a-\n\x0bGaugesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x0f\n\rStatusRequest\"3\n\rCancelRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x1f\n\x0e\x43\x61ncelResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08*\x97\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\"\x04\x08\x04\x10\x04*\x13\x46INISH_REASON_ERROR*v\n\nWorkerRole\x12\x1b\n\x17WORKER_ROLE_UNSPECIFIED\x10\x00\x12\x17\n\x13WORKER_ROLE_PREFILL\x10\x01\x12\x16\n\x12WORKER_ROLE_DECODE\x10\x02\x12\x1a\n\x16WORKER_ROLE_AGGREGATED\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16tandem/v1/common.proto\x12\ttandem.v1\"\x89\x02\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\rH\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x03\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x05 \x01(\rH\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x13\n\x0bseed_offset\x18\t \x01(\rB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\r\n\x0b_max_tokens\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x15\n\rcached_tokens\x18\x02 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\r\"g\n\x10TransferEndpoint\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x10\n\x08metadata\x18\x02 \x01(\x0c\x12\x13\n\x0b\x63ompat_hash\x18\x03 \x01(\t\x12\x19\n\x11handshake_version\x18\x04 \x01(\r\"5\n\rTransferGrant\x12\x17\n\x0f\x65xpires_unix_ms\x18\x01 \x01(\x04\x12\x0b\n\x03mac\x18\x02 \x01(\x0c\"\xae\x01\n\nWorkerLoad\x12\x0f\n\x07running\x18\x01 \x01(\r\x12\x0f\n\x07waiting\x18\x02 \x01(\r\x12\x16\n\x0ekv_blocks_used\x18\x03 \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\x04 \x01(\r\x12\x13\n\x0bmax_running\x18\x06 \x01(\r\x12\x1c\n\x14queued_prompt_blocks\x18\x07 \x01(\rJ\x04\x08\x05\x10\x06R\x14queued_prompt_tokens\"\xa8\x04\n\x0cWorkerStatus\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12#\n\x04role\x18\x02 \x01(\x0e\x32\x15.tandem.v1.WorkerRole\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12#\n\x04load\x18\x04 \x01(\x0b\x32\x15.tandem.v1.WorkerLoad\x12\x14\n\x0cload_unix_ms\x18\x05 \x01(\x04\x12\x1f\n\x17publishes_prefix_events\x18\x06 \x01(\x08\x12\x37\n\x08\x63ounters\x18\x07 \x03(\x0b\x32%.tandem.v1.WorkerStatus.CountersEntry\x12\x13\n\x0b\x63ompat_hash\x18\x08 \x01(\t\x12\x12\n\nblock_size\x18\t \x01(\r\x12\x11\n\thash_seed\x18\n \x01(\x04\x12\x38\n\tkv_layout\x18\x0b \x03(\x0b\x32%.tandem.v1.WorkerStatus.KvLayoutEntry\x12\x33\n\x06gauges\x18\x0c \x03(\x0b\x32#.tandem.v1.WorkerStatus.GaugesEntry\x1a/\n\rCountersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a/\n\rKvLayoutEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a-\n\x0bGaugesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x0f\n\rStatusRequest\"3\n\rCancelRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x1f\n\x0e\x43\x61ncelResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08*\x97\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\"\x04\x08\x04\x10\x04*\x13\x46INISH_REASON_ERROR*v\n\nWorkerRole\x12\x1b\n\x17WORKER_ROLE_UNSPECIFIED\x10\x00\x12\x17\n\x13WORKER_ROLE_PREFILL\x10\x01\x12\x16\n\x12WORKER_ROLE_DECODE\x10\x02\x12\x1a\n\x16WORKER_ROLE_AGGREGATED\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,30 +37,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WORKERSTATUS_KVLAYOUTENTRY']._serialized_options = b'8\001'
   _globals['_WORKERSTATUS_GAUGESENTRY']._loaded_options = None
   _globals['_WORKERSTATUS_GAUGESENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=1328
-  _globals['_FINISHREASON']._serialized_end=1479
-  _globals['_WORKERROLE']._serialized_start=1481
-  _globals['_WORKERROLE']._serialized_end=1599
+  _globals['_FINISHREASON']._serialized_start=1383
+  _globals['_FINISHREASON']._serialized_end=1534
+  _globals['_WORKERROLE']._serialized_start=1536
+  _globals['_WORKERROLE']._serialized_end=1654
   _globals['_SAMPLINGPARAMS']._serialized_start=38
   _globals['_SAMPLINGPARAMS']._serialized_end=303
   _globals['_USAGE']._serialized_start=305
   _globals['_USAGE']._serialized_end=385
   _globals['_TRANSFERENDPOINT']._serialized_start=387
   _globals['_TRANSFERENDPOINT']._serialized_end=490
-  _globals['_WORKERLOAD']._serialized_start=493
-  _globals['_WORKERLOAD']._serialized_end=667
-  _globals['_WORKERSTATUS']._serialized_start=670
-  _globals['_WORKERSTATUS']._serialized_end=1222
-  _globals['_WORKERSTATUS_COUNTERSENTRY']._serialized_start=1079
-  _globals['_WORKERSTATUS_COUNTERSENTRY']._serialized_end=1126
-  _globals['_WORKERSTATUS_KVLAYOUTENTRY']._serialized_start=1128
-  _globals['_WORKERSTATUS_KVLAYOUTENTRY']._serialized_end=1175
-  _globals['_WORKERSTATUS_GAUGESENTRY']._serialized_start=1177
-  _globals['_WORKERSTATUS_GAUGESENTRY']._serialized_end=1222
-  _globals['_STATUSREQUEST']._serialized_start=1224
-  _globals['_STATUSREQUEST']._serialized_end=1239
-  _globals['_CANCELREQUEST']._serialized_start=1241
-  _globals['_CANCELREQUEST']._serialized_end=1292
-  _globals['_CANCELRESPONSE']._serialized_start=1294
-  _globals['_CANCELRESPONSE']._serialized_end=1325
+  _globals['_TRANSFERGRANT']._serialized_start=492
+  _globals['_TRANSFERGRANT']._serialized_end=545
+  _globals['_WORKERLOAD']._serialized_start=548
+  _globals['_WORKERLOAD']._serialized_end=722
+  _globals['_WORKERSTATUS']._serialized_start=725
+  _globals['_WORKERSTATUS']._serialized_end=1277
+  _globals['_WORKERSTATUS_COUNTERSENTRY']._serialized_start=1134
+  _globals['_WORKERSTATUS_COUNTERSENTRY']._serialized_end=1181
+  _globals['_WORKERSTATUS_KVLAYOUTENTRY']._serialized_start=1183
+  _globals['_WORKERSTATUS_KVLAYOUTENTRY']._serialized_end=1230
+  _globals['_WORKERSTATUS_GAUGESENTRY']._serialized_start=1232
+  _globals['_WORKERSTATUS_GAUGESENTRY']._serialized_end=1277
+  _globals['_STATUSREQUEST']._serialized_start=1279
+  _globals['_STATUSREQUEST']._serialized_end=1294
+  _globals['_CANCELREQUEST']._serialized_start=1296
+  _globals['_CANCELREQUEST']._serialized_end=1347
+  _globals['_CANCELRESPONSE']._serialized_start=1349
+  _globals['_CANCELRESPONSE']._serialized_end=1380
 # @@protoc_insertion_point(module_scope)

@@ -75,6 +75,14 @@ class TransferEndpoint(_message.Message):
     handshake_version: int
     def __init__(self, worker_id: _Optional[str] = ..., metadata: _Optional[bytes] = ..., compat_hash: _Optional[str] = ..., handshake_version: _Optional[int] = ...) -> None: ...
 
+class TransferGrant(_message.Message):
+    __slots__ = ("expires_unix_ms", "mac")
+    EXPIRES_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    MAC_FIELD_NUMBER: _ClassVar[int]
+    expires_unix_ms: int
+    mac: bytes
+    def __init__(self, expires_unix_ms: _Optional[int] = ..., mac: _Optional[bytes] = ...) -> None: ...
+
 class WorkerLoad(_message.Message):
     __slots__ = ("running", "waiting", "kv_blocks_used", "kv_blocks_total", "max_running", "queued_prompt_blocks")
     RUNNING_FIELD_NUMBER: _ClassVar[int]

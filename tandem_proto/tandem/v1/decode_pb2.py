@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from tandem_proto.tandem.v1 import common_pb2 as tandem_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16tandem/v1/decode.proto\x12\ttandem.v1\x1a\x16tandem/v1/common.proto\"\xab\x01\n\x0eReserveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12\x10\n\x08lease_ms\x18\x04 \x01(\r\x12\x17\n\ncache_salt\x18\x05 \x01(\tH\x00\x88\x01\x01\x42\r\n\x0b_cache_saltJ\x04\x08\x06\x10\x07R\x05trace\"\xa8\x01\n\x0fReserveResponse\x12\x11\n\tblock_ids\x18\x01 \x03(\r\x12\x19\n\x11num_cached_blocks\x18\x02 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x03 \x01(\r\x12-\n\x08\x65ndpoint\x18\x04 \x01(\x0b\x32\x1b.tandem.v1.TransferEndpoint\x12\x1d\n\x15lease_expires_unix_ms\x18\x05 \x01(\x04\"`\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x1b\n\x0e\x66irst_token_id\x18\x02 \x01(\rH\x00\x88\x01\x01\x42\x11\n\x0f_first_token_idJ\x04\x08\x03\x10\x04R\x05trace\"h\n\x0e\x44\x65\x63odeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12.\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x17.tandem.v1.FinishReasonJ\x04\x08\x03\x10\x04R\rfinish_detail2\x8b\x01\n\x06\x44\x65\x63ode\x12@\n\x07Reserve\x12\x19.tandem.v1.ReserveRequest\x1a\x1a.tandem.v1.ReserveResponse\x12?\n\x06\x44\x65\x63ode\x12\x18.tandem.v1.DecodeRequest\x1a\x19.tandem.v1.DecodeResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16tandem/v1/decode.proto\x12\ttandem.v1\x1a\x16tandem/v1/common.proto\"\xab\x01\n\x0eReserveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12\x10\n\x08lease_ms\x18\x04 \x01(\r\x12\x17\n\ncache_salt\x18\x05 \x01(\tH\x00\x88\x01\x01\x42\r\n\x0b_cache_saltJ\x04\x08\x06\x10\x07R\x05trace\"\xd1\x01\n\x0fReserveResponse\x12\x11\n\tblock_ids\x18\x01 \x03(\r\x12\x19\n\x11num_cached_blocks\x18\x02 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x03 \x01(\r\x12-\n\x08\x65ndpoint\x18\x04 \x01(\x0b\x32\x1b.tandem.v1.TransferEndpoint\x12\x1d\n\x15lease_expires_unix_ms\x18\x05 \x01(\x04\x12\'\n\x05grant\x18\x06 \x01(\x0b\x32\x18.tandem.v1.TransferGrant\"`\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x1b\n\x0e\x66irst_token_id\x18\x02 \x01(\rH\x00\x88\x01\x01\x42\x11\n\x0f_first_token_idJ\x04\x08\x03\x10\x04R\x05trace\"h\n\x0e\x44\x65\x63odeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12.\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x17.tandem.v1.FinishReasonJ\x04\x08\x03\x10\x04R\rfinish_detail2\x8b\x01\n\x06\x44\x65\x63ode\x12@\n\x07Reserve\x12\x19.tandem.v1.ReserveRequest\x1a\x1a.tandem.v1.ReserveResponse\x12?\n\x06\x44\x65\x63ode\x12\x18.tandem.v1.DecodeRequest\x1a\x19.tandem.v1.DecodeResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,11 +35,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RESERVEREQUEST']._serialized_start=62
   _globals['_RESERVEREQUEST']._serialized_end=233
   _globals['_RESERVERESPONSE']._serialized_start=236
-  _globals['_RESERVERESPONSE']._serialized_end=404
-  _globals['_DECODEREQUEST']._serialized_start=406
-  _globals['_DECODEREQUEST']._serialized_end=502
-  _globals['_DECODERESPONSE']._serialized_start=504
-  _globals['_DECODERESPONSE']._serialized_end=608
-  _globals['_DECODE']._serialized_start=611
-  _globals['_DECODE']._serialized_end=750
+  _globals['_RESERVERESPONSE']._serialized_end=445
+  _globals['_DECODEREQUEST']._serialized_start=447
+  _globals['_DECODEREQUEST']._serialized_end=543
+  _globals['_DECODERESPONSE']._serialized_start=545
+  _globals['_DECODERESPONSE']._serialized_end=649
+  _globals['_DECODE']._serialized_start=652
+  _globals['_DECODE']._serialized_end=791
 # @@protoc_insertion_point(module_scope)

@@ -24,18 +24,20 @@ class ReserveRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., lease_ms: _Optional[int] = ..., cache_salt: _Optional[str] = ...) -> None: ...
 
 class ReserveResponse(_message.Message):
-    __slots__ = ("block_ids", "num_cached_blocks", "num_cached_tokens", "endpoint", "lease_expires_unix_ms")
+    __slots__ = ("block_ids", "num_cached_blocks", "num_cached_tokens", "endpoint", "lease_expires_unix_ms", "grant")
     BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
     NUM_CACHED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     NUM_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     LEASE_EXPIRES_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    GRANT_FIELD_NUMBER: _ClassVar[int]
     block_ids: _containers.RepeatedScalarFieldContainer[int]
     num_cached_blocks: int
     num_cached_tokens: int
     endpoint: _common_pb2.TransferEndpoint
     lease_expires_unix_ms: int
-    def __init__(self, block_ids: _Optional[_Iterable[int]] = ..., num_cached_blocks: _Optional[int] = ..., num_cached_tokens: _Optional[int] = ..., endpoint: _Optional[_Union[_common_pb2.TransferEndpoint, _Mapping]] = ..., lease_expires_unix_ms: _Optional[int] = ...) -> None: ...
+    grant: _common_pb2.TransferGrant
+    def __init__(self, block_ids: _Optional[_Iterable[int]] = ..., num_cached_blocks: _Optional[int] = ..., num_cached_tokens: _Optional[int] = ..., endpoint: _Optional[_Union[_common_pb2.TransferEndpoint, _Mapping]] = ..., lease_expires_unix_ms: _Optional[int] = ..., grant: _Optional[_Union[_common_pb2.TransferGrant, _Mapping]] = ...) -> None: ...
 
 class DecodeRequest(_message.Message):
     __slots__ = ("request_id", "first_token_id")

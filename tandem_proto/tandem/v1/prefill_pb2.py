@@ -25,19 +25,19 @@ _sym_db = _symbol_database.Default()
 from tandem_proto.tandem.v1 import common_pb2 as tandem_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17tandem/v1/prefill.proto\x12\ttandem.v1\x1a\x16tandem/v1/common.proto\"k\n\x0c\x44\x65\x63odeTarget\x12-\n\x08\x65ndpoint\x18\x01 \x01(\x0b\x32\x1b.tandem.v1.TransferEndpoint\x12\x11\n\tblock_ids\x18\x02 \x03(\r\x12\x19\n\x11num_cached_blocks\x18\x03 \x01(\r\"\xc2\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12\'\n\x06target\x18\x04 \x01(\x0b\x32\x17.tandem.v1.DecodeTarget\x12\x17\n\ncache_salt\x18\x06 \x01(\tH\x00\x88\x01\x01\x42\r\n\x0b_cache_saltJ\x04\x08\x05\x10\x06R\x05trace\"z\n\x0fPrefillResponse\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\r\x12\x1b\n\x13num_computed_tokens\x18\x02 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x03 \x01(\r\x12\x17\n\x0fnum_blocks_sent\x18\x04 \x01(\r2K\n\x07Prefill\x12@\n\x07Prefill\x12\x19.tandem.v1.PrefillRequest\x1a\x1a.tandem.v1.PrefillResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17tandem/v1/prefill.proto\x12\ttandem.v1\x1a\x16tandem/v1/common.proto\"\x94\x01\n\x0c\x44\x65\x63odeTarget\x12-\n\x08\x65ndpoint\x18\x01 \x01(\x0b\x32\x1b.tandem.v1.TransferEndpoint\x12\x11\n\tblock_ids\x18\x02 \x03(\r\x12\x19\n\x11num_cached_blocks\x18\x03 \x01(\r\x12\'\n\x05grant\x18\x04 \x01(\x0b\x32\x18.tandem.v1.TransferGrant\"\xc2\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12\'\n\x06target\x18\x04 \x01(\x0b\x32\x17.tandem.v1.DecodeTarget\x12\x17\n\ncache_salt\x18\x06 \x01(\tH\x00\x88\x01\x01\x42\r\n\x0b_cache_saltJ\x04\x08\x05\x10\x06R\x05trace\"z\n\x0fPrefillResponse\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\r\x12\x1b\n\x13num_computed_tokens\x18\x02 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x03 \x01(\r\x12\x17\n\x0fnum_blocks_sent\x18\x04 \x01(\r2K\n\x07Prefill\x12@\n\x07Prefill\x12\x19.tandem.v1.PrefillRequest\x1a\x1a.tandem.v1.PrefillResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tandem.v1.prefill_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DECODETARGET']._serialized_start=62
-  _globals['_DECODETARGET']._serialized_end=169
-  _globals['_PREFILLREQUEST']._serialized_start=172
-  _globals['_PREFILLREQUEST']._serialized_end=366
-  _globals['_PREFILLRESPONSE']._serialized_start=368
-  _globals['_PREFILLRESPONSE']._serialized_end=490
-  _globals['_PREFILL']._serialized_start=492
-  _globals['_PREFILL']._serialized_end=567
+  _globals['_DECODETARGET']._serialized_start=63
+  _globals['_DECODETARGET']._serialized_end=211
+  _globals['_PREFILLREQUEST']._serialized_start=214
+  _globals['_PREFILLREQUEST']._serialized_end=408
+  _globals['_PREFILLRESPONSE']._serialized_start=410
+  _globals['_PREFILLRESPONSE']._serialized_end=532
+  _globals['_PREFILL']._serialized_start=534
+  _globals['_PREFILL']._serialized_end=609
 # @@protoc_insertion_point(module_scope)
