@@ -99,6 +99,9 @@ class Engine:
                                    cfg.max_num_batched_tokens)
         self.stats = EngineStats()
         self.last_step: StepInfo | None = None  # what the latest step ran (None: nothing)
+        # the latest step could run nothing and preempted nothing: only a change from outside
+        # (a release, an admitted or expired reservation) can let the waiting requests in
+        self.stalled = False
         self._requests: dict[str, Request] = {}  # every request the engine knows
         self._reserved: dict[str, Request] = {}  # decode role: awaiting their KV
         self._quarantined: dict[str, list[str]] = {}  # request id → block owner keys held
@@ -211,6 +214,7 @@ class Engine:
         self.last_step = None
         batch = self.scheduler.schedule()
         self.stats.preemptions += len(batch.preempted)
+        self.stalled = batch.is_empty and not batch.preempted
         if batch.is_empty:
             return []
         prefill_tokens = decode_seqs = 0
@@ -250,11 +254,14 @@ class Engine:
         """Decode role: allocates blocks for a prompt whose KV another worker will write.
 
         Blocks this engine already holds by prefix hash come back as cached (their tokens
-        need not be sent). Returns None when the blocks are not free now. The request waits
-        outside the scheduler until `admit_prefilled` (KV complete) or `release`.
+        need not be sent). Returns None when the blocks are not free now, or when a preempted
+        request waits for blocks (it goes first: no starvation). The request waits outside the
+        scheduler until `admit_prefilled` (KV complete) or `release`.
         """
         sampling = sampling or SamplingParams()
         request = self._new_request(request_id, prompt_token_ids, sampling, cache_salt)
+        if self.scheduler.has_preempted_waiting:
+            return None
         allocation = self.block_manager.allocate(request_id, request.token_ids,
                                                  request.block_hashes)
         if allocation is None:

@@ -135,7 +135,10 @@ class EngineLoop:
         try:
             wait = IDLE_WAIT_S  # the longest the next command wait may take
             while not self._stop.is_set():
-                self._run_commands(0.0 if self.engine.has_unfinished() else wait)
+                # a stalled engine (its waiting requests need blocks held outside the
+                # scheduler) waits for the command that frees them instead of spinning
+                busy = self.engine.has_unfinished() and not self.engine.stalled
+                self._run_commands(0.0 if busy else wait)
                 wait = self._idle()
                 if self.engine.has_unfinished():
                     if self.step_delay_s:

@@ -7,7 +7,14 @@ free blocks allow; a request is admitted only when blocks for its whole prompt c
 allocated (prefix-cache hits are reused, not recomputed). When a running request needs a new
 block and none is free, the most recently arrived running request is preempted: its blocks
 are freed and it goes back to the front of the queue to be recomputed later (its full blocks
-usually remain in the prefix cache, so recompute is cheap).
+usually remain in the prefix cache, so recompute is cheap). The preempted request keeps its
+generated tokens: recomputing prompt + output gives the logits of its next token, so the tokens
+it streams are those of an undisturbed run (and a seeded request's generator simply goes on).
+
+Preemption never deadlocks: a request is validated to fit the whole cache alone
+(`Engine.validate`), the oldest running request is preempted last, and in the decode role no
+new reservation is granted while a preempted request waits (`has_preempted_waiting`), so the
+blocks held outside the scheduler (reservations awaiting KV, quarantines) only drain.
 """
 
 from __future__ import annotations
@@ -47,6 +54,11 @@ class Scheduler:
     @property
     def num_unfinished(self) -> int:
         return len(self.waiting) + len(self.running)
+
+    @property
+    def has_preempted_waiting(self) -> bool:
+        """A preempted request waits for blocks: new work should not take them first."""
+        return any(r.num_preemptions for r in self.waiting)
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)

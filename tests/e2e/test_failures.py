@@ -39,14 +39,18 @@ from tests.e2e.helpers import (
 pytestmark = pytest.mark.timeout(300)
 
 
+SLOW_WORKER_ARGS = ["--num-blocks", "192", "--step-delay-ms", "150",
+                    "--max-num-batched-tokens", "64", "--kv-layer-group", "1",
+                    "--shutdown-grace-s", "2"]
+
+
 @pytest.fixture(scope="module")
 def slow_cluster(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory,
                  ) -> Iterator[LocalCluster]:
+    """On NIXL, the default backend (tests/e2e/test_failures_ucxx.py: the same on ucxx)."""
     logs = tmp_path_factory.mktemp("slow-cluster-logs")
     with LocalCluster(tiny_llama, prefill=2, decode=2, log_dir=logs,
-                      worker_args=["--num-blocks", "192", "--step-delay-ms", "150",
-                                   "--max-num-batched-tokens", "64", "--kv-layer-group", "1",
-                                   "--shutdown-grace-s", "2"]) as running:
+                      worker_args=SLOW_WORKER_ARGS) as running:
         yield running
 
 

@@ -25,10 +25,11 @@ def engines(model_dir: Path) -> tuple[Engine, Engine]:
     return Engine(model_dir, config), Engine(model_dir, config)
 
 
-def disaggregated(prefill: Engine, decode: Engine, rid: str, prompt: list[int],
-                  new_tokens: int) -> tuple[list[int], int, int]:
-    """Runs one request P → D; returns (tokens, blocks copied, D's cached prompt tokens)."""
-    sampling = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
+def prefill_remotely(prefill: Engine, decode: Engine, rid: str, prompt: list[int],
+                     sampling: SamplingParams) -> tuple[int, int, int]:
+    """Reserves on D, prefills on P with every layer's blocks copied into D's reservation,
+    releases P; returns (the first token, blocks copied, D's cached prompt tokens). The
+    request is then ready for `decode.admit_prefilled`."""
     reservation = decode.reserve(rid, prompt, sampling)
     assert reservation is not None
     d_blocks, d_cached_blocks = reservation.block_ids, reservation.num_cached_tokens // BS
@@ -57,10 +58,18 @@ def disaggregated(prefill: Engine, decode: Engine, rid: str, prompt: list[int],
             decode.runner.kv_cache[:, d_blocks[i]] = prefill.runner.kv_cache[:, p_blocks[i]]
             copied.add(i)
     assert prefill.release(rid)
+    return first_token, len(copied), reservation.num_cached_tokens
+
+
+def disaggregated(prefill: Engine, decode: Engine, rid: str, prompt: list[int],
+                  new_tokens: int) -> tuple[list[int], int, int]:
+    """Runs one request P → D; returns (tokens, blocks copied, D's cached prompt tokens)."""
+    sampling = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
+    first_token, copied, cached = prefill_remotely(prefill, decode, rid, prompt, sampling)
     tokens = decode.admit_prefilled(rid, first_token).new_token_ids
     while decode.has_unfinished():
         tokens += [t for o in decode.step() for t in o.new_token_ids]
-    return tokens, len(copied), reservation.num_cached_tokens
+    return tokens, copied, cached
 
 
 def test_prefill_then_decode_matches_transformers(tiny_llama: Path) -> None:
