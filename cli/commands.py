@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import secrets
 import signal
 import sys
+import tempfile
 import threading
 from pathlib import Path
 from typing import NoReturn
@@ -58,6 +60,10 @@ def add_up(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--local-prefill-max-tokens", type=int,
                         help="router: prefill prompts with at most this many uncached tokens "
                              "on their decode worker (default: always disaggregate)")
+    parser.add_argument("--insecure-plaintext", action="store_true",
+                        help="run every port without TLS (default: TLS everywhere, mutual "
+                             "between router and workers, from a throwaway CA made in the log "
+                             "folder's certs/)")
 
 
 def up(args: argparse.Namespace) -> int:
@@ -69,15 +75,19 @@ def up(args: argparse.Namespace) -> int:
         raise ValueError("prefill/decode/aggregated: need a prefill and a decode worker, or "
                          "an aggregated one")
     model = ensure_model(args.model)
+    from cli.throwaway_ca import write_cluster_certs
+
     local = [] if args.local_prefill_max_tokens is None else [
         "--local-prefill-max-tokens", str(args.local_prefill_max_tokens)]
+    log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="tandem-cluster-"))
+    certs = None if args.insecure_plaintext else write_cluster_certs(log_dir / "certs")
     cluster = LocalCluster(
         model, prefill=args.prefill, decode=args.decode, router_port=args.port,
         http_port=args.http_port,
         worker_args=["--transfer-backend", args.transfer_backend,
                      "--num-blocks", str(args.num_blocks), "--engine", args.engine],
-        router_args=["--policy", args.policy, *local], log_dir=args.log_dir,
-        aggregated=args.aggregated)
+        router_args=["--policy", args.policy, *local], log_dir=log_dir,
+        aggregated=args.aggregated, tls=certs, redis_password=secrets.token_urlsafe(24))
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -86,13 +96,15 @@ def up(args: argparse.Namespace) -> int:
           flush=True)
     try:
         cluster.start()
-        print(f"router listening on {cluster.router_address}", flush=True)
+        ca = str(certs.ca) if certs else None
+        print(f"router listening on {cluster.router_address}"
+              + (f" (TLS; CA {ca})" if ca else " (PLAINTEXT)"), flush=True)
         print(f"OpenAI API on {cluster.http_url}/v1", flush=True)
         if args.demo:
-            asyncio.run(run_demo(cluster.router_address, model))
+            asyncio.run(run_demo(cluster.router_address, model, ca))
         if not args.exit:
-            print(f"serving; try: tandem generate \"Hello\" --router {cluster.router_address}"
-                  "\nCtrl-C stops the cluster", flush=True)
+            print(connect_hint(cluster.router_address, cluster.http_url, ca)
+                  + "\nCtrl-C stops the cluster", flush=True)
             while not stop.wait(0.5):
                 dead = [p.name for p in cluster.processes if not p.alive]
                 if dead:
@@ -102,6 +114,17 @@ def up(args: argparse.Namespace) -> int:
         print("stopping the cluster", flush=True)
         cluster.stop()
     return 0
+
+
+def connect_hint(router: str, http_url: str, ca: str | None) -> str:
+    """How to reach a `tandem up` cluster: `tandem generate`, curl and the openai SDK."""
+    if ca is None:
+        return (f"serving; try: tandem generate \"Hello\" --router {router}\n"
+                f"  curl {http_url}/v1/models")
+    return (f"serving over TLS; try: tandem generate \"Hello\" --router {router} --ca {ca}\n"
+            f"  curl --cacert {ca} {http_url}/v1/models\n"
+            f"  openai SDK: OpenAI(base_url=\"{http_url}/v1\", api_key=\"none\", "
+            f"http_client=httpx.Client(verify=\"{ca}\"))  (or SSL_CERT_FILE={ca})")
 
 
 def add_generate(parser: argparse.ArgumentParser) -> None:
@@ -119,6 +142,9 @@ def add_generate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--token", default=os.environ.get("TANDEM_API_TOKEN"),
                         help="bearer token of the router's public API (env TANDEM_API_TOKEN; "
                              "the router's api_tokens_file)")
+    parser.add_argument("--ca", default=os.environ.get("TANDEM_TLS_CA"),
+                        help="CA file that signed the router's certificate (env "
+                             "TANDEM_TLS_CA; `tandem up` prints it); unset: plaintext")
 
 
 def generate(args: argparse.Namespace) -> int:
@@ -127,7 +153,7 @@ def generate(args: argparse.Namespace) -> int:
     from cli.router_client import RouterClient
 
     async def run() -> None:
-        async with RouterClient(args.router, args.token) as client:
+        async with RouterClient(args.router, args.token, ca=args.ca) as client:
             async for chunk in client.generate(
                     text=args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
                     top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop,
@@ -139,7 +165,10 @@ def generate(args: argparse.Namespace) -> int:
     try:
         asyncio.run(run())
     except grpc.aio.AioRpcError as error:
-        print(f"tandem generate: {error.code().name}: {error.details()}", file=sys.stderr)
+        hint = ""
+        if error.code() is grpc.StatusCode.UNAVAILABLE and args.ca is None:
+            hint = " (if the router serves TLS, as `tandem up` does, pass --ca CA_FILE)"
+        print(f"tandem generate: {error.code().name}: {error.details()}{hint}", file=sys.stderr)
         return 1
     return 0
 

@@ -44,12 +44,12 @@ def demo_prompts(model_dir: Path) -> list[DemoPrompt]:
             for question in QUESTIONS]
 
 
-async def run_demo(address: str, model_dir: Path) -> None:
+async def run_demo(address: str, model_dir: Path, ca: str | None = None) -> None:
     """Streams each demo prompt's answer from the router at `address`, then the cluster's
     status."""
     from cli.router_client import RouterClient
 
-    async with RouterClient(address) as client:
+    async with RouterClient(address, ca=ca) as client:
         for prompt in demo_prompts(model_dir):
             print(f"\n> {prompt.shown}\n", end="", flush=True)
             async for chunk in client.generate(text=prompt.text, max_tokens=MAX_TOKENS,

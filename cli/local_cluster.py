@@ -1,12 +1,18 @@
 """A whole Tandem cluster on one machine, as real processes: `tandem up` and the e2e tests.
 
-Starts a private `redis-server` on a free loopback port, then prefill workers, decode workers
-and the router, each as `python -m <package>` with its output in a log file, on loopback ports
-chosen here (gRPC, /metrics, the router's OpenAI HTTP API); a process is ready when its
-`grpc.health.v1` service answers SERVING, as a Kubernetes probe would ask (the router starts
-its HTTP API before it answers). `stop()` sends SIGTERM to every process (SIGKILL after
-a grace period) and stops Redis, leaving nothing behind. Individual processes can be killed and
-new ones started, to test failures.
+Starts a private `redis-server` on a free loopback port (with a password when
+`redis_password` is given; processes get the URL in `TANDEM_REDIS_URL`, not in their visible
+arguments), then prefill workers, decode workers and the router, each as `python -m <package>`
+with its output in a log file, on loopback ports chosen here (gRPC, /metrics, the router's
+OpenAI HTTP API); a process is ready when its `grpc.health.v1` service answers SERVING, as a
+Kubernetes probe would ask (the router starts its HTTP API before it answers). `stop()` sends
+SIGTERM to every process (SIGKILL after a grace period) and stops Redis, leaving nothing behind.
+Individual processes can be killed and new ones started, to test failures.
+
+TLS is a choice made here, never a silent default: with `tls` (a throwaway CA's files,
+`cli.throwaway_ca`) every process serves TLS and workers require the router's client
+certificate; without it every process is started with `--insecure-plaintext` (the tests whose
+subject is not TLS). `tandem up` passes `tls`.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cli.redis_server import LocalRedisServer
+from cli.throwaway_ca import ClusterCerts
 
 MODULES = {"prefill": "prefill_worker", "decode": "decode_worker", "router": "router",
            "aggregated": "decode_worker.aggregated"}
@@ -122,11 +129,13 @@ class LocalCluster:
     processes: list[ServiceProcess] = field(default_factory=list)
     aggregated: int = 0  # workers that prefill and decode their own requests
     api_token: str | None = None  # the router's bearer token, when router_args give it tokens
+    tls: ClusterCerts | None = None  # None: every process runs with --insecure-plaintext
+    redis_password: str | None = None  # Redis's requirepass (None: no password)
 
     def __post_init__(self) -> None:
         if shutil.which("redis-server") is None:
             raise FileNotFoundError(REDIS_HINT)
-        self.redis = LocalRedisServer()
+        self.redis = LocalRedisServer(password=self.redis_password)
         self.log_dir = Path(self.log_dir or tempfile.mkdtemp(prefix="tandem-cluster-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self._counter = 0
@@ -159,8 +168,18 @@ class LocalCluster:
 
     @property
     def http_url(self) -> str:
-        """The router's OpenAI-compatible API, "http://host:port" (its paths start /v1)."""
-        return f"http://{self.router.http_address}"
+        """The router's OpenAI-compatible API, "http(s)://host:port" (its paths start /v1)."""
+        return f"{'https' if self.tls else 'http'}://{self.router.http_address}"
+
+    def grpc_channel(self, address: str) -> grpc.Channel:
+        """A blocking channel to one of the cluster's processes: with `tls`, presenting the
+        client certificate (workers require one) and trusting the throwaway CA."""
+        if self.tls is None:
+            return grpc.insecure_channel(address)
+        credentials = grpc.ssl_channel_credentials(
+            self.tls.ca.read_bytes(), self.tls.client_key.read_bytes(),
+            self.tls.client_cert.read_bytes())
+        return grpc.secure_channel(address, credentials)
 
     def workers(self, role: str) -> list[ServiceProcess]:
         return [p for p in self.processes if p.role == role and p.alive]
@@ -172,8 +191,9 @@ class LocalCluster:
         name = role if role == "router" else f"{role}-{self._counter}"
         port = self.router_port if role == "router" and self.router_port else self._ports.take()
         metrics = f"127.0.0.1:{self._ports.take()}" if self.metrics else ""
-        args = ["--model", str(self.model), "--redis-url", self.redis.url,
-                "--listen", f"127.0.0.1:{port}", "--metrics-listen", metrics]
+        args = ["--model", str(self.model), "--listen", f"127.0.0.1:{port}",
+                "--metrics-listen", metrics,
+                *(self.tls.flags() if self.tls else ["--insecure-plaintext"])]
         http = ""
         if role == "router":
             http = f"127.0.0.1:{self.http_port or self._ports.take()}"
@@ -186,7 +206,8 @@ class LocalCluster:
             args += self.worker_args
         assert self.log_dir is not None
         log_path = self.log_dir / f"{name}.log"
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "UCX_WARN_UNUSED_ENV_VARS": "n"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "UCX_WARN_UNUSED_ENV_VARS": "n",
+               "TANDEM_REDIS_URL": self.redis.url}  # the URL may hold the password
         if self.omp_spin_count is not None and role != "router":
             env["GOMP_SPINCOUNT"] = str(self.omp_spin_count)
         with open(log_path, "wb") as log:
@@ -211,7 +232,7 @@ class LocalCluster:
         dies or stalls."""
         timeout = timeout_s or self.start_timeout_s
         deadline = time.monotonic() + timeout
-        with grpc.insecure_channel(process.address) as channel:
+        with self.grpc_channel(process.address) as channel:
             health = health_pb2_grpc.HealthStub(channel)
             while time.monotonic() < deadline:
                 if not process.alive:
@@ -230,12 +251,10 @@ class LocalCluster:
     def wait_for_workers(self, count: int, timeout_s: float = 60.0) -> None:
         """Waits until the router routes to `count` live workers (a blocking call, usable
         from inside a running event loop)."""
-        import grpc
-
         from tandem_proto.tandem.v1 import router_pb2, router_pb2_grpc
 
         def seen() -> int:
-            with grpc.insecure_channel(self.router_address) as channel:
+            with self.grpc_channel(self.router_address) as channel:
                 stub = router_pb2_grpc.RouterStub(channel)
                 auth = [("authorization", f"Bearer {self.api_token}")] if self.api_token else []
                 status = stub.GetClusterStatus(router_pb2.GetClusterStatusRequest(), timeout=5,

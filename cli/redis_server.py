@@ -21,20 +21,37 @@ from cluster.addresses import free_port
 _START_TIMEOUT_S = 10.0
 
 
-def _ping(host: str, port: int, timeout_s: float = 0.2) -> bool:
+def _ping(host: str, port: int, password: str | None, timeout_s: float = 0.2) -> bool:
     try:
         with socket.create_connection((host, port), timeout=timeout_s) as sock:
-            sock.sendall(b"PING\r\n")
-            return sock.recv(16).startswith(b"+PONG")
+            # inline commands; a password-protected server answers NOAUTH to a bare PING
+            sock.sendall((f"AUTH {password}\r\n" if password else "").encode() + b"PING\r\n")
+            return b"+PONG" in _read_replies(sock, 2 if password else 1)
     except OSError:
         return False
+
+
+def _read_replies(sock: socket.socket, lines: int) -> bytes:
+    data = b""
+    while data.count(b"\r\n") < lines:
+        chunk = sock.recv(64)
+        if not chunk:
+            break
+        data += chunk
+    return data
 
 
 class LocalRedisServer:
     """`with LocalRedisServer() as redis: redis.url` — a fresh, empty Redis for the block."""
 
     def __init__(self, port: int | None = None, host: str = "127.0.0.1",
-                 binary: str = "redis-server") -> None:
+                 binary: str = "redis-server", password: str | None = None) -> None:
+        """`password`: the server's requirepass (None: none); it must be URL- and
+        command-safe (letters, digits, `-_.`)."""
+        if password is not None and (not password or not all(
+                c.isalnum() or c in "-_." for c in password)):
+            raise ValueError("password: letters, digits and -_. only, not empty")
+        self.password = password
         self.host = host
         self.port = port or free_port(host)
         self.binary = shutil.which(binary) or binary
@@ -44,7 +61,9 @@ class LocalRedisServer:
 
     @property
     def url(self) -> str:
-        return f"redis://{self.host}:{self.port}/0"
+        """redis://[:password@]host:port/0"""
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}{self.host}:{self.port}/0"
 
     @property
     def pid(self) -> int | None:
@@ -59,13 +78,17 @@ class LocalRedisServer:
         """Starts the server (empty) and waits until it answers PING."""
         if self.running:
             return
+        # the password goes in a config file only its owner reads, not in the visible argv
+        conf = self._dir / "redis.conf"
+        conf.write_text(f"requirepass {self.password}\n" if self.password else "")
+        conf.chmod(0o600)
         self._proc = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", self.host, "--save", "",
+            [self.binary, str(conf), "--port", str(self.port), "--bind", self.host, "--save", "",
              "--appendonly", "no", "--dir", str(self._dir), "--loglevel", "warning",
              "--logfile", str(self._log)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + _START_TIMEOUT_S
-        while not _ping(self.host, self.port):
+        while not _ping(self.host, self.port, self.password):
             if self._proc.poll() is not None:
                 err = self._log.read_text() if self._log.exists() else ""
                 raise RuntimeError(f"redis-server exited with {self._proc.returncode}: {err}")

@@ -16,6 +16,7 @@ from grpc import aio
 
 from cluster.convert import FINISH_FROM_PB
 from cluster.grpc_auth import metadata_interceptors
+from cluster.tls import client_channel
 from tandem_proto.tandem.v1 import common_pb2, router_pb2, router_pb2_grpc
 
 
@@ -46,12 +47,15 @@ class Completion:
 
 class RouterClient:
     """The router's public API; `token`: sent as `authorization: Bearer <token>` on every
-    call (the router's `api_tokens_file`)."""
+    call (the router's `api_tokens_file`); `ca`: the CA file that signed the router's
+    certificate (TLS; None: plaintext, for a router run with --insecure-plaintext)."""
 
-    def __init__(self, address: str, token: str | None = None) -> None:
+    def __init__(self, address: str, token: str | None = None, ca: str | None = None,
+                 server_name: str | None = None) -> None:
         self.address = address
-        self.channel = aio.insecure_channel(address, interceptors=metadata_interceptors(
-            [("authorization", f"Bearer {token}")]) if token else None)
+        auth = metadata_interceptors([("authorization", f"Bearer {token}")]) if token else ()
+        self.channel: aio.Channel = client_channel(address, ca, server_name=server_name,
+                                                   interceptors=auth)
         self.stub = router_pb2_grpc.RouterStub(self.channel)
 
     async def __aenter__(self) -> RouterClient:

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import grpc
 from grpc import aio
 from grpc_health.v1 import health as grpc_health
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -76,8 +77,11 @@ class GrpcServer:
 
 async def start_server(services: Sequence[ServiceBinding], address: str = "127.0.0.1:0", *,
                        interceptors: Sequence[aio.ServerInterceptor] = (),
-                       options: Sequence[tuple[str, Any]] = ()) -> GrpcServer:
-    """Builds, binds and starts a server for `services` on `address` ("host:0" picks a port)."""
+                       options: Sequence[tuple[str, Any]] = (),
+                       credentials: grpc.ServerCredentials | None = None) -> GrpcServer:
+    """Builds, binds and starts a server for `services` on `address` ("host:0" picks a port):
+    a TLS port with `credentials` (`cluster.tls.TlsConfig.server_credentials`), else a
+    plaintext one."""
     host, _ = split_host_port(address, "listen")
     server = aio.server(
         interceptors=[*server_interceptors(), ErrorMappingInterceptor(), *interceptors],
@@ -90,7 +94,8 @@ async def start_server(services: Sequence[ServiceBinding], address: str = "127.0
     reflection.enable_server_reflection(
         [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
          reflection.SERVICE_NAME], server)
-    port = server.add_insecure_port(address)
+    port = (server.add_insecure_port(address) if credentials is None
+            else server.add_secure_port(address, credentials))
     if port == 0:
         raise OSError(f"cannot bind gRPC server to {address}")
     await server.start()

@@ -27,6 +27,7 @@ from prometheus_client import CollectorRegistry
 
 from cluster.addresses import split_host_port
 from cluster.grpc_server import ServiceBinding, start_server
+from cluster.tls import TlsConfig
 from observability.metrics import serve_metrics
 
 log = logging.getLogger(__name__)
@@ -47,28 +48,38 @@ class ProcessOptions:
     on_stopping: Callable[[], Awaitable[None]] | None = None
     interceptors: Sequence[aio.ServerInterceptor] = ()  # after tracing and error mapping
     grpc_options: Sequence[tuple[str, Any]] = ()  # channel args, after the defaults
+    # TLS of the gRPC port and /metrics; the default (nothing chosen) refuses to serve
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    require_client_cert: bool = False  # mutual TLS: the workers' internal services
 
 
 async def serve_until_stopped(services: Sequence[ServiceBinding], options: ProcessOptions,
                               ) -> str:
     """Runs the process's servers until a signal or `options.stop` (see the module doc);
     returns the address it served on."""
-    server = await start_server(services, options.listen, interceptors=options.interceptors,
-                                options=options.grpc_options)
+    options.tls.require_choice()
+    server = await start_server(
+        services, options.listen, interceptors=options.interceptors,
+        options=options.grpc_options,
+        credentials=options.tls.server_credentials(options.require_client_cert))
     host = options.advertise_host or server.host
     address = f"{host}:{server.port}"
     metrics = None
     if options.metrics_listen:
         metrics_host, metrics_port = split_host_port(options.metrics_listen, "metrics_listen")
-        metrics = serve_metrics(options.metrics_registry, metrics_host, metrics_port)
-        log.info("%s: metrics on http://%s/metrics", options.name, metrics.address)
+        metrics = serve_metrics(options.metrics_registry, metrics_host, metrics_port,
+                                **options.tls.metrics_options())
+        log.info("%s: metrics on %s://%s/metrics", options.name, options.tls.scheme,
+                 metrics.address)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, options.stop.set)
     try:
         if options.on_started is not None:
             await options.on_started(address)
-        log.info("%s serving on %s", options.name, address)
+        log.info("%s serving on %s (%s)", options.name, address,
+                 "mutual TLS" if options.tls.enabled and options.require_client_cert
+                 else "TLS" if options.tls.enabled else "PLAINTEXT, chosen explicitly")
         await options.stop.wait()
         log.info("%s shutting down: no new work, %.0f s grace", options.name, options.grace_s)
         await server.set_serving(False)

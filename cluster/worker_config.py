@@ -16,6 +16,7 @@ from cluster.addresses import is_loopback, split_host_port
 from cluster.cluster_secret import LOCAL_DEV_TOKEN, secret_or_dev
 from cluster.roles import Role
 from cluster.settings import ConfigFlags
+from cluster.tls import TlsConfig
 from engine.config import EngineConfig
 from index.redis_client import RedisConfig
 from kv_transfer.base import TransferConfig
@@ -90,6 +91,9 @@ class WorkerConfig:
         "help": "fault injection for tests: sleep this long before every engine step"})
     metrics_listen: str = field(default="127.0.0.1:0", metadata={
         "help": "host:port serving Prometheus /metrics (port 0: any free port; empty: off)"})
+    # --tls-cert/--tls-key/--tls-ca or --insecure-plaintext: the gRPC port requires a client
+    # certificate signed by the CA (mutual TLS); /metrics is https with the same certificate
+    tls: TlsConfig = field(default_factory=TlsConfig)
 
     def __post_init__(self) -> None:
         listen_host, _ = split_host_port(self.listen, "listen")

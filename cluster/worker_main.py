@@ -44,6 +44,10 @@ def run_worker(role: Role, serve: Callable[[WorkerConfig], Coroutine[Any, Any, N
     flags = worker_flags()
     flags.add_to(parser)
     config = flags.parse(parser, argv, role=role)
+    try:
+        config.tls.require_choice()
+    except ValueError as error:
+        parser.error(str(error))
     setup_logging()
     setup_tracing(f"tandem-{role.value}")
     asyncio.run(serve(config))

@@ -34,7 +34,7 @@ from engine.engine import Engine, StepLayerCallback
 from engine.engine_loop import EngineLoop, build_engine
 from engine.scheduler import ScheduledBatch
 from index.prefix_index import PrefixIndexWriter
-from index.redis_client import connect
+from index.redis_client import check_auth, connect
 from index.registry import Heartbeat, LoadReport, WorkerRecord, WorkerRegistry
 from kv_transfer.base import KVTransferAgent, TransferEvent
 from kv_transfer.registry import create_agent
@@ -171,6 +171,7 @@ class WorkerRuntime:
             if cfg.redis_url:
                 redis_cfg = cfg.redis_config()
                 redis = connect(redis_cfg)
+                await check_auth(redis, redis_cfg)  # a refused password ends the worker
                 self.writer = PrefixIndexWriter(redis, redis_cfg, self.worker_id)
                 registry = WorkerRegistry(redis, redis_cfg, ttl_s=cfg.heartbeat_ttl_s)
                 self.heartbeat = Heartbeat(registry, lambda: WorkerRecord(
@@ -190,7 +191,8 @@ class WorkerRuntime:
             metrics_registry=self.registry, metrics_listen=cfg.metrics_listen,
             advertise_host=cfg.host, grace_s=cfg.shutdown_grace_s, stop=self._stopping,
             on_started=started, on_stopping=stopping,
-            interceptors=[cluster_secret.server_interceptor(cfg.cluster_secret())])
+            interceptors=[cluster_secret.server_interceptor(cfg.cluster_secret())],
+            tls=cfg.tls, require_client_cert=True)
         try:
             await serve_until_stopped(services, options)
         finally:

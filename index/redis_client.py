@@ -5,6 +5,12 @@ operation in `bounded()`: whatever goes wrong (refused connection, a server that
 answering, a pool with no free connection, a pipeline stuck mid-reply) surfaces as
 `IndexUnavailable` within `op_timeout_s`, never as a hang. The pool is a
 `BlockingConnectionPool` because redis.asyncio's default pool raises past its connection limit.
+
+A Redis with a password takes it in the URL (`redis://:PASSWORD@host:6379/0`; `rediss://` for
+TLS, with `?ssl_ca_certs=/path/ca.pem`, redis-py's own URL arguments). A wrong or missing
+password is `RedisAuthFailed`, which says so, rather than redis-py's handshake message; a
+process checks it once at start (`check_auth`) and refuses to run with credentials Redis
+refuses, while an unreachable Redis is only a warning (it may come up later).
 """
 
 from __future__ import annotations
@@ -17,9 +23,16 @@ from dataclasses import dataclass
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import AuthenticationError, RedisError
 
 from cluster.errors import IndexUnavailable
+
+_AUTH_HINT = ("Redis refused the credentials (a wrong or missing password): give the password "
+              "in redis_url, redis://:PASSWORD@host:port/0 (TANDEM_REDIS_URL)")
+
+
+class RedisAuthFailed(IndexUnavailable):
+    """Redis refused this client's password (or wants one and got none)."""
 
 
 @dataclass(frozen=True)
@@ -61,5 +74,19 @@ async def bounded(what: str, timeout_s: float) -> AsyncIterator[None]:
     try:
         async with asyncio.timeout(timeout_s):
             yield
+    except AuthenticationError as exc:
+        raise RedisAuthFailed(f"redis {what} failed: {_AUTH_HINT} ({exc})") from exc
     except (RedisError, OSError, TimeoutError) as exc:  # TimeoutError: the deadline hit
         raise IndexUnavailable(f"redis {what} failed: {type(exc).__name__}: {exc}") from exc
+
+
+async def check_auth(redis: Redis, config: RedisConfig) -> None:
+    """Pings Redis once: `RedisAuthFailed` if it refuses the credentials; anything else (Redis
+    down) is left to the callers' retries."""
+    try:
+        async with bounded("ping", config.op_timeout_s):
+            await redis.ping()
+    except RedisAuthFailed:
+        raise
+    except IndexUnavailable:
+        pass

@@ -66,11 +66,11 @@ def make_target(args: argparse.Namespace, space: TokenSpace, salt: str | None) -
     if args.target == "grpc":
         from loadtest.targets.tandem_grpc import TandemTarget
 
-        return TandemTarget(args.address, salt, args.request_timeout)
+        return TandemTarget(args.address, salt, args.request_timeout, args.ca)
     from loadtest.targets.openai_http import OpenAITarget
 
     return OpenAITarget(args.url, args.model, args.endpoint, space, args.ignore_eos,
-                        args.api_key, timeout_s=args.request_timeout)
+                        args.api_key, timeout_s=args.request_timeout, ca=args.ca)
 
 
 def _config(args: argparse.Namespace) -> dict[str, Any]:

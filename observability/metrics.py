@@ -319,8 +319,11 @@ class MetricsServer:
     """A running `/metrics` HTTP server on a daemon thread."""
 
     def __init__(self, registry: CollectorRegistry, host: str = "127.0.0.1",
-                 port: int = 0) -> None:
-        self._httpd, self._thread = start_http_server(port, host, registry)
+                 port: int = 0, certfile: str | None = None,
+                 keyfile: str | None = None) -> None:
+        # https when given a certificate (no client certificate asked)
+        self._httpd, self._thread = start_http_server(port, host, registry, certfile=certfile,
+                                                      keyfile=keyfile)
         self.host = host
         self.port: int = self._httpd.server_address[1]
 
@@ -335,9 +338,11 @@ class MetricsServer:
 
 
 def serve_metrics(registry: CollectorRegistry, host: str = "127.0.0.1",
-                  port: int = 0) -> MetricsServer:
-    """Serves `registry` on http://host:port/metrics (port 0: a free one)."""
-    return MetricsServer(registry, host, port)
+                  port: int = 0, certfile: str | None = None,
+                  keyfile: str | None = None) -> MetricsServer:
+    """Serves `registry` on http://host:port/metrics (port 0: a free one); https with
+    `certfile` and `keyfile` (PEM)."""
+    return MetricsServer(registry, host, port, certfile, keyfile)
 
 
 def start_metrics_server(registry: CollectorRegistry, host: str = "127.0.0.1",

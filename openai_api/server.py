@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import math
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import uvicorn
@@ -31,10 +31,14 @@ class _Server(uvicorn.Server):
 
 
 class HttpServer:
-    def __init__(self, app: Any, listen: str, grace_s: float) -> None:
+    def __init__(self, app: Any, listen: str, grace_s: float,
+                 tls: Mapping[str, Any] | None = None) -> None:
+        """`tls`: uvicorn's ssl options (`cluster.tls.TlsConfig.uvicorn_options`); empty or
+        None: plaintext."""
         self.listen = listen
         self.config = uvicorn.Config(app, lifespan="off", log_config=None, access_log=False,
-                                     ws="none", timeout_graceful_shutdown=math.ceil(grace_s))
+                                     ws="none", timeout_graceful_shutdown=math.ceil(grace_s),
+                                     **(tls or {}))
         self._server = _Server(self.config)
         self._task: asyncio.Task[None] | None = None
         self.address = ""

@@ -19,6 +19,9 @@ class PlannerConfig:
     api_token: str | None = field(default=None, metadata={
         "help": "bearer token of the router's public API (one line of its api_tokens_file); "
                 "unset: the router takes calls without one"})
+    tls_ca: str | None = field(default=None, metadata={
+        "help": "CA file that signed the router's certificate: its gRPC (and an https "
+                "router_metrics_url) are checked against it; unset: plaintext gRPC"})
     router_metrics_url: str | None = field(default=None, metadata={
         "help": "the router's Prometheus /metrics URL, for the mean TTFT between readings; "
                 "unset: TTFT is not a signal"})

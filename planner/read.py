@@ -5,11 +5,13 @@ two readings)."""
 from __future__ import annotations
 
 import asyncio
+import ssl
 import urllib.request
 
 from grpc import aio
 from prometheus_client.parser import text_string_to_metric_families
 
+from cluster.tls import client_channel, client_ssl_context
 from planner.config import PlannerConfig
 from planner.figures import LoadFigures, figures_from_status
 from tandem_proto.tandem.v1 import router_pb2, router_pb2_grpc
@@ -22,7 +24,9 @@ class RouterReader:
 
     def __init__(self, config: PlannerConfig) -> None:
         self.config = config
-        self._channel = aio.insecure_channel(config.router)
+        self._channel: aio.Channel = client_channel(config.router, config.tls_ca)
+        context = client_ssl_context(config.tls_ca)
+        self._ssl = context if isinstance(context, ssl.SSLContext) else None
         self._stub = router_pb2_grpc.RouterStub(self._channel)
         self._metadata = ((("authorization", f"Bearer {config.api_token}"),)
                           if config.api_token else None)
@@ -40,7 +44,7 @@ class RouterReader:
     async def _ttft(self) -> float | None:
         assert self.config.router_metrics_url is not None
         text = await asyncio.to_thread(_fetch, self.config.router_metrics_url,
-                                       self.config.status_timeout_s)
+                                       self.config.status_timeout_s, self._ssl)
         totals = ttft_totals(text)
         last, self._last_ttft = self._last_ttft, totals
         if last is None or totals[1] <= last[1]:
@@ -65,6 +69,6 @@ def ttft_totals(text: str) -> tuple[float, float]:
     return total, count
 
 
-def _fetch(url: str, timeout_s: float) -> str:
-    with urllib.request.urlopen(url, timeout=timeout_s) as response:
+def _fetch(url: str, timeout_s: float, context: ssl.SSLContext | None) -> str:
+    with urllib.request.urlopen(url, timeout=timeout_s, context=context) as response:
         return str(response.read().decode("utf-8"))

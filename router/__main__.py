@@ -13,7 +13,7 @@ from cluster.grpc_server import ServiceBinding
 from cluster.process import ProcessOptions, serve_until_stopped
 from index.prefix_index import PrefixIndexReader
 from index.prefix_tail import PrefixIndexTail
-from index.redis_client import connect
+from index.redis_client import check_auth, connect
 from observability.logging_setup import setup_logging
 from observability.tracing import setup_tracing
 from openai_api.app import build_app
@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 async def build_router(config: RouterConfig) -> Router:
     redis_cfg = config.redis_config()
     redis = connect(redis_cfg)
+    await check_auth(redis, redis_cfg)  # a refused password ends the router at start
     workers = worker_source(config, redis)  # `discovery`: the registry or the pod watch
     pool = WorkerPool(workers, config)
     await pool.start()
@@ -63,16 +64,17 @@ async def serve(config: RouterConfig) -> None:
     router = await build_router(config)
     options = ProcessOptions(name=f"router (policy {config.policy})", listen=config.listen,
                              metrics_registry=router.registry,
-                             metrics_listen=config.metrics_listen)
+                             metrics_listen=config.metrics_listen, tls=config.tls)
     options.interceptors = grpc_interceptors(router, tokens)
     options.grpc_options = [("grpc.max_receive_message_length", config.max_request_bytes)]
     streams = TokenStreams(config.max_streams_per_token) if tokens is not None else None
-    http = HttpServer(build_app(router, tokens, streams), config.http_listen,
-                      options.grace_s) if config.http_listen else None
+    http = HttpServer(build_app(router, tokens, streams), config.http_listen, options.grace_s,
+                      tls=config.tls.uvicorn_options()) if config.http_listen else None
     try:
         if http is not None:
             address = await http.start()
-            log.info("OpenAI API on http://%s/v1 (model %r)", address, config.model_name)
+            log.info("OpenAI API on %s://%s/v1 (model %r)", config.tls.scheme, address,
+                     config.model_name)
             options.on_stopping = http.begin_stop
         await serve_until_stopped([router_binding(router, streams)], options)
     finally:
@@ -118,6 +120,10 @@ def main(argv: list[str] | None = None) -> None:
     flags = router_flags()
     flags.add_to(parser)
     config = flags.parse(parser, argv)
+    try:
+        config.tls.require_choice()
+    except ValueError as error:
+        parser.error(str(error))
     setup_logging()
     setup_tracing("tandem-router")
     asyncio.run(serve(config))

@@ -12,6 +12,7 @@ from typing import Literal
 
 from cluster.addresses import is_loopback, split_host_port
 from cluster.settings import ConfigFlags
+from cluster.tls import TlsConfig
 from discovery.config import KubernetesConfig
 from engine.block_hash import DEFAULT_HASH_SEED
 from index.redis_client import RedisConfig
@@ -135,6 +136,13 @@ class RouterConfig:
     log_request_text: bool = field(default=False, metadata={
         "help": "log prompts and generated text (and put them on the request's span); off: "
                 "no prompt or output text reaches a log line or a span"})
+    # --tls-cert/--tls-key/--tls-ca or --insecure-plaintext: gRPC, HTTP and /metrics serve
+    # TLS (client certificates not asked); the router presents its certificate to workers
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    worker_tls_name: str | None = field(default=None, metadata={
+        "help": "the name (a DNS SAN) every worker's certificate carries, checked instead of "
+                "the address the worker advertises (pod IPs change); unset: the address's "
+                "host must be in the certificate"})
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -186,6 +194,9 @@ class RouterConfig:
             raise ValueError(f"transfer_token: required when serving on a non-loopback "
                              f"address ({listen_host}): set --transfer-token or "
                              f"TANDEM_TRANSFER_TOKEN to the workers' cluster secret")
+        if self.worker_tls_name is not None and not self.worker_tls_name.strip():
+            raise ValueError("worker_tls_name: must not be blank (unset it to check the "
+                             "address's host)")
         if self.prefix_index not in ("tail", "pipelined"):
             raise ValueError(f"prefix_index: must be 'tail' or 'pipelined', "
                              f"got {self.prefix_index!r}")

@@ -185,7 +185,10 @@ class WorkerPool:
         await asyncio.gather(*(self._poll(h) for h in list(self.workers.values())))
 
     def _add(self, worker_id: str, role: Role, address: str) -> None:
-        channel = aio.insecure_channel(address, interceptors=self._interceptors)
+        # mutual TLS (the router's certificate; the worker's checked against the cluster CA),
+        # or plaintext when the config chose it
+        channel = self.config.tls.channel(address, server_name=self.config.worker_tls_name,
+                                          interceptors=self._interceptors)
         client = (PrefillClient if role is Role.PREFILL else DecodeClient)(
             worker_id, channel, self.timeouts)
         old = self.workers.get(worker_id)

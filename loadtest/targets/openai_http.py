@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 
+from cluster.tls import client_ssl_context
 from loadtest.request import Request
 from loadtest.targets.base import Finished, TargetError, Tokens
 from loadtest.targets.sse import SSEDecoder, parse_chunk
@@ -32,7 +33,9 @@ class OpenAITarget:
     def __init__(self, base_url: str, model: str | None, endpoint: str = "completions",
                  space: TokenSpace | None = None, ignore_eos: bool = True,
                  api_key: str | None = None, max_connections: int = 1024,
-                 timeout_s: float | None = None) -> None:
+                 timeout_s: float | None = None, ca: str | None = None) -> None:
+        """`ca`: the CA file that signed an https server's certificate (None: the system's
+        CAs)."""
         if endpoint not in ENDPOINTS:
             raise ValueError(f"endpoint: must be one of {', '.join(ENDPOINTS)}, got {endpoint!r}")
         if endpoint == "chat" and (space is None or space.tokenizer is None):
@@ -47,11 +50,12 @@ class OpenAITarget:
         self.limits = httpx.Limits(max_connections=max_connections,
                                    max_keepalive_connections=max_connections)
         self.timeout = httpx.Timeout(timeout_s)
+        self.verify = client_ssl_context(ca)
         self.client: httpx.AsyncClient | None = None
 
     async def __aenter__(self) -> OpenAITarget:
         self.client = httpx.AsyncClient(limits=self.limits, timeout=self.timeout,
-                                        headers=self.headers)
+                                        headers=self.headers, verify=self.verify)
         if self.model is None:
             response = await self.client.get(self.base_url + "/v1/models")
             response.raise_for_status()

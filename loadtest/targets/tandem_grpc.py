@@ -24,14 +24,16 @@ class TandemTarget:
     name = "tandem-grpc"
 
     def __init__(self, address: str, cache_salt: str | None = None,
-                 timeout_s: float | None = None) -> None:
+                 timeout_s: float | None = None, ca: str | None = None) -> None:
+        """`ca`: the CA file of the router's certificate (TLS); None: plaintext."""
         self.address = address
+        self.ca = ca
         self.cache_salt = cache_salt
         self.timeout_s = timeout_s
         self.client: RouterClient | None = None
 
     async def __aenter__(self) -> TandemTarget:
-        self.client = RouterClient(self.address)
+        self.client = RouterClient(self.address, ca=self.ca)
         return self
 
     async def __aexit__(self, *exc: object) -> None:

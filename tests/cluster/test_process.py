@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from cluster.addresses import free_port
 from cluster.process import ProcessOptions, serve_until_stopped
+from cluster.tls import PLAINTEXT
 
 
 async def health(address: str) -> int:
@@ -33,7 +34,7 @@ async def test_serves_until_stopped_with_hooks_and_metrics() -> None:
 
     options = ProcessOptions(name="test", listen="127.0.0.1:0", metrics_registry=registry,
                              metrics_listen=f"127.0.0.1:{metrics_port}", grace_s=1.0,
-                             on_started=started)
+                             on_started=started, tls=PLAINTEXT)
 
     async def stopping() -> None:
         address = events[0].split()[1]

@@ -20,6 +20,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from cluster.roles import Role
+from cluster.tls import PLAINTEXT
 from discovery.config import KubernetesConfig
 from discovery.kubernetes import PodWatcher
 from observability.metrics import RouterMetrics
@@ -65,7 +66,8 @@ def router_config(api: KubeApiStandIn, tmp_path: Path) -> RouterConfig:
                             kubeconfig=str(api.write_kubeconfig(tmp_path / "kubeconfig")),
                             kubernetes_retry_s=0.05)
     return RouterConfig(model="/m", redis_url="redis://unused", discovery="kubernetes",
-                        kubernetes=kube, refresh_interval_s=0.05, status_timeout_s=0.5)
+                        kubernetes=kube, refresh_interval_s=0.05, status_timeout_s=0.5,
+                        tls=PLAINTEXT)
 
 
 @pytest.fixture

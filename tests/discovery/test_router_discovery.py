@@ -47,7 +47,7 @@ async def test_router_with_kubernetes_discovery(tiny_llama: Path,
     flags.add_to(parser)
     config = flags.build(parser.parse_args([
         "--kubeconfig", str(api.write_kubeconfig(tmp_path / "kubeconfig")),
-        "--kubernetes-retry-s", "0.05"]), environ={
+        "--kubernetes-retry-s", "0.05", "--insecure-plaintext"]), environ={
         "TANDEM_MODEL": str(tiny_llama), "TANDEM_REDIS_URL": redis_server.url,
         "TANDEM_DISCOVERY": "kubernetes", "TANDEM_KUBERNETES_NAMESPACE": "serving"})
     router = await build_router(config)

@@ -31,7 +31,10 @@ def test_tandem_up_demo_serves_and_leaves_nothing_behind(tiny_llama: Path,
         capture_output=True, text=True, timeout=240, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert done.returncode == 0, done.stdout + done.stderr
     assert "router listening on 127.0.0.1:" in done.stdout
-    assert "OpenAI API on http://127.0.0.1:" in done.stdout
+    # TLS by default, from a throwaway CA in the log folder, and how to connect is printed
+    ca = logs / "certs" / "ca.pem"
+    assert f"(TLS; CA {ca})" in done.stdout and ca.is_file()
+    assert "OpenAI API on https://127.0.0.1:" in done.stdout
     assert finished(done.stdout) == 3  # three sample requests streamed to the end
     assert "prefix index exact" in done.stdout
     pids = [line.split()[0] for line in subprocess.run(

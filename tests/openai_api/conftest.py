@@ -17,6 +17,7 @@ import pytest
 from cli.redis_server import LocalRedisServer
 from cluster.grpc_server import start_server
 from cluster.roles import Role
+from cluster.tls import PLAINTEXT
 from index.redis_client import RedisConfig, connect
 from index.registry import WorkerRegistry
 from openai_api.app import build_app
@@ -58,6 +59,7 @@ def make_api(redis: LocalRedisServer, tiny_chat_llama: Path) -> Iterator[Factory
                    api_tokens: Sequence[str] = (), **overrides: Any) -> AsyncIterator[Api]:
         namespace = f"api{next(namespaces)}"
         config = RouterConfig(model=str(model or tiny_chat_llama), redis_url=redis.url,
+                              tls=PLAINTEXT,
                               namespace=namespace, refresh_interval_s=0.05,
                               prefix_index="pipelined", http_listen="127.0.0.1:0")
         config = replace(config, **overrides)

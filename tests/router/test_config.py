@@ -123,7 +123,7 @@ async def test_tunables_reach_the_router_parts(tiny_llama: Path,
                     "--tail-sync-interval-s", "0.02", "--tail-stale-after-s", "3",
                     "--index-retry-s", "0.3", "--redis-op-timeout-s", "0.7",
                     "--refresh-interval-s", "0.1", "--no-capacity-backoff-s", "0.01",
-                    "--cleanup-timeout-s", "2"])
+                    "--cleanup-timeout-s", "2", "--insecure-plaintext"])
     router = await build_router(config)
     try:
         assert router.config is config and router.pool.config is config

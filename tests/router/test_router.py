@@ -16,6 +16,7 @@ import pytest
 from cli.redis_server import LocalRedisServer
 from cluster.errors import AlreadyRunning, InvalidRequest, NoWorker
 from cluster.roles import Role
+from cluster.tls import PLAINTEXT
 from engine.sampling import SamplingParams
 from index.redis_client import RedisConfig, connect
 from index.registry import WorkerRegistry
@@ -55,6 +56,7 @@ def make_cluster(redis: LocalRedisServer, tiny_llama: Path) -> Iterator[Factory]
     async def make(prefill: int, decode: int) -> AsyncIterator[Cluster]:
         namespace = f"t{next(namespaces)}"
         config = RouterConfig(model=str(tiny_llama), redis_url=redis.url, namespace=namespace,
+                              tls=PLAINTEXT,
                               refresh_interval_s=0.05, prefix_index="pipelined")
         client = connect(RedisConfig(url=redis.url, namespace=namespace))
         registry = WorkerRegistry(client, RedisConfig(url=redis.url, namespace=namespace),
@@ -224,7 +226,8 @@ async def test_request_ids_outside_the_safe_alphabet_are_refused(
 async def test_closing_the_router_stops_its_index_tail(redis: LocalRedisServer,
                                                       tiny_llama: Path) -> None:
     router = await build_router(RouterConfig(model=str(tiny_llama), redis_url=redis.url,
-                                             namespace="tail-stop", prefix_index="tail"))
+                                             namespace="tail-stop", prefix_index="tail",
+                                             tls=PLAINTEXT))
     source = router.lookup.reader
     assert isinstance(source, TailSource) and source._task is not None
     task = source._task
