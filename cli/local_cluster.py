@@ -6,7 +6,10 @@ chosen here (gRPC, /metrics, the router's OpenAI HTTP API); a process is ready w
 `grpc.health.v1` service answers SERVING, as a Kubernetes probe would ask (the router starts
 its HTTP API before it answers). `stop()` sends SIGTERM to every process (SIGKILL after
 a grace period) and stops Redis, leaving nothing behind. Individual processes can be killed and
-new ones started, to test failures.
+new ones started, to test failures, and a dead one started again as it was (`respawn`: same
+name, ports and flags, so the router and the other workers find it where it was; `tandem up`'s
+supervisor does this, cli/supervisor.py). Every worker's KV transfer control listener is on a
+port chosen here too, so a respawned worker is at the same transfer address as well.
 """
 
 from __future__ import annotations
@@ -47,6 +50,10 @@ class ServiceProcess:
     address: str  # gRPC host:port
     metrics_address: str = ""  # host:port of its /metrics ("" when off)
     http_address: str = ""  # the router's OpenAI-compatible API, host:port
+    argv: list[str] = field(default_factory=list)  # the command it runs, to start it again
+    env: dict[str, str] = field(default_factory=dict)
+    started_at: float = field(default_factory=time.monotonic)
+    restarts: int = 0  # times `respawn` started it again
 
     @property
     def worker_id(self) -> str:
@@ -179,7 +186,7 @@ class LocalCluster:
             http = f"127.0.0.1:{self.http_port or self._ports.take()}"
             args += ["--http-listen", http, *self.router_args]
         else:
-            args += ["--worker-id", name]
+            args += ["--worker-id", name, "--transfer-port", str(self._ports.take())]
             threads = self.threads(role)
             if threads is not None:
                 args += ["--num-threads", str(threads)]
@@ -189,14 +196,29 @@ class LocalCluster:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "UCX_WARN_UNUSED_ENV_VARS": "n"}
         if self.omp_spin_count is not None and role != "router":
             env["GOMP_SPINCOUNT"] = str(self.omp_spin_count)
+        argv = [sys.executable, "-m", MODULES[role], *args, *extra_args]
         with open(log_path, "wb") as log:
-            popen = subprocess.Popen(
-                [sys.executable, "-m", MODULES[role], *args, *extra_args],
-                stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            popen = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                     start_new_session=True)
         process = ServiceProcess(role, name, popen, log_path, f"127.0.0.1:{port}", metrics,
-                                 http)
+                                 http, argv, env)
         self.processes.append(process)
         return process
+
+    def respawn(self, process: ServiceProcess) -> None:
+        """Starts a process that exited again, as it was (same name, ports, flags; its log
+        goes on in the same file); not yet ready."""
+        if process.alive:
+            raise RuntimeError(f"respawn: {process.name} is still running")
+        with open(process.log_path, "ab") as log:
+            log.write(f"\n---- restarted (exit code {process.popen.returncode}) ----\n"
+                      .encode())
+            log.flush()
+            process.popen = subprocess.Popen(process.argv, stdout=log,
+                                             stderr=subprocess.STDOUT, env=process.env,
+                                             start_new_session=True)
+        process.started_at = time.monotonic()
+        process.restarts += 1
 
     def threads(self, role: str) -> int | None:
         """`--num-threads` of a `role` worker (None: not passed, torch's default)."""

@@ -53,6 +53,9 @@ class WorkerConfig:
                 "calls to this worker (the router's transfer_token must be the same); unset: "
                 "a local development secret, accepted only when the listen and advertise "
                 "hosts are loopback"})
+    transfer_port: int | None = field(default=None, metadata={
+        "help": "KV transfer: the control listener's port (unset: any free port); a fixed port "
+                "keeps a restarted worker at the same transfer address"})
     transfer_connect_timeout_s: float = field(default=TransferConfig.connect_timeout_s, metadata={
         "help": "KV transfer: TCP connect + handshake + backend set-up to a peer"})
     transfer_write_timeout_s: float = field(default=TransferConfig.write_timeout_s, metadata={
@@ -98,6 +101,8 @@ class WorkerConfig:
         for name in ("quarantine_s", "shutdown_grace_s", "step_delay_ms"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        if self.transfer_port is not None and not 1 <= self.transfer_port <= 65535:
+            raise ValueError(f"transfer_port: must be in [1, 65535], got {self.transfer_port}")
         if self.transfer_token == "":
             raise ValueError("transfer_token: must not be empty (leave it unset on loopback)")
         if self.transfer_token is None:
@@ -135,6 +140,7 @@ class WorkerConfig:
         """The KV transfer agent's config, keyed by the cluster secret."""
         return TransferConfig(
             token=self.cluster_secret(), backend=self.transfer_backend, host=self.host,
+            port=self.transfer_port or 0,
             connect_timeout_s=self.transfer_connect_timeout_s,
             write_timeout_s=self.transfer_write_timeout_s,
             request_timeout_s=self.transfer_request_timeout_s,

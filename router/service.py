@@ -10,7 +10,7 @@ from grpc import aio
 from cluster.convert import FINISH_TO_PB, sampling_from_pb
 from observability.metrics import LOCAL_PREFILL_REASONS
 from observability.tracing import annotate, set_request_id
-from router.prefix import IndexMode
+from router.prefix import IndexMode, TailSource
 from router.request import Delta, GenerateInput
 from router.router import Router
 from router.validate import check_request_id
@@ -52,6 +52,10 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             **{f"outcome/{k}": v for k, v in stats.outcomes.items()},
             # every reason, zeros included: a load generator reads them before and after a run
             **{f"local_prefills/{k}": stats.local_prefills[k] for k in LOCAL_PREFILL_REASONS},
+            **{f"stale_index_routes/{role}": stats.stale_index_routes[role]
+               for role in ("prefill", "decode")},
+            **(router.lookup.reader.counters()
+               if isinstance(router.lookup.reader, TailSource) else {}),
         }
         return router_pb2.GetClusterStatusResponse(
             workers=[h.status for h in pool.workers.values() if h.status is not None and h.up],
