@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from cli.import_model import PIP_INSTALL, is_complete
+from cli.supervisor import RestartPolicy
 from engine.default_model import smollm2_dir
 
 
@@ -57,6 +58,13 @@ def add_up(parser: argparse.ArgumentParser) -> None:
                         help="aggregated workers (prefill and decode their own requests)")
     parser.add_argument("--engine", choices=["model", "sim"], default="model",
                         help="sim: simulated workers, no model (engine/sim/)")
+    parser.add_argument("--restart-backoff-s", type=float,
+                        default=RestartPolicy.initial_backoff_s,
+                        help="a process that exits is started again after this long, doubling "
+                             "while it keeps exiting soon after starting")
+    parser.add_argument("--restart-max-backoff-s", type=float,
+                        default=RestartPolicy.max_backoff_s,
+                        help="the cap of that backoff")
     parser.add_argument("--local-prefill-max-tokens", type=int,
                         help="router: prefill prompts with at most this many uncached tokens "
                              "on their decode worker (default: always disaggregate)")
@@ -69,11 +77,14 @@ def add_up(parser: argparse.ArgumentParser) -> None:
 def up(args: argparse.Namespace) -> int:
     from cli.demo import run_demo
     from cli.local_cluster import LocalCluster
+    from cli.supervisor import supervise
 
     if min(args.prefill, args.decode, args.aggregated) < 0 or \
             (min(args.prefill, args.decode) < 1 and args.aggregated < 1):
         raise ValueError("prefill/decode/aggregated: need a prefill and a decode worker, or "
                          "an aggregated one")
+    policy = RestartPolicy(initial_backoff_s=args.restart_backoff_s,
+                           max_backoff_s=args.restart_max_backoff_s)
     model = ensure_model(args.model)
     from cli.throwaway_ca import write_cluster_certs
 
@@ -104,12 +115,9 @@ def up(args: argparse.Namespace) -> int:
             asyncio.run(run_demo(cluster.router_address, model, ca))
         if not args.exit:
             print(connect_hint(cluster.router_address, cluster.http_url, ca)
-                  + "\nCtrl-C stops the cluster", flush=True)
-            while not stop.wait(0.5):
-                dead = [p.name for p in cluster.processes if not p.alive]
-                if dead:
-                    print(f"process(es) exited: {', '.join(dead)}; stopping", file=sys.stderr)
-                    return 1
+                  + "\nCtrl-C stops the cluster; a process that exits is restarted", flush=True)
+            supervise(cluster, stop, policy,
+                      lambda line: print(f"supervisor: {line}", file=sys.stderr, flush=True))
     finally:
         print("stopping the cluster", flush=True)
         cluster.stop()

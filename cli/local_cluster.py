@@ -13,6 +13,11 @@ TLS is a choice made here, never a silent default: with `tls` (a throwaway CA's 
 `cli.throwaway_ca`) every process serves TLS and workers require the router's client
 certificate; without it every process is started with `--insecure-plaintext` (the tests whose
 subject is not TLS). `tandem up` passes `tls`.
+
+A dead process can be started again as it was (`respawn`: same name, ports and flags, so the
+router and the other workers find it where it was; `tandem up`'s supervisor does this,
+cli/supervisor.py). Every worker's KV transfer control listener is on a port chosen here too,
+so a respawned worker is at the same transfer address as well.
 """
 
 from __future__ import annotations
@@ -54,6 +59,10 @@ class ServiceProcess:
     address: str  # gRPC host:port
     metrics_address: str = ""  # host:port of its /metrics ("" when off)
     http_address: str = ""  # the router's OpenAI-compatible API, host:port
+    argv: list[str] = field(default_factory=list)  # the command it runs, to start it again
+    env: dict[str, str] = field(default_factory=dict)
+    started_at: float = field(default_factory=time.monotonic)
+    restarts: int = 0  # times `respawn` started it again
 
     @property
     def worker_id(self) -> str:
@@ -199,7 +208,7 @@ class LocalCluster:
             http = f"127.0.0.1:{self.http_port or self._ports.take()}"
             args += ["--http-listen", http, *self.router_args]
         else:
-            args += ["--worker-id", name]
+            args += ["--worker-id", name, "--transfer-port", str(self._ports.take())]
             threads = self.threads(role)
             if threads is not None:
                 args += ["--num-threads", str(threads)]
@@ -210,14 +219,29 @@ class LocalCluster:
                "TANDEM_REDIS_URL": self.redis.url}  # the URL may hold the password
         if self.omp_spin_count is not None and role != "router":
             env["GOMP_SPINCOUNT"] = str(self.omp_spin_count)
+        argv = [sys.executable, "-m", MODULES[role], *args, *extra_args]
         with open(log_path, "wb") as log:
-            popen = subprocess.Popen(
-                [sys.executable, "-m", MODULES[role], *args, *extra_args],
-                stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            popen = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                     start_new_session=True)
         process = ServiceProcess(role, name, popen, log_path, f"127.0.0.1:{port}", metrics,
-                                 http)
+                                 http, argv, env)
         self.processes.append(process)
         return process
+
+    def respawn(self, process: ServiceProcess) -> None:
+        """Starts a process that exited again, as it was (same name, ports, flags; its log
+        goes on in the same file); not yet ready."""
+        if process.alive:
+            raise RuntimeError(f"respawn: {process.name} is still running")
+        with open(process.log_path, "ab") as log:
+            log.write(f"\n---- restarted (exit code {process.popen.returncode}) ----\n"
+                      .encode())
+            log.flush()
+            process.popen = subprocess.Popen(process.argv, stdout=log,
+                                             stderr=subprocess.STDOUT, env=process.env,
+                                             start_new_session=True)
+        process.started_at = time.monotonic()
+        process.restarts += 1
 
     def threads(self, role: str) -> int | None:
         """`--num-threads` of a `role` worker (None: not passed, torch's default)."""

@@ -58,6 +58,9 @@ class WorkerConfig:
         "help": "the address the KV transfer listeners (the control link and UCX) bind and "
                 "advertise; UCX is restricted to the interface holding it; unset: the "
                 "advertise host"})
+    transfer_port: int | None = field(default=None, metadata={
+        "help": "KV transfer: the control listener's port (unset: any free port); a fixed port "
+                "keeps a restarted worker at the same transfer address"})
     transfer_connect_timeout_s: float = field(default=TransferConfig.connect_timeout_s, metadata={
         "help": "KV transfer: TCP connect + handshake + backend set-up to a peer"})
     transfer_write_timeout_s: float = field(default=TransferConfig.write_timeout_s, metadata={
@@ -110,6 +113,8 @@ class WorkerConfig:
                                                                                 "::"):
             raise ValueError(f"transfer_host: must be one address peers can dial, not "
                              f"{self.transfer_host!r}")
+        if self.transfer_port is not None and not 1 <= self.transfer_port <= 65535:
+            raise ValueError(f"transfer_port: must be in [1, 65535], got {self.transfer_port}")
         if self.transfer_token == "":
             raise ValueError("transfer_token: must not be empty (leave it unset on loopback)")
         if self.transfer_token is None:
@@ -153,6 +158,7 @@ class WorkerConfig:
         """The KV transfer agent's config, keyed by the cluster secret."""
         return TransferConfig(
             token=self.cluster_secret(), backend=self.transfer_backend, host=self.data_host,
+            port=self.transfer_port or 0,
             connect_timeout_s=self.transfer_connect_timeout_s,
             write_timeout_s=self.transfer_write_timeout_s,
             request_timeout_s=self.transfer_request_timeout_s,

@@ -6,8 +6,9 @@ Writer (one per worker). The engine reports `stored(hashes)` / `evicted(hashes)`
 MULTI/EXEC pipeline: per block hash the set of its holders (`blk:{hash}`, what cold lookups
 read), the worker's own set of hashes (`wblk:{worker}`, for resync and cleanup), and one entry
 per batch of at most `max_batch` events on the worker's capped stream (`events:{worker}`) with a
-per-worker sequence number, so readers that tail the streams see the events in order and can
-spot a gap. The writer keeps its whole state in memory, so it can always re-publish it:
+per-worker sequence number and the writer's incarnation (a random id per writer, i.e. per
+worker process), so readers that tail the streams see the events in order and can spot a gap or
+a restarted worker. The writer keeps its whole state in memory, so it can always re-publish it:
 
 - at start (this also wipes what a crashed predecessor with the same id left behind),
 - after a failed publish (we cannot know what reached Redis),
@@ -73,6 +74,9 @@ class PrefixIndexWriter:
         self._held: set[str] = set()  # hash hexes this worker holds: the truth to re-publish
         self._pending: list[tuple[bool, str]] = []  # (stored?, hash hex), in event order
         self._seq = 0
+        # this process's life: a restarted worker (same id, new process) has another, so a
+        # reader knows its earlier entries and sequence numbers are void
+        self.incarnation = uuid.uuid4().hex[:16]
         self._epoch: bytes | None = None
         self._dirty = True  # Redis may not hold our state: re-publish before the next batch
         self._lock = asyncio.Lock()
@@ -224,7 +228,7 @@ class PrefixIndexWriter:
             self._seq += 1
             encoded = ",".join(("+" if stored else "-") + h for stored, h in batch)
             pipe.xadd(keys.events(worker), {"seq": self._seq, "epoch": self._epoch or b"",
-                                            "ops": encoded},
+                                            "inc": self.incarnation, "ops": encoded},
                       maxlen=self._stream_maxlen, approximate=True)
         async with bounded("publish", self._config.op_timeout_s):
             results = await pipe.execute()
@@ -259,7 +263,8 @@ class PrefixIndexWriter:
             for hex_hash in held - old:
                 pipe.sadd(keys.block(hex_hash), worker)
             self._seq += 1
-            pipe.xadd(keys.events(worker), {"seq": self._seq, "epoch": epoch, "reset": 1},
+            pipe.xadd(keys.events(worker), {"seq": self._seq, "epoch": epoch,
+                                            "inc": self.incarnation, "reset": 1},
                       maxlen=self._stream_maxlen, approximate=True)
             pipe.persist(keys.events(worker))
             # A big state takes longer to send: 1 s more per ~50k blocks.

@@ -5,7 +5,8 @@
     {ns}:blk:{hash hex}   set      ids of the workers holding that block (cold lookups)
     {ns}:wblk:{worker}    set      hash hexes one worker holds (resync, cleanup)
     {ns}:events:{worker}  stream   the worker's block events, in order, capped; one entry per
-                                   batch: seq, epoch, and either ops or reset (see prefix_index)
+                                   batch: seq, epoch, inc (the writer's incarnation), and
+                                   either ops or reset (see prefix_index)
 """
 
 from __future__ import annotations

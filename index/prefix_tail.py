@@ -3,17 +3,32 @@
 The design to measure against the plain pipelined lookup (`PrefixIndexReader`): `sync()` (one
 XREAD round trip for all followed workers, run by the router every few ms) applies each
 worker's batches in order; `lookup()` then answers from memory, with no Redis round trip on the
-request path. A worker is reloaded from its `wblk:{worker}` set when it is new to this tail,
-when its stream shows a gap in the sequence numbers (the capped stream was trimmed past us, or
-a batch was lost) or a `reset` entry (the writer re-published), and every worker is reloaded
-when the epoch changes (Redis restarted empty). Reload reads the stream's last id first and the
-set second; the entries between are replayed on top, which is harmless because the stream entry
-and the set change of one batch are written in one transaction and replaying set adds and
-removes in order converges to the same state.
+request path.
+
+Resync. A worker's snapshot is its `wblk:{worker}` set, which the writer changes in the same
+transaction as each stream entry (and replaces whole on a re-publish), so it is always the
+state as of the stream's last entry. A worker is reloaded from it (`resyncs[reason]`):
+
+    new       it is new to this tail (first sync, or it came back after being dropped)
+    gap       its stream skipped a sequence number (the capped stream was trimmed past us, or
+              entries were lost)
+    restart   an entry of another incarnation: the worker's process restarted (its sequence
+              numbers start again; its old entries are void)
+    reset     the writer re-published its whole state (a failed publish, Redis lost it)
+    epoch     Redis restarted empty or was flushed: every worker
+
+Reload reads the stream's last id first and the set second; the entries between are replayed on
+top, which is harmless because the stream entry and the set change of one batch are written in
+one transaction and replaying set adds and removes in order converges to the same state.
+
+A worker not in the followed set (`sync(workers)`: the router passes the workers whose registry
+heartbeat is live) is dropped from memory at once (`drops`), so a dead worker's blocks stop
+attracting requests as soon as its heartbeat lapses; should it come back it is reloaded.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Collection, Sequence
 from typing import Any, cast
 
@@ -26,6 +41,7 @@ from index.prefix_walk import PrefixWalk
 from index.redis_client import RedisConfig, bounded
 
 _Entry = tuple[bytes, dict[bytes, bytes]]  # a stream entry: (id, fields)
+RESYNC_REASONS = ("new", "gap", "restart", "reset", "epoch")  # see the module doc
 
 
 def _text(value: bytes | str) -> str:
@@ -44,10 +60,27 @@ class PrefixIndexTail:
         self._blocks: dict[str, set[BlockHash]] = {}
         self._last_id: dict[str, bytes] = {}
         self._last_seq: dict[str, int] = {}
+        self._incarnation: dict[str, bytes] = {}  # the writer's, from its latest entry
         self._epoch: bytes | None = None
-        # Exported by the router (tandem_router_prefix_tail_{reloads,sync_failures}_total):
-        self.reloads = 0  # each is a gap, a reset, a new worker or a new epoch
+        # Exported by the router (tandem_router_prefix_tail_{reloads,resyncs,drops,
+        # sync_failures}_total) and in GetClusterStatus:
+        self.resyncs: Counter[str] = Counter({reason: 0 for reason in RESYNC_REASONS})
+        self.drops = 0  # workers dropped from memory: they left the followed set
         self.sync_failures = 0  # syncs Redis did not answer (the copy goes stale)
+
+    @property
+    def reloads(self) -> int:
+        """Workers reloaded whole, for any reason."""
+        return sum(self.resyncs.values())
+
+    @property
+    def workers(self) -> frozenset[str]:
+        """The workers this tail holds entries of."""
+        return frozenset(self._blocks)
+
+    def blocks(self, worker: str) -> frozenset[BlockHash]:
+        """The blocks this tail believes `worker` holds."""
+        return frozenset(self._blocks.get(worker, ()))
 
     async def sync(self, workers: Collection[str]) -> None:
         """Catches up with the streams of `workers` (others are dropped).
@@ -62,14 +95,17 @@ class PrefixIndexTail:
         timeout = self._config.op_timeout_s
         async with bounded("tail epoch", timeout):
             epoch = await self._redis.get(self._keys.epoch)
+        first_load = "new"
         if epoch != self._epoch:
+            first_load = "epoch" if self._epoch is not None or self._blocks else "new"
             for worker in list(self._blocks):
                 self._drop(worker)
             self._epoch = epoch if isinstance(epoch, bytes) else None
         for worker in set(self._blocks) - set(workers):
             self._drop(worker)
+            self.drops += 1
         for worker in set(workers) - set(self._blocks):
-            await self._reload(worker)
+            await self._reload(worker, first_load)
         if not self._blocks:
             return
         streams: dict[Any, Any] = {self._keys.events(w): self._last_id[w] for w in self._blocks}
@@ -81,8 +117,9 @@ class PrefixIndexTail:
             worker = _text(stream)[prefix:]
             for entry_id, fields in entries:
                 seq = int(fields[b"seq"])
-                if b"reset" in fields or seq != self._last_seq[worker] + 1:
-                    await self._reload(worker)
+                reason = self._resync_reason(worker, seq, fields)
+                if reason is not None:
+                    await self._reload(worker, reason)
                     break
                 self._apply(worker, fields[b"ops"].decode())
                 self._last_id[worker], self._last_seq[worker] = entry_id, seq
@@ -95,6 +132,16 @@ class PrefixIndexTail:
             if walk.over or not walk.step(self._holders.get(block_hash, ())):
                 break
         return walk.result()
+
+    def _resync_reason(self, worker: str, seq: int, fields: dict[bytes, bytes]) -> str | None:
+        """Why this entry cannot be applied on top of what we hold (None: it can)."""
+        if fields.get(b"inc", b"") != self._incarnation[worker]:
+            return "restart"
+        if b"reset" in fields:
+            return "reset"
+        if seq != self._last_seq[worker] + 1:
+            return "gap"
+        return None
 
     def _apply(self, worker: str, ops: str) -> None:
         held = self._blocks[worker]
@@ -119,8 +166,9 @@ class PrefixIndexTail:
             self._forget(block_hash, worker)
         self._last_id.pop(worker, None)
         self._last_seq.pop(worker, None)
+        self._incarnation.pop(worker, None)
 
-    async def _reload(self, worker: str) -> None:
+    async def _reload(self, worker: str, reason: str) -> None:
         timeout = self._config.op_timeout_s
         async with bounded("tail reload", timeout):
             last: list[_Entry] = cast(
@@ -132,4 +180,5 @@ class PrefixIndexTail:
             self._holders.setdefault(block_hash, set()).add(worker)
         self._last_id[worker] = last[0][0] if last else b"0-0"
         self._last_seq[worker] = int(last[0][1][b"seq"]) if last else 0
-        self.reloads += 1
+        self._incarnation[worker] = last[0][1].get(b"inc", b"") if last else b""
+        self.resyncs[reason] += 1

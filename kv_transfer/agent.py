@@ -118,7 +118,11 @@ class BaseAgent(ABC):
         with self._lock:
             known = self._by_address.get(peer_metadata)
             if known is not None and self._peers[known].alive:
-                return known
+                if control.linked(known, True):
+                    return known
+                # The link closed (the peer died or restarted) and no poll has told us yet:
+                # never hand out a dead peer, dial the address again.
+                self._peer_lost(known, "its control link closed")
         deadline = time.monotonic() + timeout
         try:
             welcome = control.connect(peer_metadata, timeout)
@@ -129,6 +133,12 @@ class BaseAgent(ABC):
         with self._lock:
             if name in self._peers:
                 self._forget_peer(name)
+            stale = self._by_address.get(peer_metadata)
+            if stale is not None and stale != name:
+                # a new agent (a restarted process) answers at a known peer's address
+                log.info("KV peer at %s restarted: %s replaces %s", peer_metadata, name, stale)
+                self._require_control().drop(stale, True)
+                self._peer_lost(stale, f"replaced by {name} at the same address")
             try:
                 self._open_peer(name, md, int(welcome["conn_id"]),
                                 max(deadline - time.monotonic(), 0.001))

@@ -125,6 +125,13 @@ class ControlPlane:
                              time.monotonic()))
         return reply
 
+    def linked(self, peer: str, outbound: bool) -> bool:
+        """Whether the link to `peer` is open now, as the control thread knows it (a lost
+        link leaves at once, before its "lost" event is drained)."""
+        with self._links_lock:
+            link = self._links.get((peer, outbound))
+        return link is not None and not link.closed
+
     def send(self, peer: str, outbound: bool, msg: dict[str, Any]) -> bool:
         """Best effort; False if there is no live link (the loss is reported separately)."""
         with self._links_lock:

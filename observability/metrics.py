@@ -55,6 +55,9 @@ LOCAL_PREFILL_REASONS = ("aggregated", "short_prompt")  # why a request skipped 
 # why a request left its decode worker mid-generation (router/migration.py)
 MIGRATION_REASONS = ("unreachable", "error", "ended", "stalled")
 INDEX_MODES = ("exact", "degraded")
+# why the router's in-memory index reloaded a worker (index.prefix_tail.RESYNC_REASONS; a test
+# checks they agree)
+TAIL_RESYNC_REASONS = ("new", "gap", "restart", "reset", "epoch")
 ROLES = ("prefill", "decode", "aggregated")
 # kv_transfer.base.FailureReason values and the `where` of TransferStats.record_failure; kept
 # here as strings because kv_transfer imports torch (a test checks they agree).
@@ -69,6 +72,9 @@ ROUTER_FALLBACKS: Mapping[str, tuple[str, str]] = {
                             "worker re-publish or Redis epoch change."),
     "prefix_tail_sync_failures": ("tandem_router_prefix_tail_sync_failures", "Syncs of the "
                                   "in-memory prefix index Redis did not answer."),
+    "prefix_tail_drops": ("tandem_router_prefix_tail_drops", "Workers whose entries the "
+                          "in-memory prefix index dropped: their registry heartbeat lapsed (or "
+                          "discovery lost them)."),
     "registry_list_failures": ("tandem_router_registry_list_failures", "Worker registry "
                                "listings Redis did not answer (the router keeps routing to the "
                                "workers it knew)."),
@@ -160,8 +166,16 @@ class RouterMetrics:
         self.auth_failures = Counter(
             "tandem_router_auth_failures", "Public API calls refused for a missing or wrong "
             "bearer token, by API (grpc or http).", ["api"], registry=r)
+        self.stale_index_routes = Counter(
+            "tandem_router_stale_index_routes", "Routes whose worker held fewer leading prompt "
+            "blocks than the prefix index predicted (its Reserve or Prefill reply said so), by "
+            "the worker's role in the route.", ["role"], registry=r)
         self._fallbacks = _FallbackCounters()
         r.register(self._fallbacks)
+        self._resyncs = _ResyncCounters()
+        r.register(self._resyncs)
+        for role in ("prefill", "decode"):
+            self.stale_index_routes.labels(role)
         for outcome in OUTCOMES:
             self.requests.labels(outcome)
         for reason in RETRY_REASONS:
@@ -221,6 +235,10 @@ class RouterMetrics:
     def decision(self, policy: str, mode: str) -> None:
         self.decisions.labels(policy, str(mode)).inc()
 
+    def stale_index_route(self, role: str) -> None:
+        """A route's `role` ("prefill" or "decode") worker held fewer blocks than predicted."""
+        self.stale_index_routes.labels(role).inc()
+
     def prefix_lookup(self, hit_blocks: int, prompt_blocks: int) -> None:
         self.prefix_hit_blocks.inc(max(hit_blocks, 0))
         self.prefix_query_blocks.inc(max(prompt_blocks, 0))
@@ -269,6 +287,7 @@ class RouterMetrics:
 
     def watch_fallbacks(self, prefix_tail_reloads: Callable[[], float] | None = None,
                         prefix_tail_sync_failures: Callable[[], float] | None = None,
+                        prefix_tail_drops: Callable[[], float] | None = None,
                         registry_list_failures: Callable[[], float] | None = None,
                         index_mode_transitions: Callable[[], float] | None = None,
                         discovery_relists: Callable[[], float] | None = None,
@@ -282,6 +301,7 @@ class RouterMetrics:
         router without the tail never reloads it."""
         sources = {"prefix_tail_reloads": prefix_tail_reloads,
                    "prefix_tail_sync_failures": prefix_tail_sync_failures,
+                   "prefix_tail_drops": prefix_tail_drops,
                    "registry_list_failures": registry_list_failures,
                    "index_mode_transitions": index_mode_transitions,
                    "discovery_relists": discovery_relists,
@@ -289,6 +309,10 @@ class RouterMetrics:
                    "discovery_errors": discovery_errors,
                    "discovery_forbidden": discovery_forbidden}
         self._fallbacks.sources.update({k: v for k, v in sources.items() if v is not None})
+
+    def watch_resyncs(self, resyncs: Callable[[], Mapping[str, int]]) -> None:
+        """Reads `PrefixIndexTail.resyncs` ({reason: count}) at every scrape."""
+        self._resyncs.source = resyncs
 
 
 class _FallbackCounters(Collector):
@@ -303,6 +327,25 @@ class _FallbackCounters(Collector):
             family = CounterMetricFamily(name, doc)
             family.add_metric([], float(source()) if source is not None else 0.0)
             yield family
+
+
+class _ResyncCounters(Collector):
+    """Workers the in-memory prefix index reloaded, by reason (`watch_resyncs`); every reason
+    exported, at 0 without the tail."""
+
+    def __init__(self) -> None:
+        self.source: Callable[[], Mapping[str, int]] | None = None
+
+    def collect(self) -> Iterator[Metric]:
+        counts = self.source() if self.source is not None else {}
+        family = CounterMetricFamily(
+            "tandem_router_prefix_tail_resyncs", "Workers reloaded whole into the router's "
+            "in-memory prefix index from their snapshot, by reason: new (first seen), gap (a "
+            "sequence number skipped), restart (a new worker incarnation), reset (the worker "
+            "re-published), epoch (Redis lost its data).", labels=["reason"])
+        for reason in TAIL_RESYNC_REASONS:
+            family.add_metric([reason], float(counts.get(reason, 0)))
+        yield family
 
 
 def _is_mode(mode: Callable[[], str], name: str) -> Callable[[], float]:

@@ -42,7 +42,7 @@ async def build_router(config: RouterConfig) -> Router:
     tail: PrefixIndexTail | None = None
     if config.prefix_index == "tail":
         tail = PrefixIndexTail(redis, redis_cfg)
-        tail_source = TailSource(tail, lambda: list(pool.workers), config.tail_sync_interval_s,
+        tail_source = TailSource(tail, pool.listed, config.tail_sync_interval_s,
                                  config.tail_stale_after_s)
         tail_source.start()
         source = tail_source
@@ -53,7 +53,10 @@ async def build_router(config: RouterConfig) -> Router:
     router.metrics.watch_fallbacks(
         prefix_tail_reloads=(lambda: tail.reloads) if tail is not None else None,
         prefix_tail_sync_failures=(lambda: tail.sync_failures) if tail is not None else None,
+        prefix_tail_drops=(lambda: tail.drops) if tail is not None else None,
         index_mode_transitions=lambda: lookup.transitions, **source_fallbacks(workers))
+    if tail is not None:
+        router.metrics.watch_resyncs(lambda: tail.resyncs)
     return router
 
 

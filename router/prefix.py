@@ -37,8 +37,10 @@ class IndexSource(Protocol):
 
 class TailSource:
     """The in-memory index (`PrefixIndexTail`) as a lookup source: a background task syncs it
-    from the workers' streams every `sync_interval_s`; a lookup never touches Redis, but
-    raises IndexUnavailable when the last successful sync is older than `stale_after_s`."""
+    from the streams of `workers()` (the router passes those whose registry heartbeat is live,
+    so a dead worker's entries go when its heartbeat lapses) every `sync_interval_s`; a lookup
+    never touches Redis, but raises IndexUnavailable when the last successful sync is older
+    than `stale_after_s`."""
 
     def __init__(self, tail: PrefixIndexTail, workers: Callable[[], Collection[str]],
                  sync_interval_s: float = RouterConfig.tail_sync_interval_s,
@@ -61,6 +63,12 @@ class TailSource:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+
+    def counters(self) -> dict[str, float]:
+        """The tail's resyncs by reason and dropped workers, for GetClusterStatus."""
+        return {**{f"index_resyncs/{reason}": count
+                   for reason, count in self.tail.resyncs.items()},
+                "index_drops": self.tail.drops, "index_sync_failures": self.tail.sync_failures}
 
     async def lookup(self, hashes: Sequence[BlockHash],
                      workers: Collection[str]) -> dict[str, int]:

@@ -57,6 +57,7 @@ from router.pair_health import PairHealth
 from router.policies import Policy, make_policy
 from router.prefix import PrefixLookup
 from router.request import Delta, GenerateInput, Usage
+from router.stale_index import is_stale
 from router.stats import RouterStats
 from router.stops import StopChecker
 from router.validate import PromptValidator, request_limits
@@ -180,13 +181,13 @@ class Router:
         deadline = loop.time() + self.config.queue_timeout_s
         attempt = 0
         while attempt < self.config.max_attempts:
-            route, prefill_blocks = await self._route(hashes, excluded, failed_pairs, errors,
-                                                      attempt)
+            route, prefill_blocks, hits = await self._route(hashes, excluded, failed_pairs,
+                                                            errors, attempt)
             assignment = self.tracker.assign(route, prefill_blocks)
             attempt_id = progress.next_attempt_id()
             try:
                 first, local = await self._try_pair(route, attempt_id, prompt, sampling,
-                                                    request.cache_salt)
+                                                    request.cache_salt, hits)
             except WorkerFull as full:
                 assignment.finish()
                 excluded.add(full.worker_id)
@@ -218,8 +219,9 @@ class Router:
 
     async def _route(self, hashes: list[BlockHash], excluded: set[str],
                      failed_pairs: set[tuple[str, str]], errors: list[str],
-                     attempt: int) -> tuple[Route, int]:
-        """The pair for this attempt, and the prompt blocks its prefill worker must compute."""
+                     attempt: int) -> tuple[Route, int, dict[str, int]]:
+        """The pair for this attempt, the prompt blocks its prefill worker must compute, and
+        the index's leading cached blocks per worker ({} when not looked up)."""
         aggregated = self.pool.live(Role.AGGREGATED)  # candidates in both roles (policies.py)
         prefill = [h for h in self.pool.live(Role.PREFILL) + aggregated
                    if h.worker_id not in excluded]
@@ -246,13 +248,14 @@ class Router:
         prompt_blocks = max(len(hashes), 1)
         if decision.policy in PREFIX_POLICIES:
             self.metrics.prefix_lookup(max(hits.values(), default=0), prompt_blocks)
-        return route, max(prompt_blocks - hits.get(route.prefill, 0), 0)
+        return route, max(prompt_blocks - hits.get(route.prefill, 0), 0), hits
 
     async def _try_pair(self, route: Route, attempt_id: str, prompt: list[int],
-                        params: SamplingParams, cache_salt: str,
+                        params: SamplingParams, cache_salt: str, hits: dict[str, int],
                         ) -> tuple[FirstToken, LocalStream | None]:
         """Reserves on D, prefills on P — or on D itself for a local route or a short
-        uncached prompt (then with D's stream, open); whatever fails, nothing stays held."""
+        uncached prompt (then with D's stream, open); whatever fails, nothing stays held.
+        Counts a worker that held fewer blocks than the index's `hits` predicted."""
         decode = self.pool.decode_client(route.decode)
         sampling = sampling_to_pb(params)
         salt = cache_salt or None
@@ -262,6 +265,7 @@ class Router:
         except BaseException:  # failed or cancelled while reserving: D may hold blocks for us
             self._background(decode.cancel(attempt_id, "reserve failed"))
             raise
+        self._check_index("decode", route.decode, hits, reservation.num_cached_blocks, prompt)
         threshold = self.config.local_prefill_max_tokens
         short = threshold is not None and \
             len(prompt) - reservation.num_cached_tokens <= threshold
@@ -278,12 +282,26 @@ class Router:
             return first, local
         prefill = self.pool.prefill_client(route.prefill)
         try:
-            return await prefill.prefill(attempt_id, prompt, sampling, route.decode,
-                                         reservation, salt), None
+            first = await prefill.prefill(attempt_id, prompt, sampling, route.decode,
+                                          reservation, salt)
         except BaseException:
             self._background(decode.cancel(attempt_id, "prefill failed"))
             self._background(prefill.cancel(attempt_id, "request ended before its first token"))
             raise
+        self._check_index("prefill", route.prefill, hits,
+                          first.num_cached_tokens // self.config.block_size, prompt)
+        return first, None
+
+    def _check_index(self, role: str, worker_id: str, hits: dict[str, int], reported: int,
+                     prompt: list[int]) -> None:
+        """Counts (and logs) a route the prefix index got wrong: `worker_id` held `reported`
+        leading blocks, fewer than the index predicted (`router.stale_index`)."""
+        predicted = hits.get(worker_id, 0)
+        if is_stale(predicted, reported, len(prompt), self.config.block_size):
+            self.stats.stale_index_routes[role] += 1
+            self.metrics.stale_index_route(role)
+            log.info("stale prefix index: %s worker %s held %d leading blocks, the index "
+                     "said %d", role, worker_id, reported, predicted)
 
     def _note_failure(self, failed: WorkerFailed | PairFailed, excluded: set[str],
                       failed_pairs: set[tuple[str, str]]) -> None:

@@ -11,7 +11,7 @@ from grpc import aio
 from cluster.convert import FINISH_TO_PB, sampling_from_pb
 from observability.metrics import LOCAL_PREFILL_REASONS, MIGRATION_REASONS
 from observability.tracing import annotate, set_request_id
-from router.prefix import IndexMode
+from router.prefix import IndexMode, TailSource
 from router.request import Delta, GenerateInput
 from router.router import Router
 from router.text_log import RequestTextLog
@@ -72,6 +72,10 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             **{f"local_prefills/{k}": stats.local_prefills[k] for k in LOCAL_PREFILL_REASONS},
             "migrations": sum(stats.migrations.values()),
             **{f"migrations/{k}": stats.migrations[k] for k in MIGRATION_REASONS},
+            **{f"stale_index_routes/{role}": stats.stale_index_routes[role]
+               for role in ("prefill", "decode")},
+            **(router.lookup.reader.counters()
+               if isinstance(router.lookup.reader, TailSource) else {}),
         }
         return router_pb2.GetClusterStatusResponse(
             workers=[h.status for h in pool.workers.values() if h.status is not None and h.up],

@@ -17,3 +17,6 @@ class RouterStats:
     # requests prefilled on their decode worker, no transfer: "aggregated" (an aggregated
     # worker) or "short_prompt" (conditional disaggregation, local_prefill_max_tokens)
     local_prefills: Counter[str] = field(default_factory=Counter)
+    # routes whose "prefill" or "decode" worker held fewer leading prompt blocks than the
+    # prefix index predicted (router.stale_index)
+    stale_index_routes: Counter[str] = field(default_factory=Counter)

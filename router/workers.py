@@ -111,6 +111,11 @@ class WorkerPool:
         return [h for h in self.workers.values() if h.role is role and h.up and
                 self._config_matches(h)]
 
+    def listed(self) -> list[str]:
+        """Workers the source lists now (for the registry: heartbeat within its TTL), whether
+        or not they are up; those missing are kept in `workers` a while, not here."""
+        return [h.worker_id for h in self.workers.values() if h.missing_since is None]
+
     def mark_down(self, worker_id: str, why: str) -> None:
         handle = self.workers.get(worker_id)
         if handle is not None:

@@ -81,6 +81,14 @@ def test_transfer_and_redis_tunables_reach_their_configs() -> None:
     assert (redis.url, redis.namespace, redis.op_timeout_s) == ("redis://h:1/0", "ns", 0.75)
 
 
+def test_the_transfer_port_reaches_the_agent_and_is_checked() -> None:
+    config = build(["--model", "/m", "--transfer-token", "t", "--transfer-port", "23456"])
+    assert config.transfer_config().port == 23456
+    assert build(["--model", "/m", "--transfer-token", "t"]).transfer_config().port == 0
+    with pytest.raises(ValueError, match="transfer_port: must be in"):
+        build(["--model", "/m", "--transfer-port", "70000"])
+
+
 def test_unset_transfer_timeouts_are_the_transfer_package_defaults() -> None:
     config = build(["--model", "/m", "--transfer-token", "t"]).transfer_config()
     assert config == TransferConfig(token="t", host="127.0.0.1")

@@ -141,3 +141,40 @@ def test_deadline_fails_request_and_aborts_sender(make_agent) -> None:
         assert poll_until(receiver, 1, 0.5) == []
     finally:
         sender.stop()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_receiver_restarted_on_the_same_address_is_reconnected(make_agent,
+                                                               backend: str) -> None:
+    """A receiver killed and restarted on the same port (a new process, a new agent) before
+    the sender polled even once: `connect` with the same metadata must not hand out the dead
+    peer; it handshakes again and the writes land in the new process."""
+    from cli.local_cluster import UniquePorts
+
+    port = UniquePorts().take()
+    sender, _ = make_agent(backend, num_blocks=32)
+    receiver = Peer(backend, num_blocks=64, port=port)
+    try:
+        peer = sender.connect(receiver.metadata)
+        receiver.call("expect", "before", 20.0)
+        for plan in full_request(peer, "before"):
+            sender.write(plan[0], plan[1], plan[2], plan[3], range(*plan[4]), last=plan[5])
+        assert all(e.ok for e in poll_until(sender, SPEC.num_layers, 20.0))
+        receiver.kill()
+    finally:
+        receiver.stop()
+    restarted = Peer(backend, num_blocks=64, seed=5, port=port)
+    try:
+        assert restarted.metadata == receiver.metadata and restarted.name != receiver.name
+        again = sender.connect(restarted.metadata)  # no poll since the kill
+        assert again == restarted.name
+        restarted.call("expect", "after", 20.0)
+        for plan in full_request(again, "after"):
+            sender.write(plan[0], plan[1], plan[2], plan[3], range(*plan[4]), last=plan[5])
+        assert all(e.ok for e in poll_until(sender, SPEC.num_layers, 20.0))
+        [ev] = restarted.wait_events(1, 20.0)
+        assert (ev.kind, ev.request_id) == (EventKind.REQUEST_COMPLETE, "after")
+        assert sender.connect(restarted.metadata) == restarted.name  # the live link is reused
+    finally:
+        restarted.stop()

@@ -22,6 +22,7 @@ from observability.metrics import (
     ITL_BUCKETS_S,
     OUTCOMES,
     ROUTER_FALLBACKS,
+    TAIL_RESYNC_REASONS,
     TRANSFER_FAILURE_REASONS,
     TRANSFER_FAILURE_WHERE,
     TTFT_BUCKETS_S,
@@ -144,6 +145,25 @@ def test_router_fallback_counters_read_at_scrape_time() -> None:
     family = next(f for f in text_string_to_metric_families(generate_latest(registry).decode())
                   if f.name == "tandem_router_registry_list_failures")
     assert family.type == "counter"
+
+
+def test_router_resyncs_and_stale_routes_are_exported() -> None:
+    from index.prefix_tail import RESYNC_REASONS
+
+    assert RESYNC_REASONS == TAIL_RESYNC_REASONS
+    registry = CollectorRegistry()
+    metrics = RouterMetrics(registry)
+    assert value(registry, "tandem_router_prefix_tail_resyncs_total", reason="gap") == 0
+    counts = {"gap": 2, "restart": 1}
+    metrics.watch_resyncs(lambda: counts)
+    counts["gap"] = 3
+    assert value(registry, "tandem_router_prefix_tail_resyncs_total", reason="gap") == 3
+    assert value(registry, "tandem_router_prefix_tail_resyncs_total", reason="restart") == 1
+    assert value(registry, "tandem_router_prefix_tail_resyncs_total", reason="epoch") == 0
+    assert value(registry, "tandem_router_stale_index_routes_total", role="decode") == 0
+    metrics.stale_index_route("decode")
+    assert value(registry, "tandem_router_stale_index_routes_total", role="decode") == 1
+    assert value(registry, "tandem_router_stale_index_routes_total", role="prefill") == 0
 
 
 def test_histogram_buckets_span_cpu_and_gpu_speeds() -> None:
