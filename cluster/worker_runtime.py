@@ -8,8 +8,10 @@ engine thread polls the transfer agent and drains block events between steps and
 to the event loop; nothing here blocks the loop. While transfers are in flight
 (`agent.in_flight()`) it polls every `transfer_poll_interval_s`, also between the layers of a
 step (when the role has a layer hook) and while the engine is idle, so a write that lands is
-seen within that interval rather than after the next step or the idle wait; a receiver idles
-until a sender announces a write, which wakes its engine thread (`agent.set_wakeup`). Its
+seen within that interval rather than after the next step or the idle wait; otherwise the engine
+thread sleeps until a command, a control-link event (a sender announcing a write, a peer lost:
+`agent.set_wakeup`) or the agent's next deadline (`agent.next_deadline()`) — no periodic
+wake-ups, so dozens of idle sim workers cost next to nothing. Its
 background tasks (the index writer, the engine watch) are kept in `BackgroundTasks`: failures
 logged, cancelled and awaited on close.
 """
@@ -103,7 +105,10 @@ class WorkerRuntime:
         block_events = engine.block_manager.drain_events()
         if block_events and self.writer is not None:
             self._aio.call_soon_threadsafe(self._publish_blocks, block_events)
-        return self.config.transfer_poll_interval_s if self.agent.in_flight() else None
+        if self.agent.in_flight():
+            return self.config.transfer_poll_interval_s
+        deadline = self.agent.next_deadline()  # a request's KV deadline, a lost sender's grace
+        return None if deadline is None else max(deadline - time.monotonic(), 0.0)
 
     def _poll_transfer(self) -> None:
         """Engine thread: one `agent.poll()`, its events handed to the event loop."""

@@ -107,7 +107,7 @@ class BaseAgent(ABC):
             backend_md=backend_md,
             on_refused=lambda f: self.stats.record_failure(
                 "handshake", FailureReason.AUTH if f == "token" else FailureReason.HANDSHAKE),
-            on_write=self._on_announced)
+            on_event=self._on_control_event)
 
     def metadata(self) -> str:
         return self._require_control().address
@@ -228,6 +228,13 @@ class BaseAgent(ABC):
             events, self._events = self._events, []
         return events
 
+    def next_deadline(self) -> float | None:
+        times = [at for at, _ in self._lost_inbound.values()]
+        tracked = self._tracker.next_deadline()
+        if tracked is not None:
+            times.append(tracked)
+        return min(times, default=None) if not self._closed else None
+
     def in_flight(self) -> bool:
         return not self._closed and (bool(self._writes) or self._receiving() or any(
             n > 0 for n in self._announced.values()))
@@ -331,8 +338,9 @@ class BaseAgent(ABC):
         else:
             self._announced.pop(request_id, None)
 
-    def _on_announced(self) -> None:
-        """Control thread: a sender announced a write; wake the polling thread."""
+    def _on_control_event(self) -> None:
+        """Control thread: an event is queued (a sender announced a write, a link was lost...);
+        wake the polling thread."""
         wake = self._wakeup
         if wake is not None:
             wake()

@@ -210,10 +210,17 @@ class KVTransferAgent(Protocol):
         `poll()`). Cheap; call it from the polling thread."""
         ...
 
+    def next_deadline(self) -> float | None:
+        """The earliest time (time.monotonic()) at which `poll()` has a timer to fire while
+        nothing is in flight — a receiver's request deadline (`expect`), a lost sender's grace
+        —, or None. A thread that polls only when woken (`set_wakeup`) must poll by then."""
+        ...
+
     def set_wakeup(self, wake: Callable[[], None]) -> None:
-        """Receiver: `wake()` is called, from a background thread, as soon as a sender
-        announces a write to this agent (each `write` is announced on the control link), so
-        that a thread that polls slowly while nothing is in flight can poll at once."""
+        """`wake()` is called, from a background thread, as soon as something reaches this
+        agent's control link: a sender announces a write (each `write` is announced), a peer
+        connects, aborts or is lost. A thread that polls only while `in_flight()` and
+        otherwise sleeps until woken or until `next_deadline()` misses nothing."""
         ...
 
     def close(self) -> None:

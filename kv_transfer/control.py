@@ -3,8 +3,9 @@ life. It carries the handshake, then heartbeats and aborts, and it is how each s
 the other died: a killed process closes its sockets at once (EOF), a hung or partitioned one
 stops answering pings (`peer_timeout_s`). One-sided writes give the receiver no such signal.
 A sender also announces each write it posts, so a receiver that polls slowly while idle is
-woken at once (`on_write`): a NIXL write completes only once the receiver's worker has
-progressed.
+woken at once (`on_event`): a NIXL write completes only once the receiver's worker has
+progressed. Every other event (a peer accepted, an abort, a link lost) wakes it too, so a
+polling thread may sleep until woken or until its agent's `next_deadline()`.
 
 A daemon thread owns the sockets; it never touches the transfer backend. It reports what it saw
 as `ControlEvent`s that the agent's `poll()` drains on the caller's thread.
@@ -61,11 +62,11 @@ class ControlPlane:
 
     def __init__(self, *, agent: str, backend: str, spec: KVLayoutSpec, config: TransferConfig,
                  backend_md: dict[str, Any], on_refused: Callable[[str], None],
-                 on_write: Callable[[], None]) -> None:
+                 on_event: Callable[[], None]) -> None:
         self._agent, self._backend, self._spec, self._cfg = agent, backend, spec, config
         self._backend_md = backend_md
         self._on_refused = on_refused
-        self._on_write = on_write  # control thread: a sender announced a write to us
+        self._on_event = on_event  # control thread: an event is queued (a write announced...)
         self._events: queue.SimpleQueue[ControlEvent] = queue.SimpleQueue()
         self._pending: queue.SimpleQueue[_Link] = queue.SimpleQueue()
         self._links: dict[tuple[str, bool], _Link] = {}
@@ -147,6 +148,11 @@ class ControlPlane:
             link.closed = True
             self._wake()
 
+    def _put(self, event: ControlEvent) -> None:
+        """Control thread: queues `event` for `drain` and wakes the polling thread."""
+        self._events.put(event)
+        self._on_event()
+
     def drain(self) -> list[ControlEvent]:
         out = []
         while True:
@@ -213,7 +219,7 @@ class ControlPlane:
             peer, conn_id = str(hello["agent"]), next(self._conn_ids)
             link = _Link(sock, peer, False, conn_id, time.monotonic())
             # Reported before the welcome goes out, so the agent knows the link before any data.
-            self._events.put(ControlEvent("accepted", peer, False, conn_id))
+            self._put(ControlEvent("accepted", peer, False, conn_id))
             sock.sendall(encode_frame(handshake.make_welcome(
                 self._cfg.token, str(hello["nonce"]), agent=self._agent, backend=self._backend,
                 spec=self._spec, backend_md=self._backend_md, conn_id=conn_id)))
@@ -278,12 +284,11 @@ class ControlPlane:
             return
         for msg in frames:
             if msg.get("t") == "abort":
-                self._events.put(ControlEvent("abort", link.peer, link.outbound, link.conn_id,
+                self._put(ControlEvent("abort", link.peer, link.outbound, link.conn_id,
                                               str(msg.get("r", ""))))
             elif msg.get("t") == "write" and not link.outbound:
-                self._events.put(ControlEvent("write", link.peer, False, link.conn_id,
+                self._put(ControlEvent("write", link.peer, False, link.conn_id,
                                               str(msg.get("r", ""))))
-                self._on_write()
             elif msg.get("t") == "bye":
                 self._lost(link, "the peer disconnected")
                 return
@@ -320,4 +325,4 @@ class ControlPlane:
                 del self._links[(link.peer, link.outbound)]
         self._unregister(link)
         log.warning("KV peer %s lost: %s", link.peer, why)
-        self._events.put(ControlEvent("lost", link.peer, link.outbound, link.conn_id, why))
+        self._put(ControlEvent("lost", link.peer, link.outbound, link.conn_id, why))

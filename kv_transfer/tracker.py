@@ -37,6 +37,10 @@ class RequestTracker:
     def __len__(self) -> int:
         return len(self._requests)
 
+    def next_deadline(self) -> float | None:
+        """The earliest deadline of a request still expected (time.monotonic()), or None."""
+        return min((req.deadline for req in self._requests.values()), default=None)
+
     def expect(self, request_id: str, timeout_s: float | None, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
         deadline = now + (self._default_timeout_s if timeout_s is None else timeout_s)

@@ -4,6 +4,8 @@ bounded point per rate or concurrency, then the JSON, the Markdown summary and t
 from __future__ import annotations
 
 import argparse
+import asyncio
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -78,6 +80,19 @@ def _config(args: argparse.Namespace) -> dict[str, Any]:
             for k, v in vars(args).items() if k not in ("api_key", "command")}
 
 
+async def _start_at(when: float | None) -> float:
+    """Waits until wall-clock `when` (None: not at all); returns the time.time() it starts at.
+    A process that is ready late starts at once and says so on stderr."""
+    if when is not None:
+        wait = when - time.time()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        elif wait < -0.05:
+            print(f"loadtest: ready {-wait:.2f} s after --start-at; starting now",
+                  file=sys.stderr)
+    return time.time()
+
+
 async def run(args: argparse.Namespace) -> tuple[Path, str]:
     """Runs every point and writes the outputs; returns the output dir and the summary."""
     space = token_space(args)
@@ -92,6 +107,7 @@ async def run(args: argparse.Namespace) -> tuple[Path, str]:
     run_id = uuid.uuid4().hex[:8]
     points: list[PointResult] = []
     target_name = ""
+    started = time.time()
     for i, load in enumerate(loads):
         salt = {"auto": f"loadtest-{run_id}-{i}", "none": None}.get(args.cache_salt,
                                                                     args.cache_salt)
@@ -101,9 +117,12 @@ async def run(args: argparse.Namespace) -> tuple[Path, str]:
         # server cached at an earlier point (a salt does that over gRPC; HTTP has none)
         requests = make_requests(args, space, args.seed + i)
         async with target:
+            if i == 0:
+                started = await _start_at(args.start_at)
             points.append(await run_point(target, requests, load, bounds, args.seed + i,
                                           f"lt{run_id}-{i}", args.metrics_url, args.progress))
-    report = build_report(name, target_name, _config(args), points, slo)
+    report = build_report(name, target_name, {**_config(args), "started_unix": started},
+                          points, slo)
     write_json(out_dir / "run.json", report)
     plots = write_plots({name: report["points"]}, out_dir)
     summary = markdown(report, [str(p) for p in plots])

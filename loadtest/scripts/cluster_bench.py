@@ -6,7 +6,10 @@ router per policy, write every run and a comparison, stop everything.
         -- --workload shared-prefix --groups 8 --users 8 ... (any `loadtest run` flags)
 
 The workers start once; each policy gets its own router process over the same workers and
-Redis, and its runs go one after the other (the idle routers only poll). `--cache-salt auto`
+Redis, started for its runs and stopped after them (an idle router still tails the prefix
+index, ~13% of a core here, which would be taken from the router being measured).
+`--processes N` sends each point from up to N client processes at once and merges them
+(`parallel_load.py`): one Python client tops out below what the cluster serves. `--cache-salt auto`
 (the harness's default) gives every run fresh prefixes, so a policy never finds blocks an
 earlier one left. `--sim KEY=VALUE` sets a cost-model constant of every sim worker
 (`--sim step-s=0` → `--sim-step-s 0`). Each run is `OUT/NAME` (`run.json`, `summary.md`,
@@ -51,6 +54,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--router-arg", action="append", default=[],
                         help="one more flag for every router (repeatable)")
     parser.add_argument("--label", default="", help="prefix of each run's name")
+    parser.add_argument("--processes", type=int, default=1,
+                        help="client processes per point (parallel_load.py; 1: loadtest run)")
     parser.add_argument("--out", type=Path, required=True)
     return parser.parse_args(argv[:split]), argv[split + 1:]
 
@@ -65,6 +70,32 @@ def wait_for_workers(router: ServiceProcess, count: int, timeout_s: float = 120.
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{router.name}: fewer than {count} workers")
             time.sleep(0.2)
+
+
+def load_command(processes: int, name: str, out: Path, target: list[str],
+                 load_args: list[str]) -> list[str]:
+    """`loadtest run` with `load_args`, or with `processes` > 1 `parallel_load.py`, which
+    takes the load values (`--concurrency`, `--rate`), `--seed`, `--name` and `--out` itself."""
+    if processes <= 1:
+        return [sys.executable, "-m", "loadtest", "run", *target, "--name", name,
+                "--out", str(out), "--no-progress", *load_args]
+    own, rest = split_flags(load_args, ("--concurrency", "--rate", "--seed"))
+    return [sys.executable, str(Path(__file__).with_name("parallel_load.py")),
+            "--processes", str(processes), "--name", name, "--out", str(out), *own, "--",
+            *target, *rest]
+
+
+def split_flags(argv: list[str], names: tuple[str, ...]) -> tuple[list[str], list[str]]:
+    """(`names` with their values, the rest) of a flag list; a value is every word up to the
+    next one that starts with "--"."""
+    own: list[str] = []
+    rest: list[str] = []
+    into = rest
+    for word in argv:
+        if word.startswith("--"):
+            into = own if word.split("=")[0] in names else rest
+        into.append(word)
+    return own, rest
 
 
 def main(argv: list[str]) -> int:
@@ -89,20 +120,21 @@ def main(argv: list[str]) -> int:
         spawned = [cluster.spawn(role) for role, n in (("prefill", args.prefill),
                    ("decode", args.decode), ("aggregated", args.aggregated))
                    for _ in range(n)]
-        routers = {p: cluster.spawn("router", ["--policy", p]) for p in args.policies}
-        for process in [*spawned, *routers.values()]:
+        for process in spawned:
             cluster.wait_ready(process)
-        for router in routers.values():
+        for policy in args.policies:
+            router = cluster.spawn("router", ["--policy", policy])
+            cluster.wait_ready(router)
             wait_for_workers(router, workers)
-        for policy, router in routers.items():
             name = f"{args.label}{policy}"
             out = args.out / name
-            command = [sys.executable, "-m", "loadtest", "run", "--address", router.address,
-                       "--metrics-url", f"http://{router.metrics_address}/metrics",
-                       "--name", name, "--out", str(out), "--no-progress", *load_args]
+            target = ["--address", router.address,
+                      "--metrics-url", f"http://{router.metrics_address}/metrics"]
+            command = load_command(args.processes, name, out, target, load_args)
             print(f"== {name}: {' '.join(command[1:])}", flush=True)
             subprocess.run(command, check=True)
             runs.append(out / "run.json")
+            cluster.kill(router, signal.SIGTERM)
     finally:
         cluster.stop()
     if len(runs) > 1:

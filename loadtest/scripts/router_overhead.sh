@@ -7,7 +7,10 @@
 # takes a string or strings, not token ids (422 "data did not match any variant of untagged enum
 # StringOrArray").
 #
-#   loadtest/scripts/router_overhead.sh [OUT] [N] [C] [DURATION_S]
+#   loadtest/scripts/router_overhead.sh [OUT] [N] [C] [DURATION_S] [PROCESSES]
+#
+# PROCESSES > 1 sends each point from up to that many client processes at once, merged into one
+# run (parallel_load.py): one Python client process tops out below these servers' ceilings.
 #
 # Routers come from their own venvs (VLLM_ROUTER_VENV, SGLANG_ROUTER_VENV; default
 # /work/venvs/{vllm,sglang}-router); one that is missing is skipped. Needs PYTHONPATH at the
@@ -17,13 +20,15 @@ OUT=${1:-loadtest/results/router-overhead}
 N=${2:-32}
 C=${3:-32}
 DURATION=${4:-10}
+PROCS=${5:-1}
 VR=${VLLM_ROUTER_VENV:-/work/venvs/vllm-router}
 SR=${SGLANG_ROUTER_VENV:-/work/venvs/sglang-router}
 MODEL=${MODEL:-$(python3 -c "from engine.default_model import smollm2_dir; print(smollm2_dir())")}
 BASE=19100
 RPORT=19090
-LOAD=(--input-len 64 --output-len 1 --tokenizer "$MODEL" --concurrency 1 "$C"
-      --duration "$DURATION" --max-requests 20000 --no-progress)
+SHAPE=(--input-len 64 --output-len 1 --tokenizer "$MODEL" --duration "$DURATION"
+       --max-requests 20000 --no-progress)
+LOAD=("${SHAPE[@]}" --concurrency 1 "$C")
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT
@@ -32,8 +37,13 @@ wait_http() {  # URL: up to 60 s for a 200
   echo "no answer from $1" >&2; return 1
 }
 http_run() {  # NAME URL
-  python3 -m loadtest run --target openai --endpoint chat --url "$2" --model instant \
-      "${LOAD[@]}" --name "$1" --out "$OUT/$1"
+  local target=(--target openai --endpoint chat --url "$2" --model instant)
+  if [ "$PROCS" -gt 1 ]; then
+    python3 loadtest/scripts/parallel_load.py --processes "$PROCS" --concurrency 1 "$C" \
+        --name "$1" --out "$OUT/$1" -- "${target[@]}" "${SHAPE[@]}"
+  else
+    python3 -m loadtest run "${target[@]}" "${LOAD[@]}" --name "$1" --out "$OUT/$1"
+  fi
   runs+=("$OUT/$1/run.json")
 }
 runs=()
@@ -65,6 +75,6 @@ cleanup; pids=()
 python3 loadtest/scripts/cluster_bench.py --model "$MODEL" --engine sim --prefill $((N / 2)) \
     --decode $((N / 2)) --sim step-s=0 --sim prefill-token-s=0 --sim decode-seq-s=0 \
     --sim decode-context-token-s=0 --policies round_robin least_loaded kv_aware \
-    --label tandem- --out "$OUT" -- "${LOAD[@]}"
+    --label tandem- --processes "$PROCS" --out "$OUT" -- "${LOAD[@]}"
 for policy in round_robin least_loaded kv_aware; do runs+=("$OUT/tandem-$policy/run.json"); done
 python3 -m loadtest compare "${runs[@]}" --out "$OUT/compare"

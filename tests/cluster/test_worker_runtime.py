@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -118,3 +119,43 @@ async def test_an_idle_receiver_is_woken_by_an_announced_write(
     finally:
         await runtime.close()
         sender.stop()
+
+
+async def test_an_idle_engine_thread_sleeps_until_a_deadline_or_a_wake_up(
+        tiny_llama: Path) -> None:
+    """No periodic wake-ups: an idle decode worker's engine thread runs its idle hook at most
+    once per `IDLE_WAIT_S` (~20 times a second with the old 50 ms poll), yet a request whose KV
+    never comes fails at its deadline, because the hook asks to be called by then."""
+    config = WorkerConfig(role=Role.DECODE, model=str(tiny_llama), metrics_listen="",
+                          transfer_token=TOKEN, engine=EngineConfig(num_blocks=32, block_size=4))
+    runtime = WorkerRuntime(config)
+    events: list[TransferEvent] = []
+    failed = asyncio.Event()
+
+    def listener(batch: list[TransferEvent]) -> None:
+        events.extend(batch)
+        failed.set()
+
+    runtime.on_transfer_events(listener)
+    loop = runtime.start_engine()
+    assert loop.on_idle is not None
+    hook = loop.on_idle
+    calls: list[float] = []
+
+    def counting(engine: Any) -> float | None:
+        calls.append(time.monotonic())
+        return hook(engine)
+
+    loop.on_idle = counting
+    try:
+        await loop.call(lambda e: None)
+        calls.clear()
+        await asyncio.sleep(0.5)
+        assert len(calls) <= 1, calls  # idle: no poll
+        await loop.call(lambda e: runtime.agent.expect("r", 0.3))
+        assert runtime.agent.next_deadline() is not None
+        await asyncio.wait_for(failed.wait(), 0.3 + engine_loop.IDLE_WAIT_S / 2)
+        assert [(e.kind, e.request_id) for e in events] == [(EventKind.REQUEST_FAILED, "r")]
+        assert runtime.agent.next_deadline() is None
+    finally:
+        await runtime.close()

@@ -186,6 +186,20 @@ def test_tracker_deadline_and_peer_loss() -> None:
     assert len(tr) == 0
 
 
+def test_tracker_next_deadline_is_the_earliest_expected_request() -> None:
+    """What an idle polling thread must wake for: the earliest deadline, None when nothing is
+    expected (a finished or failed request no longer counts)."""
+    tr = RequestTracker(default_timeout_s=5)
+    assert tr.next_deadline() is None
+    tr.expect("late", 3.0, now=0.0)
+    tr.expect("early", 1.0, now=0.5)
+    assert tr.next_deadline() == 1.5
+    [ev] = tr.expired(now=1.5)
+    assert ev.request_id == "early" and tr.next_deadline() == 3.0
+    tr.on_message("P", Notification("late", 0, 1, 1, 0, 1, 1), now=2.0)  # its only write
+    assert tr.next_deadline() is None
+
+
 def test_tracker_refuses_two_senders_for_one_request() -> None:
     tr = RequestTracker(default_timeout_s=5)
     tr.on_message("P", Notification("a", 0, 1, 1, 0, 0, 1), now=0.0)
