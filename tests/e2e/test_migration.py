@@ -19,6 +19,7 @@ import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -103,7 +104,7 @@ async def clean(cluster: LocalCluster) -> None:
 @pytest.mark.parametrize("sampling", [{}, {"temperature": 0.9, "top_k": 50, "seed": 1234}],
                          ids=["greedy", "seeded"])
 async def test_a_decode_worker_killed_mid_generation_migrates_its_request_token_for_token(
-        cluster: LocalCluster, tiny_llama: Path, sampling: dict[str, float]) -> None:
+        cluster: LocalCluster, tiny_llama: Path, sampling: dict[str, Any]) -> None:
     await routable(cluster)
     p = prompt(1)
     async with RouterClient(cluster.router_address) as client:

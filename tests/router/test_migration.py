@@ -53,7 +53,8 @@ async def cluster(redis: LocalRedisServer, model: Path, decode: int, **overrides
     plan: list[Script] = []
     decoders = [FakeDecode(f"d{i}", Role.DECODE, script=Script(tokens=None, token_id=None),
                            plan=plan) for i in range(decode)]
-    for fake in [prefill, *decoders]:
+    fakes: list[FakePrefill | FakeDecode] = [prefill, *decoders]
+    for fake in fakes:
         await serve(fake, registry)
     router = await build_router(config)
     try:
@@ -63,7 +64,7 @@ async def cluster(redis: LocalRedisServer, model: Path, decode: int, **overrides
         yield router, prefill, decoders
     finally:
         await router.close()
-        for fake in [prefill, *decoders]:
+        for fake in fakes:
             assert fake.server is not None
             await fake.server.stop(None)
         await client.aclose()
