@@ -159,3 +159,24 @@ async def test_a_request_whose_every_token_came_loses_only_its_finish_reason(
         assert [t for d in deltas for t in d.token_ids] == undisturbed(4)
         assert deltas[-1].finish_reason == "length"
         assert len(prefill.requests) == 1 and not router.stats.migrations
+
+
+async def test_a_stop_string_across_the_migration_is_found_and_usage_counts_every_token(
+        redis: LocalRedisServer, tiny_llama: Path) -> None:
+    """The stop checker lives in the router across attempts: a stop string whose first half
+    came from the lost worker and whose second half from the new pair still stops."""
+    async with cluster(redis, tiny_llama, 2) as (router, prefill, decoders):
+        decoders[0].plan.append(Script(tokens=2, token_id=None,
+                                       fail_with=grpc.StatusCode.UNAVAILABLE))
+        tokens = undisturbed(8)
+        text = router.tokenizer.decode(tokens)
+        # the 3rd token (the lost worker's last) ends with "\n", the 4th (the new pair's first)
+        assert router.tokenizer.decode(tokens[:3]).endswith("\n")
+        stop = "\n" + router.tokenizer.decode(tokens[3:5])
+        deltas = await collect(router, request("r", SamplingParams(max_tokens=8), [stop]))
+        assert [t for d in deltas for t in d.token_ids] == tokens[:5]
+        assert "".join(d.text for d in deltas) == text[:text.index(stop)]
+        last = deltas[-1]
+        assert (last.finish_reason, last.stop_string) == ("stop", stop)
+        assert last.usage is not None and last.usage.completion_tokens == 5
+        assert len(prefill.requests) == 2 and router.stats.migrations == {"unreachable": 1}
