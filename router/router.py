@@ -136,7 +136,7 @@ class Router:
                 while True:
                     bound = await self._first_token(progress, request)
                     try:
-                        async for delta in self._stream(bound, progress, stops, request):
+                        async for delta in self._stream(bound, progress, stops):
                             yield delta
                         return
                     except DecodeLost as lost:
@@ -320,8 +320,8 @@ class Router:
 
     # ---- after the first token: the decode stream ----------------------------------------
 
-    async def _stream(self, bound: _Bound, progress: Progress, stops: StopChecker,
-                      request: GenerateInput) -> AsyncIterator[Delta]:
+    async def _stream(self, bound: _Bound, progress: Progress,
+                      stops: StopChecker) -> AsyncIterator[Delta]:
         """Relays one attempt's tokens, from its first; raises DecodeLost if its decode
         stream is lost before the finish reason (the request may migrate then)."""
         decode = self.pool.decode_client(bound.decode_id)

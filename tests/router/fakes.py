@@ -36,7 +36,7 @@ FIRST_TOKEN = 7
 def next_token(context_tokens: int) -> int:
     """A counting fake's "model": the token after a context of this many tokens, so a
     request re-prefilled elsewhere with its tokens so far continues as if undisturbed."""
-    return 1000 + context_tokens
+    return 300 + context_tokens  # within the tiny tokenizer's vocabulary: real text
 
 
 @dataclass
@@ -91,6 +91,7 @@ class FakePrefill(FakeWorker, prefill_pb2_grpc.PrefillServicer):
 
     fail_to: set[str] = field(default_factory=set)  # decode worker ids
     counting: bool = False  # answer next_token(prompt length) instead of FIRST_TOKEN
+    delay_s: float = 0.0  # how long a Prefill takes (a hung worker: longer than its deadline)
     requests: list[prefill_pb2.PrefillRequest] = field(default_factory=list)
 
     async def Prefill(self, request: prefill_pb2.PrefillRequest,
@@ -98,6 +99,7 @@ class FakePrefill(FakeWorker, prefill_pb2_grpc.PrefillServicer):
         decode_id = request.target.endpoint.worker_id
         self.calls[decode_id] += 1
         self.requests.append(request)
+        await asyncio.sleep(self.delay_s)
         if decode_id in self.fail_to:
             await context.abort(grpc.StatusCode.ABORTED,
                                 f"KV transfer to {decode_id} failed: peer_lost")

@@ -7,6 +7,7 @@ import argparse
 import asyncio
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from grpc import aio
@@ -153,8 +154,9 @@ def test_validation_names_the_field() -> None:
     for field, value, message in [("max_migrations", -1, "max_migrations: must be >= 0"),
                                   ("decode_stall_s", 0, "decode_stall_s: must be > 0"),
                                   ("prefill_timeout_s", 0, "prefill_timeout_s: must be > 0")]:
+        given: dict[str, Any] = {field: value}
         with pytest.raises(ValueError, match=message):
-            RouterConfig(model="/m", redis_url="redis://h:1/0", **{field: value})
+            RouterConfig(model="/m", redis_url="redis://h:1/0", **given)
 
 
 def test_migration_settings_have_defaults_that_cannot_fire_on_a_slow_step() -> None:

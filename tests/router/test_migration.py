@@ -1,8 +1,10 @@
 """Request migration against scripted workers over real gRPC (tests/router/fakes.py): a lost
 decode stream — failed, or stalled past `decode_stall_s` — continues on another pair with the
 tokens so far, the same client stream, a fresh attempt id and the sampling's offset; past
-`max_migrations` the request ends naming the workers. The fakes "generate" `next_token` of
-the context, so an undisturbed run is known exactly. Real workers: tests/e2e/test_migration.py.
+`max_migrations` the request ends naming the workers. And the deadlines before the first
+token: a hung prefill (`prefill_timeout_s`), a local route's silent first token. The fakes
+"generate" `next_token` of the context, so an undisturbed run is known exactly. Real workers:
+tests/e2e/test_migration.py.
 """
 
 from __future__ import annotations
@@ -40,30 +42,32 @@ def redis() -> Iterator[LocalRedisServer]:
 
 
 @asynccontextmanager
-async def cluster(redis: LocalRedisServer, model: Path, decode: int, **overrides: Any,
-                  ) -> AsyncIterator[tuple[Router, FakePrefill, list[FakeDecode]]]:
-    """One counting prefill worker, `decode` counting decode workers sharing one plan of
-    scripts (the first Decode calls, wherever they land), and a router (`overrides`)."""
+async def cluster(redis: LocalRedisServer, model: Path, decode: int, prefill: int = 1,
+                  **overrides: Any,
+                  ) -> AsyncIterator[tuple[Router, list[FakePrefill], list[FakeDecode]]]:
+    """`prefill` counting prefill workers, `decode` counting decode workers sharing one plan
+    of scripts (the first Decode calls, wherever they land), and a router (`overrides`)."""
     namespace = f"m{id(overrides)}"
     config = RouterConfig(model=str(model), redis_url=redis.url, namespace=namespace,
                           refresh_interval_s=0.05, prefix_index="pipelined", **overrides)
     client = connect(RedisConfig(url=redis.url, namespace=namespace))
     registry = WorkerRegistry(client, RedisConfig(url=redis.url, namespace=namespace), ttl_s=60)
-    prefill = FakePrefill("p0", Role.PREFILL, counting=True)
+    prefills = [FakePrefill(f"p{i}", Role.PREFILL, counting=True) for i in range(prefill)]
     plan: list[Script] = []
     decoders = [FakeDecode(f"d{i}", Role.DECODE, script=Script(tokens=None, token_id=None),
                            plan=plan) for i in range(decode)]
-    for fake in [prefill, *decoders]:
+    fakes: list[FakePrefill | FakeDecode] = [*prefills, *decoders]
+    for fake in fakes:
         await serve(fake, registry)
     router = await build_router(config)
     try:
         while len(router.pool.live(Role.PREFILL)) + len(router.pool.live(Role.DECODE)) < \
-                1 + decode:
+                prefill + decode:
             await asyncio.sleep(0.02)
-        yield router, prefill, decoders
+        yield router, prefills, decoders
     finally:
         await router.close()
-        for fake in [prefill, *decoders]:
+        for fake in fakes:
             assert fake.server is not None
             await fake.server.stop(None)
         await client.aclose()
@@ -91,7 +95,8 @@ def undisturbed(max_tokens: int) -> list[int]:
 async def test_a_lost_decode_stream_continues_on_another_pair_token_for_token(
         redis: LocalRedisServer, tiny_llama: Path, lost: Script, reason: str,
         down: bool) -> None:
-    async with cluster(redis, tiny_llama, 2, decode_stall_s=0.5) as (router, prefill, decoders):
+    async with cluster(redis, tiny_llama, 2,
+                       decode_stall_s=0.5) as (router, (prefill,), decoders):
         decoders[0].plan.append(lost)  # the first Decode call, on whichever worker
         sampling = SamplingParams(max_tokens=8, temperature=0.7, seed=42)
         deltas = await collect(router, request("r", sampling))
@@ -151,10 +156,73 @@ async def test_without_another_decode_worker_the_migration_fails_naming_the_lost
 async def test_a_request_whose_every_token_came_loses_only_its_finish_reason(
         redis: LocalRedisServer, tiny_llama: Path) -> None:
     """The stream broke after the last token: the request is whole, nothing to migrate."""
-    async with cluster(redis, tiny_llama, 2) as (router, prefill, decoders):
+    async with cluster(redis, tiny_llama, 2) as (router, (prefill,), decoders):
         decoders[0].plan.append(Script(tokens=3, token_id=None,
                                        fail_with=grpc.StatusCode.UNAVAILABLE))
         deltas = await collect(router, request("r", SamplingParams(max_tokens=4)))
         assert [t for d in deltas for t in d.token_ids] == undisturbed(4)
         assert deltas[-1].finish_reason == "length"
         assert len(prefill.requests) == 1 and not router.stats.migrations
+
+
+async def test_a_stop_string_across_the_migration_is_found_and_usage_counts_every_token(
+        redis: LocalRedisServer, tiny_llama: Path) -> None:
+    """The stop checker lives in the router across attempts: a stop string whose first half
+    came from the lost worker and whose second half from the new pair still stops."""
+    async with cluster(redis, tiny_llama, 2) as (router, (prefill,), decoders):
+        decoders[0].plan.append(Script(tokens=2, token_id=None,
+                                       fail_with=grpc.StatusCode.UNAVAILABLE))
+        tokens = undisturbed(8)
+        text = router.tokenizer.decode(tokens)
+        # the 3rd token (the lost worker's last) ends with "\n", the 4th (the new pair's first)
+        assert router.tokenizer.decode(tokens[:3]).endswith("\n")
+        stop = "\n" + router.tokenizer.decode(tokens[3:5])
+        deltas = await collect(router, request("r", SamplingParams(max_tokens=8), [stop]))
+        assert [t for d in deltas for t in d.token_ids] == tokens[:5]
+        assert "".join(d.text for d in deltas) == text[:text.index(stop)]
+        last = deltas[-1]
+        assert (last.finish_reason, last.stop_string) == ("stop", stop)
+        assert last.usage is not None and last.usage.completion_tokens == 5
+        assert len(prefill.requests) == 2 and router.stats.migrations == {"unreachable": 1}
+
+
+# ---- deadlines before the first token ----------------------------------------------------
+
+
+async def test_a_prefill_past_its_deadline_goes_to_another_pair(
+        redis: LocalRedisServer, tiny_llama: Path) -> None:
+    async with cluster(redis, tiny_llama, 1, prefill=2,
+                       prefill_timeout_s=0.5) as (router, prefills, decoders):
+        prefills[0].delay_s = prefills[1].delay_s = 60.0  # hung, until one is chosen
+        task = asyncio.create_task(collect(router, request("r", SamplingParams(max_tokens=4))))
+        while not any(p.requests for p in prefills):
+            await asyncio.sleep(0.01)
+        hung = next(p for p in prefills if p.requests)
+        next(p for p in prefills if p is not hung).delay_s = 0.0
+        deltas = await asyncio.wait_for(task, 10)
+        assert [t for d in deltas for t in d.token_ids] == undisturbed(4)
+        assert router.stats.retries == 1
+        handle = router.pool.workers[hung.worker_id]
+        assert not handle.up and "DEADLINE_EXCEEDED" in handle.last_error
+        assert "r.0" in decoders[0].cancelled  # its reservation, released at once
+
+
+async def test_a_local_route_without_a_first_token_by_the_deadline_goes_elsewhere(
+        redis: LocalRedisServer, tiny_llama: Path) -> None:
+    """Conditional disaggregation: the decode worker prefills; one that never sends the
+    first token is given up after prefill_timeout_s, like a hung prefill worker."""
+    async with cluster(redis, tiny_llama, 2, prefill_timeout_s=0.5,
+                       local_prefill_max_tokens=64) as (router, _, decoders):
+        decoders[0].plan.append(Script(tokens=0, hold=True))  # the first call: silent
+        deltas = await asyncio.wait_for(
+            collect(router, request("r", SamplingParams(max_tokens=4))), 10)
+        assert deltas[-1].finish_reason == "length"
+        hung = next(d for d in decoders if "r.0" in d.reserves)
+        assert router.stats.retries == 1 and router.stats.local_prefills["short_prompt"] == 1
+        handle = router.pool.workers[hung.worker_id]
+        assert not handle.up and "DEADLINE_EXCEEDED" in handle.last_error
+
+        async def released() -> None:
+            while hung.holding():
+                await asyncio.sleep(0.02)
+        await asyncio.wait_for(released(), 5)
