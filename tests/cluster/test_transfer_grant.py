@@ -4,6 +4,7 @@ a decode worker reserved is refused, naming the grant."""
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import pytest
 
@@ -30,7 +31,7 @@ def test_the_signed_target_passes() -> None:
     {"request_id": "req-2.0"},  # another attempt's reservation
     {"expires_unix_ms": 99_000},  # a lease stretched by the caller
 ])
-def test_a_target_other_than_the_granted_one_is_refused(change: dict[str, object]) -> None:
+def test_a_target_other_than_the_granted_one_is_refused(change: dict[str, Any]) -> None:
     mac = transfer_grant.sign(SECRET, TARGET)
     with pytest.raises(Forbidden, match="target.grant: does not cover this target"):
         transfer_grant.verify(SECRET, dataclasses.replace(TARGET, **change), mac, NOW)
