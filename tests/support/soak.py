@@ -19,6 +19,7 @@ Then it stops the chaos, lets the last requests end, and checks. A violation (ex
 - an error status outside `CLEAR_CODES` (INTERNAL, UNKNOWN, ...: a bug, not a fault);
 - a live worker whose KV blocks are not all free (or that still holds a request) once the
   cluster is idle, `--drain-timeout-s` after the load stopped;
+- a chaos action that failed (a replacement worker that never became ready);
 - a process whose peak RSS passed `--rss-limit-mib` (default 1024 MiB: a tiny-model worker
   peaks at ~380 MiB, torch and UCX included, the router at ~170 MiB and Redis at ~12 MiB in a
   1-minute soak; a leak of a few KiB per request crosses it in a long one).
@@ -231,6 +232,7 @@ async def soak(cluster: LocalCluster, model: Path, config: SoakConfig) -> SoakRe
     report.peak_rss_mib = chaos.peak_rss_mib
     for worker in cluster.workers("prefill") + cluster.workers("decode"):
         report.preemptions += int((await counters(worker)).get("preemptions", 0))
+    report.violations += [f"chaos action failed: {e}" for e in chaos.errors]
     report.violations += [f"{name} leaked: {what}" for name, what in report.leaked.items()]
     report.violations += [f"{name} peak RSS {mib:.0f} MiB > {config.rss_limit_mib:.0f} MiB"
                           for name, mib in report.peak_rss_mib.items()
