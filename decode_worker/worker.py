@@ -18,6 +18,10 @@ A request's life here:
    `stats.routed_prefills`). The same local prefill as the fallback, without a first token.
 4. Whatever ends the stream (finish, cancel, error) releases the blocks in `finally`.
 
+Once admitted, a request may be preempted when the running batch outgrows the blocks: the
+engine frees its blocks and recomputes prompt + generated tokens later (engine/scheduler.py);
+its stream only pauses, and no new reservation is granted until it runs again.
+
 Blocks of a request released before its KV completed are kept out of use for
 `quarantine_s`, so a write still in flight from the prefill side cannot land in blocks that
 already belong to another request.
@@ -121,7 +125,7 @@ class DecodeWorker:
     async def reserve(self, request_id: str, prompt: list[int], sampling: SamplingParams,
                       lease_s: float | None = None, cache_salt: bytes = b"") -> Reservation:
         """Allocates blocks for `prompt` (its block hashes salted with `cache_salt`);
-        NoCapacity if they are not free now."""
+        NoCapacity if they are not free now, or while a preempted request waits for blocks."""
         if request_id in self.reservations:
             raise DuplicateRequest(f"request_id: {request_id!r} is already reserved here")
         # the caller may ask a shorter lease, never a longer one: a lease is blocks held

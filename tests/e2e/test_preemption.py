@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import grpc
 import pytest
 import torch
 
@@ -36,6 +37,12 @@ async def test_a_small_decode_cache_preempts_and_keeps_every_token(
             results = await asyncio.gather(*(
                 client.complete(token_ids=p, max_tokens=NEW, ignore_eos=True, timeout=120)
                 for p in prompts))
+            # one that could not fit even alone: refused at once, naming the field, no hang
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await client.complete(token_ids=prompts[0], max_tokens=200, ignore_eos=True,
+                                      timeout=30)
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "max_tokens" in (refused.value.details() or "")
         for i, (prompt, result) in enumerate(zip(prompts, results, strict=True)):
             assert result.token_ids == expected(tiny_llama, prompt, NEW), f"request {i}"
         status = await counters(decode)

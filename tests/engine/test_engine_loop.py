@@ -172,3 +172,37 @@ def test_an_engine_built_off_the_main_thread_steps_without_openmp_sleeping(
 
     on_main, off_main = switches("main"), switches("build")
     assert off_main * 5 < on_main, (off_main, on_main)
+
+
+async def test_a_stalled_engine_waits_for_the_release_instead_of_spinning(
+        tiny_llama: Path) -> None:
+    """A request preempted while a reservation holds the blocks it needs cannot run until the
+    reservation goes: the thread waits for commands (a step every `IDLE_WAIT_S` at most), then
+    the release lets the request finish."""
+    engine = Engine(tiny_llama, EngineConfig(num_blocks=20, block_size=4))
+    steps = 0
+    step = engine.step
+
+    def counted(*args: Any) -> list[RequestOutput]:
+        nonlocal steps
+        steps += 1
+        return step(*args)
+
+    engine.step = counted  # type: ignore[method-assign,assignment]
+    loop = EngineLoop(engine)
+    loop.start()
+    try:
+        sampling = SamplingParams(max_tokens=24, ignore_eos=True)
+        assert await loop.call(lambda e: e.reserve("held", list(range(3, 59)), sampling))
+        q = loop.subscribe("r")
+        prompt = list(range(100, 118))  # 18 tokens + 24 new: 11 blocks, 6 free
+        await loop.call(lambda e: e.add_request("r", prompt, sampling))
+        while not await loop.call(lambda e: e.stalled):
+            await asyncio.sleep(0.01)
+        before = steps
+        await asyncio.sleep(0.5)
+        assert steps - before <= 0.5 / IDLE_WAIT_S + 2  # not thousands: no busy loop
+        await loop.call(lambda e: e.release("held"))
+        assert await collect(q) == hf_greedy(tiny_llama, prompt, 24)
+    finally:
+        loop.stop()

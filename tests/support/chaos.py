@@ -47,6 +47,8 @@ class Chaos:
     min_alive: int = 1  # a role keeps at least this many live workers while one is replaced
     actions: Counter[str] = field(default_factory=Counter)  # done, by kind
     peak_rss_mib: dict[str, float] = field(default_factory=dict)  # process name → peak
+    errors: list[str] = field(default_factory=list)  # actions that failed (a replacement that
+    # never became ready, a Redis that did not start): the soak reports them as violations
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -57,7 +59,11 @@ class Chaos:
                     return
                 except TimeoutError:
                     pass
-                await self.act(action)
+                try:
+                    await self.act(action)
+                except Exception as error:  # reported; the soak goes on with what runs
+                    log.exception("chaos: %s failed", action)
+                    self.errors.append(f"{action}: {error!r}"[:500])
 
     async def act(self, action: str) -> None:
         if action == "restart_redis":

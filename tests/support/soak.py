@@ -1,6 +1,7 @@
 """A bounded chaos soak: steady load on a real local cluster while workers and Redis die.
 
     python -m tests.support.soak --minutes 10            # prints its totals; exit 1 on a violation
+    python -m tests.support.soak --minutes 10 --transfer-backend ucxx
 
 Starts a `LocalCluster` (redis-server, 2 prefill and 2 decode workers, the router) on the
 generated tiny Llama (or `--model`), computes every prompt's greedy tokens up front in an
@@ -19,6 +20,7 @@ Then it stops the chaos, lets the last requests end, and checks. A violation (ex
 - an error status outside `CLEAR_CODES` (INTERNAL, UNKNOWN, ...: a bug, not a fault);
 - a live worker whose KV blocks are not all free (or that still holds a request) once the
   cluster is idle, `--drain-timeout-s` after the load stopped;
+- a chaos action that failed (a replacement worker that never became ready);
 - a process whose peak RSS passed `--rss-limit-mib` (default 1024 MiB: a tiny-model worker
   peaks at ~380 MiB, torch and UCX included, the router at ~170 MiB and Redis at ~12 MiB in a
   1-minute soak; a leak of a few KiB per request crosses it in a long one).
@@ -78,12 +80,15 @@ class SoakConfig:
     request_timeout_s: float = 90.0
     prompts: int = 24
     seed: int = 0
+    transfer_backend: str = "nixl"  # or "ucxx": every worker's KV transfer backend
 
     def __post_init__(self) -> None:
         if self.minutes <= 0:
             raise ValueError(f"minutes: must be > 0, got {self.minutes}")
         if self.concurrency < 1:
             raise ValueError(f"concurrency: must be >= 1, got {self.concurrency}")
+        if self.transfer_backend not in ("nixl", "ucxx"):
+            raise ValueError(f"transfer_backend: 'nixl' or 'ucxx', got {self.transfer_backend!r}")
         if self.chaos_interval_s <= 0:
             raise ValueError(f"chaos_interval_s: must be > 0, got {self.chaos_interval_s}")
 
@@ -231,6 +236,7 @@ async def soak(cluster: LocalCluster, model: Path, config: SoakConfig) -> SoakRe
     report.peak_rss_mib = chaos.peak_rss_mib
     for worker in cluster.workers("prefill") + cluster.workers("decode"):
         report.preemptions += int((await counters(worker)).get("preemptions", 0))
+    report.violations += [f"chaos action failed: {e}" for e in chaos.errors]
     report.violations += [f"{name} leaked: {what}" for name, what in report.leaked.items()]
     report.violations += [f"{name} peak RSS {mib:.0f} MiB > {config.rss_limit_mib:.0f} MiB"
                           for name, mib in report.peak_rss_mib.items()
@@ -245,7 +251,8 @@ def soak_cluster(model: Path, config: SoakConfig, log_dir: Path) -> LocalCluster
     return LocalCluster(
         model, prefill=2, decode=2, log_dir=log_dir,
         worker_args=["--num-blocks", str(config.num_blocks),
-                     "--step-delay-ms", str(config.step_delay_ms), "--shutdown-grace-s", "2"],
+                     "--step-delay-ms", str(config.step_delay_ms), "--shutdown-grace-s", "2",
+                     "--transfer-backend", config.transfer_backend],
         router_args=["--lease-ms", "10000"])
 
 
@@ -268,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-blocks", type=int, default=defaults.num_blocks)
     parser.add_argument("--rss-limit-mib", type=float, default=defaults.rss_limit_mib)
     parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--transfer-backend", choices=("nixl", "ucxx"),
+                        default=defaults.transfer_backend)
     parser.add_argument("--log-dir", type=Path, help="where the processes' logs go "
                         "(default: a new temporary directory, printed)")
     parser.add_argument("--json", action="store_true", help="also print the totals as JSON")
@@ -277,7 +286,8 @@ def main(argv: list[str] | None = None) -> int:
         config = SoakConfig(minutes=args.minutes, model=args.model,
                             concurrency=args.concurrency,
                             chaos_interval_s=args.chaos_interval_s, num_blocks=args.num_blocks,
-                            rss_limit_mib=args.rss_limit_mib, seed=args.seed)
+                            rss_limit_mib=args.rss_limit_mib, seed=args.seed,
+                            transfer_backend=args.transfer_backend)
     except ValueError as error:
         parser.error(str(error))
     log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="tandem-soak-"))
