@@ -5,6 +5,7 @@ half-given files and refuses to serve when neither TLS nor plaintext was chosen.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import datetime
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 
 from cli.throwaway_ca import ClusterCerts, Issued, issue, make_ca, write_cluster_certs
+from cluster import health_probe
 from cluster.grpc_server import GrpcServer, start_server
 from cluster.process import ProcessOptions, serve_until_stopped
 from cluster.tls import PLAINTEXT, TlsConfig, client_channel
@@ -177,3 +179,21 @@ async def test_a_process_with_neither_tls_nor_plaintext_chosen_does_not_serve() 
     options = ProcessOptions(name="t", listen="127.0.0.1:0", metrics_registry=CollectorRegistry())
     with pytest.raises(ValueError, match="TLS is required"):
         await serve_until_stopped([], options)
+
+
+async def test_the_chart_probe_reads_the_process_tls_variables(
+        pki: Pki, mtls_server: GrpcServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`python -m cluster.health_probe`, the chart's probe under TLS (the kubelet's gRPC probe
+    speaks plaintext only): SERVING with the pod's own certificate, a failure without one."""
+    port = ["--port", str(mtls_server.port), "--server-name", "tandem-worker"]
+    for name, value in (("TANDEM_TLS_CERT", pki.certs.cert), ("TANDEM_TLS_KEY", pki.certs.key),
+                        ("TANDEM_TLS_CA", pki.certs.ca)):
+        monkeypatch.setenv(name, str(value))
+    assert await asyncio.to_thread(health_probe.main, port) == 0
+    await mtls_server.set_serving(False)
+    assert await asyncio.to_thread(health_probe.main, port) == 1
+    await mtls_server.set_serving(True)
+    for name in ("TANDEM_TLS_CERT", "TANDEM_TLS_KEY", "TANDEM_TLS_CA"):
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("TANDEM_INSECURE_PLAINTEXT", "1")  # a plaintext probe: refused
+    assert await asyncio.to_thread(health_probe.main, port) == 1
