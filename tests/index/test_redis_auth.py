@@ -2,6 +2,8 @@
 
 - a missing or wrong password is `RedisAuthFailed`, saying so, from every operation; the router
   process refuses to start with it, naming the problem, not a traceback;
+- a Redis serving TLS only (with a password) is reached with `rediss://...?ssl_ca_certs=`, and
+  not in plaintext nor by a client trusting another CA;
 - two clusters with different namespaces in one Redis, with the same worker ids and the same
   blocks, keep their registries and prefix indexes (Redis lookups and the router's tail copy)
   apart, and every key either writes starts with its namespace.
@@ -12,11 +14,14 @@ from __future__ import annotations
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 from redis.asyncio import Redis
 
 from cli.redis_server import LocalRedisServer
+from cli.throwaway_ca import make_ca, write_cluster_certs
+from cluster.errors import IndexUnavailable
 from cluster.roles import Role
 from engine.block_hash import hash_prompt_blocks
 from index.prefix_index import PrefixIndexReader, PrefixIndexWriter
@@ -84,6 +89,33 @@ def test_the_router_refuses_to_start_with_a_password_redis_refuses(
     assert done.returncode == 1, done.stderr
     assert "tandem router: redis ping failed: Redis refused the credentials" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+async def test_a_tls_redis_takes_rediss_with_the_ca_and_refuses_the_rest(tmp_path: Path) -> None:
+    certs = write_cluster_certs(tmp_path / "certs")
+    (tmp_path / "other-ca.pem").write_bytes(make_ca("another CA").cert_pem())
+    with LocalRedisServer(password=PASSWORD, tls=certs) as server:
+        assert server.url.startswith(f"rediss://:{PASSWORD}@") and "ssl_ca_certs=" in server.url
+        good = config(server.url)
+        client = connect(good)
+        try:
+            await check_auth(client, good)
+            await WorkerRegistry(client, good, ttl_s=60).heartbeat(record("d0", "10.0.0.1:1"))
+            assert [w.worker_id for w in await WorkerRegistry(client, good).list_workers()] == \
+                ["d0"]
+        finally:
+            await client.aclose()
+        plain = f"redis://:{PASSWORD}@{server.host}:{server.port}/0"
+        untrusted = server.url.replace(str(certs.ca), str(tmp_path / "other-ca.pem"))
+        for url in (plain, untrusted):
+            cfg = RedisConfig(url=url, op_timeout_s=1.0)
+            bad = connect(cfg)
+            try:
+                with pytest.raises(IndexUnavailable) as failed:
+                    await WorkerRegistry(bad, cfg).list_workers()
+                assert not isinstance(failed.value, RedisAuthFailed), url
+            finally:
+                await bad.aclose()
 
 
 def record(worker_id: str, address: str) -> WorkerRecord:
