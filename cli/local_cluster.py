@@ -10,8 +10,8 @@ SIGTERM to every process (SIGKILL after a grace period) and stops Redis, leaving
 Individual processes can be killed and new ones started, to test failures.
 
 TLS is a choice made here, never a silent default: with `tls` (a throwaway CA's files,
-`cli.throwaway_ca`) every process serves TLS and workers require the router's client
-certificate; without it every process is started with `--insecure-plaintext` (the tests whose
+`cli.throwaway_ca`) every process serves TLS, workers require the router's client
+certificate, and Redis serves TLS only; without it every process is started with `--insecure-plaintext` (the tests whose
 subject is not TLS). `tandem up` passes `tls`.
 """
 
@@ -135,7 +135,8 @@ class LocalCluster:
     def __post_init__(self) -> None:
         if shutil.which("redis-server") is None:
             raise FileNotFoundError(REDIS_HINT)
-        self.redis = LocalRedisServer(password=self.redis_password)
+        # with `tls`, Redis serves TLS only too (rediss://, the same throwaway certificates)
+        self.redis = LocalRedisServer(password=self.redis_password, tls=self.tls)
         self.log_dir = Path(self.log_dir or tempfile.mkdtemp(prefix="tandem-cluster-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self._counter = 0
