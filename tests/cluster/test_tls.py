@@ -10,6 +10,7 @@ import datetime
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -21,8 +22,11 @@ from cli.throwaway_ca import ClusterCerts, Issued, issue, make_ca, write_cluster
 from cluster import health_probe
 from cluster.grpc_server import GrpcServer, start_server
 from cluster.process import ProcessOptions, serve_until_stopped
+from cluster.roles import Role
+from cluster.settings import ConfigFlags
 from cluster.tls import PLAINTEXT, TlsConfig, client_channel
 from cluster.worker_config import worker_flags
+from router.config import router_flags
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -163,16 +167,18 @@ def test_tls_files_come_in_threes_and_exclude_plaintext(pki: Pki) -> None:
         TlsConfig(str(junk), str(pki.certs.key), str(pki.certs.ca)).files()
 
 
-def test_every_role_takes_the_tls_flags_and_variables(pki: Pki) -> None:
-    flags = worker_flags()
-    parser = argparse.ArgumentParser()
-    flags.add_to(parser)
-    config = flags.build(parser.parse_args(["--model", "/m", "--tls-cert", "c", "--tls-key",
-                                            "k"]), environ={"TANDEM_TLS_CA": "a"}, role="decode")
-    assert (config.tls.tls_cert, config.tls.tls_key, config.tls.tls_ca) == ("c", "k", "a")
-    plain = flags.build(parser.parse_args(["--model", "/m"]),
-                        environ={"TANDEM_INSECURE_PLAINTEXT": "1"}, role="decode")
-    assert plain.tls == PLAINTEXT
+def test_every_role_takes_the_tls_flags_and_variables() -> None:
+    argv = ["--model", "/m", "--redis-url", "redis://r:1/0", "--tls-cert", "c", "--tls-key", "k"]
+    roles: list[tuple[ConfigFlags[Any], dict[str, Any]]] = [
+        (worker_flags(), {"role": Role.DECODE}), (router_flags(), {})]
+    for flags, fixed in roles:
+        parser = argparse.ArgumentParser()
+        flags.add_to(parser)
+        config = flags.build(parser.parse_args(argv), {"TANDEM_TLS_CA": "a"}, **fixed)
+        assert (config.tls.tls_cert, config.tls.tls_key, config.tls.tls_ca) == ("c", "k", "a")
+        plain = flags.build(parser.parse_args(argv[:4]), {"TANDEM_INSECURE_PLAINTEXT": "1"},
+                            **fixed)
+        assert plain.tls == PLAINTEXT
 
 
 async def test_a_process_with_neither_tls_nor_plaintext_chosen_does_not_serve() -> None:
