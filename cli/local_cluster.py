@@ -11,8 +11,8 @@ Individual processes can be killed and new ones started, to test failures.
 
 TLS is a choice made here, never a silent default: with `tls` (a throwaway CA's files,
 `cli.throwaway_ca`) every process serves TLS, workers require the router's client
-certificate, and Redis serves TLS only; without it every process is started with `--insecure-plaintext` (the tests whose
-subject is not TLS). `tandem up` passes `tls`.
+certificate, and Redis serves TLS only; without it every process is started with
+`--insecure-plaintext` (the tests whose subject is not TLS). `tandem up` passes `tls`.
 """
 
 from __future__ import annotations
