@@ -102,7 +102,8 @@ async def run(args: argparse.Namespace) -> tuple[Path, str]:
         requests = make_requests(args, space, args.seed + i)
         async with target:
             points.append(await run_point(target, requests, load, bounds, args.seed + i,
-                                          f"lt{run_id}-{i}", args.metrics_url, args.progress))
+                                          f"lt{run_id}-{i}", args.metrics_url, args.progress,
+                                          metrics_ca=args.ca))
     report = build_report(name, target_name, _config(args), points, slo)
     write_json(out_dir / "run.json", report)
     plots = write_plots({name: report["points"]}, out_dir)
