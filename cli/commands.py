@@ -132,7 +132,8 @@ def connect_hint(router: str, http_url: str, ca: str | None) -> str:
     return (f"serving over TLS; try: tandem generate \"Hello\" --router {router} --ca {ca}\n"
             f"  curl --cacert {ca} {http_url}/v1/models\n"
             f"  openai SDK: OpenAI(base_url=\"{http_url}/v1\", api_key=\"none\", "
-            f"http_client=httpx.Client(verify=\"{ca}\"))  (or SSL_CERT_FILE={ca})")
+            f"http_client=DefaultHttpxClient(verify=ssl.create_default_context("
+            f"cafile=\"{ca}\")))")
 
 
 def add_generate(parser: argparse.ArgumentParser) -> None:

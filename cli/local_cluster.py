@@ -10,10 +10,9 @@ SIGTERM to every process (SIGKILL after a grace period) and stops Redis, leaving
 Individual processes can be killed and new ones started, to test failures.
 
 TLS is a choice made here, never a silent default: with `tls` (a throwaway CA's files,
-`cli.throwaway_ca`) every process serves TLS and workers require the router's client
-certificate; without it every process is started with `--insecure-plaintext` (the tests whose
-subject is not TLS). `tandem up` passes `tls`.
-
+`cli.throwaway_ca`) every process serves TLS, workers require the router's client
+certificate, and Redis serves TLS only; without it every process is started with
+`--insecure-plaintext` (the tests whose subject is not TLS). `tandem up` passes `tls`.
 A dead process can be started again as it was (`respawn`: same name, ports and flags, so the
 router and the other workers find it where it was; `tandem up`'s supervisor does this,
 cli/supervisor.py). Every worker's KV transfer control listener is on a port chosen here too,
@@ -144,7 +143,8 @@ class LocalCluster:
     def __post_init__(self) -> None:
         if shutil.which("redis-server") is None:
             raise FileNotFoundError(REDIS_HINT)
-        self.redis = LocalRedisServer(password=self.redis_password)
+        # with `tls`, Redis serves TLS only too (rediss://, the same throwaway certificates)
+        self.redis = LocalRedisServer(password=self.redis_password, tls=self.tls)
         self.log_dir = Path(self.log_dir or tempfile.mkdtemp(prefix="tandem-cluster-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self._counter = 0

@@ -18,6 +18,7 @@ from cluster.roles import Role
 from cluster.worker_config import WorkerConfig, worker_flags
 from cluster.worker_runtime import WorkerRuntime
 from cluster.worker_service import RoleWorker, WorkerServicer
+from index.redis_client import RedisAuthFailed
 from observability.logging_setup import setup_logging
 from observability.tracing import setup_tracing
 from tandem_proto.tandem.v1 import worker_pb2_grpc
@@ -50,4 +51,7 @@ def run_worker(role: Role, serve: Callable[[WorkerConfig], Coroutine[Any, Any, N
         parser.error(str(error))
     setup_logging()
     setup_tracing(f"tandem-{role.value}")
-    asyncio.run(serve(config))
+    try:
+        asyncio.run(serve(config))
+    except RedisAuthFailed as error:  # a configuration error: say so, no traceback
+        raise SystemExit(f"tandem {role.value}: {error}") from None

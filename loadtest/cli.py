@@ -33,8 +33,8 @@ def _add_run(parser: argparse.ArgumentParser) -> None:
     target.add_argument("--api-key", help="bearer token (openai)")
     target.add_argument("--ca", default=os.environ.get("TANDEM_TLS_CA"),
                         help="CA file of the server's TLS certificate (env TANDEM_TLS_CA; "
-                             "`tandem up` prints it); grpc unset: plaintext; openai unset: the "
-                             "system's CAs")
+                             "`tandem up` prints it), and of an https --metrics-url; grpc "
+                             "unset: plaintext; openai unset: the system's CAs")
     target.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false",
                         help="do not send ignore_eos (openai; servers that refuse it)")
     target.add_argument("--metrics-url",

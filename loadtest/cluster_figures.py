@@ -15,6 +15,8 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from cluster.tls import client_ssl_context
+
 WORKER_SUMS = {  # figure → (roles, worker counter); an aggregated worker is a decode worker
     # that prefills its own requests: it counts on both sides
     "kv_blocks_sent": (("prefill",), "kv_blocks_sent"),
@@ -32,9 +34,10 @@ WORKER_SUMS = {  # figure → (roles, worker counter); an aggregated worker is a
 ROUTER_COUNTERS = ("requests", "retries", "pair_breaks", "rejected", "degraded_lookups")
 
 
-async def scrape(url: str, timeout_s: float = 5.0) -> dict[str, float]:
-    """A `/metrics` page as {sample name with its labels: value}."""
-    async with httpx.AsyncClient(timeout=timeout_s) as client:
+async def scrape(url: str, timeout_s: float = 5.0, ca: str | None = None) -> dict[str, float]:
+    """A `/metrics` page as {sample name with its labels: value}; an https one is checked
+    against `ca` (None: the system's CAs)."""
+    async with httpx.AsyncClient(timeout=timeout_s, verify=client_ssl_context(ca)) as client:
         response = await client.get(url)
         response.raise_for_status()
     samples: dict[str, float] = {}

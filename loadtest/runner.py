@@ -135,11 +135,13 @@ async def _closed_loop(point: _Point, requests: Sequence[Request], concurrency: 
 
 async def run_point(target: Target, requests: Sequence[Request], load: Load, bounds: Bounds,
                     seed: int, id_prefix: str, metrics_url: str | None = None,
-                    progress: bool = True, settle_s: float = 1.0) -> PointResult:
-    """Sends `requests` (the first `bounds.max_requests`) under `load`; returns the records."""
+                    progress: bool = True, settle_s: float = 1.0,
+                    metrics_ca: str | None = None) -> PointResult:
+    """Sends `requests` (the first `bounds.max_requests`) under `load`; returns the records
+    (`metrics_ca`: the CA of an https `metrics_url`)."""
     requests = list(requests[:bounds.max_requests])
     status_before = await _status(target)
-    metrics_before = await _scrape(metrics_url)
+    metrics_before = await _scrape(metrics_url, metrics_ca)
     point = _Point(target, id_prefix, progress, len(requests), load.label)
     try:
         if load.concurrency is not None:
@@ -155,7 +157,8 @@ async def run_point(target: Target, requests: Sequence[Request], load: Load, bou
     if status_before is not None or metrics_url:
         await asyncio.sleep(settle_s)
     status_after = await _status(target) if status_before is not None else None
-    metrics_after = await _scrape(metrics_url) if metrics_before is not None else None
+    metrics_after = (await _scrape(metrics_url, metrics_ca) if metrics_before is not None
+                     else None)
     cluster = figures(status_before, status_after, metrics_before, metrics_after)
     records = sorted(point.records, key=lambda r: r.index)
     return PointResult(load, records, duration, cluster)
@@ -169,11 +172,11 @@ async def _status(target: Target) -> dict[str, Any] | None:
         return None
 
 
-async def _scrape(url: str | None) -> dict[str, float] | None:
+async def _scrape(url: str | None, ca: str | None) -> dict[str, float] | None:
     if url is None:
         return None
     try:
-        return await scrape(url)
+        return await scrape(url, ca=ca)
     except Exception as error:  # the run goes on without the metrics
         log.warning("cannot read %s: %s", url, error)
         return None

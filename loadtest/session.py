@@ -120,7 +120,8 @@ async def run(args: argparse.Namespace) -> tuple[Path, str]:
             if i == 0:
                 started = await _start_at(args.start_at)
             points.append(await run_point(target, requests, load, bounds, args.seed + i,
-                                          f"lt{run_id}-{i}", args.metrics_url, args.progress))
+                                          f"lt{run_id}-{i}", args.metrics_url, args.progress,
+                                          metrics_ca=args.ca))
     report = build_report(name, target_name, {**_config(args), "started_unix": started},
                           points, slo)
     write_json(out_dir / "run.json", report)

@@ -13,7 +13,7 @@ from cluster.grpc_server import ServiceBinding
 from cluster.process import ProcessOptions, serve_until_stopped
 from index.prefix_index import PrefixIndexReader
 from index.prefix_tail import PrefixIndexTail
-from index.redis_client import check_auth, connect
+from index.redis_client import RedisAuthFailed, check_auth, connect
 from observability.logging_setup import setup_logging
 from observability.tracing import setup_tracing
 from openai_api.app import build_app
@@ -129,7 +129,10 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(str(error))
     setup_logging()
     setup_tracing("tandem-router")
-    asyncio.run(serve(config))
+    try:
+        asyncio.run(serve(config))
+    except RedisAuthFailed as error:  # a configuration error: say so, no traceback
+        raise SystemExit(f"tandem router: {error}") from None
 
 
 if __name__ == "__main__":

@@ -36,8 +36,10 @@ run() {  # NAME
       --tokenizer "$MODEL" --no-progress "${LOAD[@]}" --name "$1" --out "$OUT/$1"
 }
 mkdir -p "$OUT"
+# plaintext, like the vLLM server it is compared with (TLS would add its handshake and
+# encryption to one side only)
 python3 -m cli.main up --model "$MODEL" --prefill 1 --decode 1 --port 0 --http-port $PORT \
-    > "$OUT/tandem.log" 2>&1 & pid=$!
+    --insecure-plaintext > "$OUT/tandem.log" 2>&1 & pid=$!
 # the router answers HTTP before its workers have registered; `tandem up` prints its API's
 # address once they have
 for _ in $(seq 600); do grep -q "OpenAI API on" "$OUT/tandem.log" && break

@@ -74,3 +74,10 @@ def test_a_role_subcommand_hands_every_flag_to_the_role(role: str, flag: str) ->
     assert flag in done.stdout and f"usage: tandem {role}" in done.stdout
     bad = _tandem(role, "--no-such-flag")
     assert bad.returncode == 2 and "unrecognized arguments: --no-such-flag" in bad.stderr
+
+
+def test_a_server_given_neither_tls_files_nor_plaintext_refuses_to_start() -> None:
+    done = _tandem("router", "--model", "/m", "--redis-url", "redis://127.0.0.1:1/0")
+    assert done.returncode == 2, done.stderr
+    assert "tls_cert: TLS is required: give --tls-cert, --tls-key and --tls-ca" in done.stderr
+    assert "--insecure-plaintext" in done.stderr

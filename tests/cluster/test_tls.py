@@ -5,10 +5,12 @@ half-given files and refuses to serve when neither TLS nor plaintext was chosen.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import datetime
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -17,10 +19,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 
 from cli.throwaway_ca import ClusterCerts, Issued, issue, make_ca, write_cluster_certs
+from cluster import health_probe
 from cluster.grpc_server import GrpcServer, start_server
 from cluster.process import ProcessOptions, serve_until_stopped
+from cluster.roles import Role
+from cluster.settings import ConfigFlags
 from cluster.tls import PLAINTEXT, TlsConfig, client_channel
 from cluster.worker_config import worker_flags
+from router.config import router_flags
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -161,19 +167,39 @@ def test_tls_files_come_in_threes_and_exclude_plaintext(pki: Pki) -> None:
         TlsConfig(str(junk), str(pki.certs.key), str(pki.certs.ca)).files()
 
 
-def test_every_role_takes_the_tls_flags_and_variables(pki: Pki) -> None:
-    flags = worker_flags()
-    parser = argparse.ArgumentParser()
-    flags.add_to(parser)
-    config = flags.build(parser.parse_args(["--model", "/m", "--tls-cert", "c", "--tls-key",
-                                            "k"]), environ={"TANDEM_TLS_CA": "a"}, role="decode")
-    assert (config.tls.tls_cert, config.tls.tls_key, config.tls.tls_ca) == ("c", "k", "a")
-    plain = flags.build(parser.parse_args(["--model", "/m"]),
-                        environ={"TANDEM_INSECURE_PLAINTEXT": "1"}, role="decode")
-    assert plain.tls == PLAINTEXT
+def test_every_role_takes_the_tls_flags_and_variables() -> None:
+    argv = ["--model", "/m", "--redis-url", "redis://r:1/0", "--tls-cert", "c", "--tls-key", "k"]
+    roles: list[tuple[ConfigFlags[Any], dict[str, Any]]] = [
+        (worker_flags(), {"role": Role.DECODE}), (router_flags(), {})]
+    for flags, fixed in roles:
+        parser = argparse.ArgumentParser()
+        flags.add_to(parser)
+        config = flags.build(parser.parse_args(argv), {"TANDEM_TLS_CA": "a"}, **fixed)
+        assert (config.tls.tls_cert, config.tls.tls_key, config.tls.tls_ca) == ("c", "k", "a")
+        plain = flags.build(parser.parse_args(argv[:4]), {"TANDEM_INSECURE_PLAINTEXT": "1"},
+                            **fixed)
+        assert plain.tls == PLAINTEXT
 
 
 async def test_a_process_with_neither_tls_nor_plaintext_chosen_does_not_serve() -> None:
     options = ProcessOptions(name="t", listen="127.0.0.1:0", metrics_registry=CollectorRegistry())
     with pytest.raises(ValueError, match="TLS is required"):
         await serve_until_stopped([], options)
+
+
+async def test_the_chart_probe_reads_the_process_tls_variables(
+        pki: Pki, mtls_server: GrpcServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`python -m cluster.health_probe`, the chart's probe under TLS (the kubelet's gRPC probe
+    speaks plaintext only): SERVING with the pod's own certificate, a failure without one."""
+    port = ["--port", str(mtls_server.port), "--server-name", "tandem-worker"]
+    for name, value in (("TANDEM_TLS_CERT", pki.certs.cert), ("TANDEM_TLS_KEY", pki.certs.key),
+                        ("TANDEM_TLS_CA", pki.certs.ca)):
+        monkeypatch.setenv(name, str(value))
+    assert await asyncio.to_thread(health_probe.main, port) == 0
+    await mtls_server.set_serving(False)
+    assert await asyncio.to_thread(health_probe.main, port) == 1
+    await mtls_server.set_serving(True)
+    for name in ("TANDEM_TLS_CERT", "TANDEM_TLS_KEY", "TANDEM_TLS_CA"):
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("TANDEM_INSECURE_PLAINTEXT", "1")  # a plaintext probe: refused
+    assert await asyncio.to_thread(health_probe.main, port) == 1

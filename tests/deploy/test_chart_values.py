@@ -34,6 +34,9 @@ SCHEMA_REFUSALS = [
      "at '/decode/autoscaling/targetCPUUtilizationPercentage': maximum: got 150, want 100"),
     ("monitoring.serviceMonitor.interval=often",
      "at '/monitoring/serviceMonitor/interval': 'often' does not match pattern"),
+    ("tls.workerServerName=Tandem_Worker",
+     "at '/tls/workerServerName': 'Tandem_Worker' does not match pattern"),
+    ("tls.existingSecret=My_Certs", "at '/tls/existingSecret': 'My_Certs' does not match pattern"),
     ("replicas=3", "at '': additional properties 'replicas' not allowed"),
     ("decode.replica=3", "at '/decode': additional properties 'replica' not allowed"),
 ]

@@ -67,6 +67,9 @@ def test_the_rendered_environment_builds_the_real_configs(values: Path | None) -
                                                 container_env(found["router"]))
     assert (router.listen, router.http_listen, router.metrics_listen) == \
         ("0.0.0.0:50051", "0.0.0.0:8000", "0.0.0.0:9090")
+    # TLS by default, from the mounted Secret; the router checks workers for one fixed name
+    assert router.tls.require_choice() == "tls" and router.worker_tls_name == "tandem-worker"
+    assert router.tls.tls_ca == "/etc/tandem/tls/ca.crt"
     for role in WORKER_ROLES:
         if role not in found:
             continue
@@ -77,6 +80,7 @@ def test_the_rendered_environment_builds_the_real_configs(values: Path | None) -
         assert config.model == router.model
         assert config.engine.block_size == router.block_size
         assert config.engine.hash_seed == router.hash_seed
+        assert config.tls == router.tls
         RedisConfig(url=config.redis_url or "")
 
 
@@ -123,20 +127,33 @@ def test_the_redis_url_is_what_redis_py_reads() -> None:
 
 def test_chart_made_secrets_are_random_and_kept() -> None:
     secrets = [d for d in render() if d["kind"] == "Secret"]
-    assert {s["metadata"]["name"] for s in secrets} == {"t-tandem-transfer", "t-tandem-redis"}
+    assert {s["metadata"]["name"] for s in secrets} == {"t-tandem-transfer", "t-tandem-redis",
+                                                        "t-tandem-tls"}
     for secret in secrets:
         assert secret["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+        if secret["type"] == "kubernetes.io/tls":
+            continue  # tests/deploy/test_chart_tls.py
         (value,) = secret["data"].values()
         assert len(value) >= 40  # base64 of 32 or 48 random characters
 
 
 def test_probes_are_grpc_health_and_the_drain_fits_the_grace() -> None:
+    plaintext = deployments(render(sets=["aggregated.enabled=true", "tls.enabled=false"]))
+    for name, deployment in plaintext.items():  # the kubelet's own gRPC probe
+        container = deployment["spec"]["template"]["spec"]["containers"][0]
+        port = {p["name"]: p["containerPort"] for p in container["ports"]}["grpc"]
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert container[probe]["grpc"] == {"port": port}, (name, probe)
+        assert container_env(deployment)["TANDEM_INSECURE_PLAINTEXT"] == "1"
     for name, deployment in deployments(render(sets=["aggregated.enabled=true"])).items():
         pod = deployment["spec"]["template"]["spec"]
         container = pod["containers"][0]
         port = {p["name"]: p["containerPort"] for p in container["ports"]}["grpc"]
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-            assert container[probe]["grpc"] == {"port": port}, (name, probe)
+            # TLS: the kubelet's gRPC probe speaks plaintext only; cluster.health_probe asks
+            assert container[probe]["exec"]["command"] == [
+                "python", "-m", "cluster.health_probe", "--port", str(port),
+                "--server-name", "tandem-worker"], (name, probe)
         sleep = int(container["lifecycle"]["preStop"]["exec"]["command"][1])
         if name == "router":
             # the router gives in-flight requests 10 s (cluster/process.py ProcessOptions)
@@ -308,10 +325,12 @@ def test_notes_tell_how_to_call_the_router() -> None:
     notes = run.stdout.split("NOTES:", 1)[1]
     assert "kubectl -n serving port-forward svc/t-tandem-router 50051:50051 8000:8000" in notes
     body = re.search(r"-d '(\{.*?\})'", notes, re.S)
-    assert body is not None and "curl -N http://127.0.0.1:8000/v1/chat/completions" in notes
+    assert body is not None and \
+        "curl -N --cacert tandem-ca.crt https://127.0.0.1:8000/v1/chat/completions" in notes
+    assert "get secret t-tandem-tls -o jsonpath='{.data.ca\\.crt}'" in notes
     request = ChatCompletionRequest.model_validate_json(body[1])
     assert request.model == "SmolLM2-135M-Instruct"
-    grpc_body = re.search(r"grpcurl -plaintext -d '(\{.*?\})'", notes)
+    grpc_body = re.search(r"grpcurl -cacert tandem-ca.crt -d '(\{.*?\})'", notes)
     assert grpc_body is not None
     generate = json_format.Parse(grpc_body[1], router_pb2.GenerateRequest())
     assert generate.text and generate.sampling.max_tokens == 32

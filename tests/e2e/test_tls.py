@@ -35,7 +35,6 @@ from tests.e2e.helpers import cluster_auth
 pytestmark = pytest.mark.timeout(300)
 
 TOKEN = "tls-e2e-token"
-GREEDY = {"max_tokens": 6, "temperature": 0}
 
 
 @dataclass
@@ -73,11 +72,12 @@ async def test_openai_sdk_over_https_and_grpc_over_tls_serve_the_same_tokens(
     assert grpc_reply.completion_tokens == 6
     verify = ssl.create_default_context(cafile=ca)  # the openai SDK over https, trusting the CA
     with openai.OpenAI(base_url=f"{cluster.http_url}/v1", api_key=TOKEN, max_retries=0,
-                       http_client=httpx.Client(verify=verify)) as sdk:
-        reply = sdk.completions.create(model="llama-chat", prompt="Once upon a time", **GREEDY)
+                       http_client=openai.DefaultHttpxClient(verify=verify)) as sdk:
+        reply = sdk.completions.create(model="llama-chat", prompt="Once upon a time",
+                                       max_tokens=6, temperature=0)
     assert reply.choices[0].text == grpc_reply.text
     with openai.OpenAI(base_url=f"{cluster.http_url}/v1", api_key="wrong", max_retries=0,
-                       http_client=httpx.Client(verify=verify)) as mallory, \
+                       http_client=openai.DefaultHttpxClient(verify=verify)) as mallory, \
             pytest.raises(openai.AuthenticationError):
         mallory.models.list()
     no_token = httpx.get(f"{cluster.http_url}/v1/models", verify=verify)

@@ -117,7 +117,27 @@ TLS files as query arguments (redis-py passes them to its SSL connection). */}}
 {{- $url -}}
 {{- end -}}
 
-{{/* Environment every Tandem process shares: settings, Redis, tracing, writable caches. */}}
+{{/* The Secret of every pod's certificate, key and CA (tls.enabled). */}}
+{{- define "tandem.tlsSecretName" -}}
+{{- .Values.tls.existingSecret | default (printf "%s-tls" (include "tandem.fullname" .)) -}}
+{{- end -}}
+
+{{/* A process's TLS choice: the mounted files, or plaintext chosen explicitly. */}}
+{{- define "tandem.tlsEnv" -}}
+{{- if .Values.tls.enabled }}
+- name: TANDEM_TLS_CERT
+  value: /etc/tandem/tls/tls.crt
+- name: TANDEM_TLS_KEY
+  value: /etc/tandem/tls/tls.key
+- name: TANDEM_TLS_CA
+  value: /etc/tandem/tls/ca.crt
+{{- else }}
+- name: TANDEM_INSECURE_PLAINTEXT
+  value: "1"
+{{- end }}
+{{- end -}}
+
+{{/* Environment every Tandem process shares: settings, Redis, TLS, tracing, caches. */}}
 {{- define "tandem.commonEnv" -}}
 {{- $secret := include "tandem.redisSecretName" . }}
 {{- if $secret }}
@@ -131,6 +151,7 @@ TLS files as query arguments (redis-py passes them to its SSL connection). */}}
   value: {{ include "tandem.redisUrl" . | quote }}
 - name: TANDEM_NAMESPACE
   value: {{ .Values.redis.keyPrefix | default .Release.Name | quote }}
+{{- include "tandem.tlsEnv" . }}
 # the root filesystem is read-only: caches (Triton's kernels, XDG) go to the /tmp emptyDir
 - name: HOME
   value: /tmp/home
@@ -178,6 +199,11 @@ TLS files as query arguments (redis-py passes them to its SSL connection). */}}
   secret:
     secretName: {{ .Values.tracing.tls.existingSecret }}
 {{- end }}
+{{- if .Values.tls.enabled }}
+- name: tls
+  secret:
+    secretName: {{ include "tandem.tlsSecretName" . }}
+{{- end }}
 {{- end -}}
 
 {{- define "tandem.volumeMounts" -}}
@@ -200,6 +226,11 @@ TLS files as query arguments (redis-py passes them to its SSL connection). */}}
 {{- if and .Values.tracing.otlpEndpoint .Values.tracing.tls.existingSecret }}
 - name: otlp-tls
   mountPath: /etc/tandem/otlp-tls
+  readOnly: true
+{{- end }}
+{{- if .Values.tls.enabled }}
+- name: tls
+  mountPath: /etc/tandem/tls
   readOnly: true
 {{- end }}
 {{- end -}}
