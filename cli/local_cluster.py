@@ -13,6 +13,7 @@ TLS is a choice made here, never a silent default: with `tls` (a throwaway CA's 
 `cli.throwaway_ca`) every process serves TLS, workers require the router's client
 certificate, and Redis serves TLS only; without it every process is started with
 `--insecure-plaintext` (the tests whose subject is not TLS). `tandem up` passes `tls`.
+
 A dead process can be started again as it was (`respawn`: same name, ports and flags, so the
 router and the other workers find it where it was; `tandem up`'s supervisor does this,
 cli/supervisor.py). Every worker's KV transfer control listener is on a port chosen here too,

@@ -1,15 +1,18 @@
 """cli.supervisor: capped exponential backoff, reset by a stable run, and a process that keeps
-crashing reported and backed off (tests/e2e/test_supervise.py restarts a killed worker in a
-running cluster)."""
+crashing reported and backed off, never spun (tests/e2e/test_supervise.py restarts a killed
+worker in a running cluster)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from cli.local_cluster import LocalCluster
+from cli.local_cluster import LocalCluster, ServiceProcess
 from cli.supervisor import RestartPolicy, Supervisor
 
 
@@ -28,14 +31,25 @@ def test_bad_settings_are_refused_naming_the_field(field: str, value: float) -> 
         RestartPolicy(**settings)
 
 
+def crashing_process(tmp_path: Path) -> ServiceProcess:
+    """A real process that exits with 3 at once, every time it is started (a worker with a
+    refused flag does the same, only slower: tests/e2e/test_supervise.py restarts real ones)."""
+    argv = [sys.executable, "-c", "import sys; print('refused: lease_ms'); sys.exit(3)"]
+    log_path = tmp_path / "decode-1.log"
+    with open(log_path, "wb") as log:
+        popen = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+    return ServiceProcess("decode", "decode-1", popen, log_path, "127.0.0.1:1", argv=argv,
+                          env=dict(os.environ))
+
+
 def test_a_process_that_keeps_crashing_is_reported_and_backed_off(tiny_llama: Path,
                                                                    tmp_path: Path) -> None:
-    """A real worker process that exits at once (a refused flag), driven through the
-    supervisor's passes with explicit times: a fast exit doubles the wait, the second in a row
-    is called a crash loop, nothing is started before its backoff ends, and an exit after a
-    stable run starts the backoff again."""
+    """A process that exits at once, driven through the supervisor's passes with explicit
+    times: a fast exit doubles the wait, the second in a row is called a crash loop, nothing is
+    started before its backoff ends, and an exit after a stable run starts the backoff again."""
     cluster = LocalCluster(tiny_llama, log_dir=tmp_path)
-    process = cluster.spawn("decode", ["--lease-ms", "0"])
+    process = crashing_process(tmp_path)
+    cluster.processes.append(process)
     lines: list[str] = []
     supervisor = Supervisor(cluster, RestartPolicy(initial_backoff_s=1.0, max_backoff_s=8.0,
                                                    stable_after_s=60.0, crash_loop_after=2),
@@ -43,11 +57,11 @@ def test_a_process_that_keeps_crashing_is_reported_and_backed_off(tiny_llama: Pa
 
     def exit_and_restart(ran_s: float) -> float:
         """Lets the process exit, as if after `ran_s`; returns the backoff it got."""
-        assert process.popen.wait(timeout=60) != 0
+        assert process.popen.wait(timeout=60) == 3
         restarts = process.restarts
         now = process.started_at + ran_s
         supervisor.check(now)
-        assert f"{process.name} exited with code" in lines[-1]
+        assert lines[-1].startswith(f"{process.name} exited with code 3")
         wait = float(lines[-1].split("restarting in ")[1].split(" s")[0])
         supervisor.check(now + wait - 0.01)
         assert process.restarts == restarts  # not before the backoff ends
@@ -59,7 +73,10 @@ def test_a_process_that_keeps_crashing_is_reported_and_backed_off(tiny_llama: Pa
     assert exit_and_restart(0.5) == 1.0 and "crashing" not in lines[-2]
     assert exit_and_restart(0.5) == 2.0
     assert "crashing repeatedly: 2 exits in a row" in lines[-2]
+    assert exit_and_restart(0.5) == 4.0
+    assert exit_and_restart(0.5) == 8.0
+    assert exit_and_restart(0.5) == 8.0  # capped
     assert exit_and_restart(61.0) == 1.0 and "crashing" not in lines[-2]  # a stable run
-    cluster.kill(process)
-    assert "lease_ms" in process.log()
-    assert supervisor.restarts == 3
+    process.popen.wait(timeout=60)
+    assert process.log().count("refused: lease_ms") == 7  # every run, in one log
+    assert supervisor.restarts == 6
