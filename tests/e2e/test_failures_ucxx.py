@@ -1,7 +1,7 @@
 """The transfer-failure tests of tests/e2e/test_failures.py again, with every worker on the
 ucxx transfer backend (`--transfer-backend ucxx`) instead of NIXL: a cancel while KV is in
 flight, prefill workers stalled past the peer timeout and woken, a prefill worker killed
-mid-transfer, a decode worker killed mid-stream. The tests are the same functions, collected
+mid-transfer, a decode worker killed mid-stream (its requests migrate). The tests are the same functions, collected
 here again; this module's `slow_cluster` fixture overrides theirs. The failures that do not
 involve a transfer (Redis, queue reports, layout refusals, SIGTERM) run on NIXL only.
 """
@@ -17,13 +17,13 @@ from cli.local_cluster import LocalCluster
 from tests.e2e.test_failures import (
     SLOW_WORKER_ARGS,
     test_cancel_during_prefill_frees_blocks_on_both_sides,
-    test_decode_worker_killed_fails_only_its_requests,
+    test_decode_worker_killed_its_requests_migrate,
     test_prefill_worker_killed_requests_are_retried,
     test_stalled_prefill_workers_reconnect_after_sigcont,
 )
 
 __all__ = ["test_cancel_during_prefill_frees_blocks_on_both_sides",
-           "test_decode_worker_killed_fails_only_its_requests",
+           "test_decode_worker_killed_its_requests_migrate",
            "test_prefill_worker_killed_requests_are_retried",
            "test_stalled_prefill_workers_reconnect_after_sigcont"]
 
