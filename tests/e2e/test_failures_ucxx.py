@@ -3,7 +3,8 @@ ucxx transfer backend (`--transfer-backend ucxx`) instead of NIXL: a cancel whil
 flight, prefill workers stalled past the peer timeout and woken, a prefill worker killed
 mid-transfer, a decode worker killed mid-stream (its requests migrate). The tests are the
 same functions, collected here again; this module's `slow_cluster` fixture overrides theirs.
-The failures that do not involve a transfer (Redis, queue reports, layout refusals, SIGTERM) run on NIXL only.
+The failures that do not involve a transfer (Redis, queue reports, layout refusals, SIGTERM)
+run on NIXL only.
 """
 
 from __future__ import annotations
