@@ -21,6 +21,7 @@ import pytest
 from cli.redis_server import LocalRedisServer
 from cluster.errors import NoWorker
 from cluster.roles import Role
+from cluster.tls import PLAINTEXT
 from engine.sampling import SamplingParams
 from index.redis_client import RedisConfig, connect
 from index.registry import WorkerRegistry
@@ -49,6 +50,7 @@ async def cluster(redis: LocalRedisServer, model: Path, decode: int, prefill: in
     of scripts (the first Decode calls, wherever they land), and a router (`overrides`)."""
     namespace = f"m{id(overrides)}"
     config = RouterConfig(model=str(model), redis_url=redis.url, namespace=namespace,
+                          tls=PLAINTEXT,
                           refresh_interval_s=0.05, prefix_index="pipelined", **overrides)
     client = connect(RedisConfig(url=redis.url, namespace=namespace))
     registry = WorkerRegistry(client, RedisConfig(url=redis.url, namespace=namespace), ttl_s=60)

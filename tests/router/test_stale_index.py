@@ -16,6 +16,7 @@ from prometheus_client import generate_latest
 
 from cli.redis_server import LocalRedisServer
 from cluster.roles import Role
+from cluster.tls import PLAINTEXT
 from engine.block_hash import DEFAULT_HASH_SEED, hash_prompt_blocks
 from engine.sampling import SamplingParams
 from index.prefix_index import PrefixIndexWriter
@@ -69,6 +70,7 @@ async def test_stale_routes_are_counted_and_a_lapsed_worker_leaves_the_index(
             await asyncio.sleep(0.1)
     beat = asyncio.create_task(heartbeats())
     config = RouterConfig(model=str(tiny_llama), redis_url=redis.url, namespace="stale",
+                          tls=PLAINTEXT,
                           refresh_interval_s=0.05, prefix_index="tail", policy="kv_aware")
     router = await build_router(config)
     servicer = RouterServicer(router)
