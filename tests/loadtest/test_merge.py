@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import io
+import os
 import subprocess
 import sys
 import time
@@ -134,3 +135,20 @@ def test_cluster_bench_hands_the_load_values_to_parallel_load() -> None:
                            "8", "--", "--address", "a:1", "--duration", "2"]
     single = bench.load_command(1, "x", Path("/o"), ["--address", "a:1"], ["--concurrency", "8"])
     assert single[1:4] == ["-m", "loadtest", "run"] and single[-2:] == ["--concurrency", "8"]
+
+
+def test_cluster_bench_pins_every_thread_of_a_worker() -> None:
+    cpu = sorted(os.sched_getaffinity(0))[-1]
+    child = subprocess.Popen([sys.executable, "-c", "import threading, time; "
+                              "threading.Thread(target=time.sleep, args=(30,)).start(); "
+                              "print('up', flush=True); time.sleep(30)"],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None and child.stdout.readline() == "up\n"  # 2 threads
+        _script("cluster_bench").pin(child.pid, cpu)
+        tids = os.listdir(f"/proc/{child.pid}/task")
+        assert len(tids) == 2
+        assert all(os.sched_getaffinity(int(t)) == {cpu} for t in tids)
+    finally:
+        child.kill()
+        child.wait()
