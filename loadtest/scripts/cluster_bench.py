@@ -153,7 +153,7 @@ def main(argv: list[str]) -> int:
             print(f"== {name}: {' '.join(command[1:])}", flush=True)
             subprocess.run(command, check=True)
             runs.append(out / "run.json")
-            cluster.kill(router, signal.SIGTERM)
+            cluster.kill(router)  # SIGKILL: it holds nothing the workers need
     finally:
         cluster.stop()
     if len(runs) > 1:
