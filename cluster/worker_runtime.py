@@ -9,9 +9,9 @@ to the event loop; nothing here blocks the loop. While transfers are in flight
 (`agent.in_flight()`) it polls every `transfer_poll_interval_s`, also between the layers of a
 step (when the role has a layer hook) and while the engine is idle, so a write that lands is
 seen within that interval rather than after the next step or the idle wait; otherwise the engine
-thread sleeps until a command, a control-link event (a sender announcing a write, a peer lost:
-`agent.set_wakeup`) or the agent's next deadline (`agent.next_deadline()`) — no periodic
-wake-ups, so dozens of idle sim workers cost next to nothing. Its
+thread waits for a command, a control-link event (a sender announcing a write, a peer lost:
+`agent.set_wakeup`), the agent's next deadline (`agent.next_deadline()`) or the idle wait
+(`engine_loop.IDLE_WAIT_S`), whichever comes first. Its
 background tasks (the index writer, the engine watch) are kept in `BackgroundTasks`: failures
 logged, cancelled and awaited on close.
 """

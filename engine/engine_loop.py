@@ -32,11 +32,13 @@ __all__ = ["EngineDead", "EngineLoop", "build_engine"]
 
 T = TypeVar("T")
 # The longest an idle engine thread waits for a command before it runs its idle hook again when
-# the hook asked for no sooner call. Not a poll: everything that needs the thread wakes it (a
-# command, `wake()`) or says when through the hook, so this is only a safety net; a short one
-# cost every idle worker ~20 wake-ups a second (0.2-0.6% of a core each on the 2-core box,
-# where experiments run 32 sim workers).
-IDLE_WAIT_S = 1.0
+# the hook asked for no sooner call. Commands and `wake()` (a transfer agent's control event)
+# end the wait at once and the hook asks for its deadlines, yet something on the request path
+# still needs these polls: on 16 + 16 zero-cost sim workers at concurrency 1 (load average
+# 22), 1 s gave a TTFT p50/p90 of 31/206 ms against 14/41 ms at 50 ms, and 5 ms made the 32
+# idle workers burn 1.4 cores. Kept at 50 ms until that dependency is found (loadtest/README.md,
+# experiment 3).
+IDLE_WAIT_S = 0.05
 
 IdleHook = Callable[[Engine], float | None]
 """Runs on the engine thread between steps; returns the longest the thread may then wait for

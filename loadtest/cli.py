@@ -88,9 +88,10 @@ def _add_run(parser: argparse.ArgumentParser) -> None:
     out.add_argument("--out", type=Path, help="output dir (default loadtest-results/NAME)")
     out.add_argument("--name", help="run name (default: target-workload-time)")
     out.add_argument("--no-progress", dest="progress", action="store_false")
-    load.add_argument("--start-at", type=float, metavar="UNIX_TIME",
+    load.add_argument("--start-at", metavar="UNIX_TIME|stdin",
                       help="start the first point at this wall-clock time (time.time()), "
-                           "after setting up: several processes then send together "
+                           "after setting up; 'stdin': once set up, print 'ready' and read "
+                           "that time from stdin. Several processes then send together "
                            "(loadtest/scripts/parallel_load.py)")
 
 

@@ -80,9 +80,14 @@ def _config(args: argparse.Namespace) -> dict[str, Any]:
             for k, v in vars(args).items() if k not in ("api_key", "command")}
 
 
-async def _start_at(when: float | None) -> float:
-    """Waits until wall-clock `when` (None: not at all); returns the time.time() it starts at.
-    A process that is ready late starts at once and says so on stderr."""
+async def _start_at(start_at: str | None) -> float:
+    """Waits until the wall-clock time `start_at` (None: not at all; "stdin": prints "ready"
+    and reads the time from stdin); returns the time.time() it starts at. A process that is
+    ready late starts at once and says so on stderr."""
+    if start_at == "stdin":
+        print("ready", flush=True)
+        start_at = (await asyncio.to_thread(sys.stdin.readline)).strip()
+    when = _unix_time(start_at)
     if when is not None:
         wait = when - time.time()
         if wait > 0:
@@ -93,11 +98,23 @@ async def _start_at(when: float | None) -> float:
     return time.time()
 
 
+def _unix_time(value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"--start-at: need a time.time() value or 'stdin', got {value!r}") \
+            from None
+
+
 async def run(args: argparse.Namespace) -> tuple[Path, str]:
     """Runs every point and writes the outputs; returns the output dir and the summary."""
     space = token_space(args)
     loads = make_loads(args)
     make_requests(args, space, args.seed)  # a bad workload fails before anything is sent
+    if args.start_at != "stdin":
+        _unix_time(args.start_at)  # a bad --start-at too
     bounds = Bounds(args.duration, args.max_requests)
     slo = Slo(None if args.slo_ttft_ms is None else args.slo_ttft_ms / 1000,
               None if args.slo_tpot_ms is None else args.slo_tpot_ms / 1000)

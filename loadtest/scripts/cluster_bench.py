@@ -20,6 +20,8 @@ it starts the cluster (`cli.local_cluster`), which the harness itself never impo
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import signal
 import subprocess
 import sys
@@ -54,6 +56,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--router-arg", action="append", default=[],
                         help="one more flag for every router (repeatable)")
     parser.add_argument("--label", default="", help="prefix of each run's name")
+    parser.add_argument("--pin", action="store_true",
+                        help="pin worker k (every thread) to CPU k mod cores, one engine "
+                             "thread each: a worker per core, as a worker per GPU")
     parser.add_argument("--processes", type=int, default=1,
                         help="client processes per point (parallel_load.py; 1: loadtest run)")
     parser.add_argument("--out", type=Path, required=True)
@@ -70,6 +75,13 @@ def wait_for_workers(router: ServiceProcess, count: int, timeout_s: float = 120.
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{router.name}: fewer than {count} workers")
             time.sleep(0.2)
+
+
+def pin(pid: int, cpu: int) -> None:
+    """Pins every thread of process `pid` to `cpu` (threads it starts later inherit it)."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(ProcessLookupError):  # a thread that just ended
+            os.sched_setaffinity(int(tid), {cpu})
 
 
 def load_command(processes: int, name: str, out: Path, target: list[str],
@@ -111,7 +123,9 @@ def main(argv: list[str]) -> int:
     cluster = LocalCluster(args.model, prefill=args.prefill, decode=args.decode,
                            aggregated=args.aggregated,
                            worker_args=[*worker_args, *args.worker_arg],
-                           router_args=router_args, start_timeout_s=300)
+                           router_args=router_args, start_timeout_s=300,
+                           prefill_threads=1 if args.pin else None,
+                           decode_threads=1 if args.pin else None)
     workers = args.prefill + args.decode + args.aggregated
     runs: list[Path] = []
     try:
@@ -122,6 +136,11 @@ def main(argv: list[str]) -> int:
                    for _ in range(n)]
         for process in spawned:
             cluster.wait_ready(process)
+        if args.pin:
+            cpus = sorted(os.sched_getaffinity(0))
+            for k, process in enumerate(spawned):
+                pin(process.popen.pid, cpus[k % len(cpus)])
+                print(f"{process.name} pinned to CPU {cpus[k % len(cpus)]}", flush=True)
         for policy in args.policies:
             router = cluster.spawn("router", ["--policy", policy])
             cluster.wait_ready(router)
@@ -134,7 +153,7 @@ def main(argv: list[str]) -> int:
             print(f"== {name}: {' '.join(command[1:])}", flush=True)
             subprocess.run(command, check=True)
             runs.append(out / "run.json")
-            cluster.kill(router, signal.SIGTERM)
+            cluster.kill(router)  # SIGKILL: it holds nothing the workers need
     finally:
         cluster.stop()
     if len(runs) > 1:

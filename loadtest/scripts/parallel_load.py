@@ -6,8 +6,9 @@ ceiling without one Python client as the bottleneck.
 
 For each `--concurrency` (or `--rate`) value, `--processes` `loadtest run` processes (at most
 one per request in flight) start with a share of it (concurrency split as evenly as it goes,
-rate divided; seeds differ) and the same `--start-at`, a few seconds ahead so that all have set
-up; their one-point runs are then
+rate divided; seeds differ) and `--start-at stdin`: each sets up (tokenizer, prompts,
+connection), says "ready", and all get the same start time once the last one is ready (a
+loaded machine can take tens of seconds to start a Python process); their one-point runs are then
 merged (`loadtest.merge`) into one point of OUT/run.json, with `summary.md` and the plots as
 `loadtest run` writes them, so `loadtest compare` takes it like any run. Each process's own
 run stays in OUT/parts/. The flags after `--` go to every process unchanged (not
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -44,9 +46,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--name", required=True)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--ready-s", type=float, default=20.0,
-                        help="seconds from launch to the common start (every process must "
-                             "have set up by then)")
+    parser.add_argument("--lead-s", type=float, default=0.5,
+                        help="seconds from the last process's 'ready' to the common start")
+    parser.add_argument("--ready-timeout-s", type=float, default=300.0)
     args = parser.parse_args(argv[:split])
     rest = argv[split + 1:]
     for flag in rest:
@@ -69,6 +71,28 @@ def shares(load: Load, processes: int) -> list[list[str]]:
     return [["--rate", repr(load.rate / processes)] for _ in range(processes)]
 
 
+def start_together(procs: list[subprocess.Popen[str]], lead_s: float,
+                   timeout_s: float) -> None:
+    """Waits for every process's "ready" line, then sends them all one start time; their
+    further output is drained on threads (a full pipe would stall them)."""
+    deadline = time.monotonic() + timeout_s
+    for proc in procs:
+        assert proc.stdout is not None
+        while (line := proc.stdout.readline()) and line.strip() != "ready":
+            if time.monotonic() > deadline:
+                break
+        if line.strip() != "ready":
+            for other in procs:
+                other.kill()
+            raise SystemExit(f"parallel_load: a process never got ready (exit {proc.wait()})")
+    start = repr(time.time() + lead_s)
+    for proc in procs:
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write(start + "\n")
+        proc.stdin.close()
+        threading.Thread(target=proc.stdout.read, daemon=True).start()
+
+
 def main(argv: list[str]) -> int:
     args, rest = parse_args(argv)
     loads = ([Load(concurrency=c) for c in args.concurrency] if args.concurrency
@@ -76,15 +100,16 @@ def main(argv: list[str]) -> int:
     merged = []
     target, slo = "", Slo(None, None)
     for i, load in enumerate(loads):
-        start_at = time.time() + args.ready_s
         procs, outs = [], []
         for k, flags in enumerate(shares(load, args.processes)):
             out = args.out / "parts" / f"{i}-{k}"
             outs.append(out)
             command = [sys.executable, "-m", "loadtest", "run", *rest, *flags,
                        "--seed", str(args.seed + i + 1000 * k), "--name", f"{args.name}-{i}-{k}",
-                       "--out", str(out), "--start-at", repr(start_at), "--no-progress"]
-            procs.append(subprocess.Popen(command, stdout=subprocess.DEVNULL))
+                       "--out", str(out), "--start-at", "stdin", "--no-progress"]
+            procs.append(subprocess.Popen(command, stdin=subprocess.PIPE,
+                                          stdout=subprocess.PIPE, text=True))
+        start_together(procs, args.lead_s, args.ready_timeout_s)
         codes = [p.wait() for p in procs]
         if any(codes):
             raise SystemExit(f"parallel_load: a process failed (exit codes {codes})")

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import io
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -71,11 +75,34 @@ def test_merge_refuses_what_it_cannot_line_up() -> None:
 def test_start_at_waits_for_the_wall_clock_and_a_late_process_starts_at_once(
         capsys: pytest.CaptureFixture[str]) -> None:
     when = time.time() + 0.2
-    started = asyncio.run(_start_at(when))
+    started = asyncio.run(_start_at(repr(when)))
     assert when <= started < when + 0.1
-    started = asyncio.run(_start_at(time.time() - 1.0))
+    started = asyncio.run(_start_at(repr(time.time() - 1.0)))
     assert "starting now" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--start-at"):
+        asyncio.run(_start_at("soon"))
     assert asyncio.run(_start_at(None)) == pytest.approx(time.time(), abs=0.1)
+
+
+def test_start_at_stdin_says_ready_then_reads_the_time(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    when = time.time() + 0.1
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"{when!r}\n"))
+    started = asyncio.run(_start_at("stdin"))
+    assert capsys.readouterr().out == "ready\n"
+    assert when <= started < when + 0.1
+
+
+def test_parallel_load_starts_processes_together(tmp_path: Path) -> None:
+    """Two real processes: each says ready at its own pace, both get one start time."""
+    child = ("import sys, time; time.sleep(float(sys.argv[1])); print('ready', flush=True); "
+             "t = float(sys.stdin.readline()); print('late' if time.time() > t + 0.2 else 'ok')")
+    procs = [subprocess.Popen([sys.executable, "-c", child, delay], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True) for delay in ("0", "0.5")]
+    began = time.monotonic()
+    _script("parallel_load").start_together(procs, 0.3, 30.0)
+    assert time.monotonic() - began >= 0.5  # waited for the slow one
+    assert [p.wait() for p in procs] == [0, 0]
 
 
 def _script(name: str) -> Any:
@@ -108,3 +135,20 @@ def test_cluster_bench_hands_the_load_values_to_parallel_load() -> None:
                            "8", "--", "--address", "a:1", "--duration", "2"]
     single = bench.load_command(1, "x", Path("/o"), ["--address", "a:1"], ["--concurrency", "8"])
     assert single[1:4] == ["-m", "loadtest", "run"] and single[-2:] == ["--concurrency", "8"]
+
+
+def test_cluster_bench_pins_every_thread_of_a_worker() -> None:
+    cpu = sorted(os.sched_getaffinity(0))[-1]
+    child = subprocess.Popen([sys.executable, "-c", "import threading, time; "
+                              "threading.Thread(target=time.sleep, args=(30,)).start(); "
+                              "print('up', flush=True); time.sleep(30)"],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None and child.stdout.readline() == "up\n"  # 2 threads
+        _script("cluster_bench").pin(child.pid, cpu)
+        tids = os.listdir(f"/proc/{child.pid}/task")
+        assert len(tids) == 2
+        assert all(os.sched_getaffinity(int(t)) == {cpu} for t in tids)
+    finally:
+        child.kill()
+        child.wait()
