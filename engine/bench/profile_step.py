@@ -1,4 +1,4 @@
-"""`python -m engine.bench.profile`: where a Tandem step's time goes, by kind of work.
+"""`python -m engine.bench.profile_step`: where a Tandem step's time goes, by kind of work.
 
 Runs the bench's workloads (decode at batch B: 128-token prompts, 16 tokens generated;
 prefill: 8 x 512) once to warm up and once under `torch.profiler`, and sorts every op's own
@@ -6,7 +6,8 @@ time into matmuls (the decoder layers' projections), the LM head (the matmul ove
 attention (SDPA and the KV cache's gathers and writes), elementwise (norms, RoPE, SiLU,
 residual adds, dtype casts), sampling (argmax, top-k, softmax over the vocab) and the rest;
 what no op accounts for is Python and framework overhead (building batches, scheduling,
-dispatch). Shares of wall time, per workload and dtype.
+dispatch). Shares of wall time, per workload and dtype. (Not `profile.py`: the vLLM runner
+runs from this folder, and a `profile` module here would shadow the standard library's.)
 """
 
 from __future__ import annotations
