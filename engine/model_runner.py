@@ -10,6 +10,7 @@ import torch
 from engine.block_manager import BlockManager
 from engine.cpu_features import compute_dtype
 from engine.forward_batch import ForwardBatch
+from engine.model.linear import can_prepack
 from engine.model.llama import LayerCallback, LlamaModel
 from engine.request import Request
 from engine.sampler import sample
@@ -27,17 +28,25 @@ class ModelRunner:
         self.compute_dtype = compute_dtype(model.dtype, device)
         if self.compute_dtype != model.compute_dtype:
             model.use_compute_dtype(self.compute_dtype)
+        if can_prepack(device) and not model.packed:
+            model.prepack()  # oneDNN's weight layout, once (engine.model.linear)
         self.kv_cache = kv_cache  # [G, N, g, 2, bs, Hkv, D] (engine.kv_cache), model.dtype
         self.block_size = block_size
         self.device = device
 
     def run(self, batch: ScheduledBatch, block_manager: BlockManager,
             on_layer_done: Callable[[int], None] | None) -> StepTokens:
-        """One forward pass over the batch, then sampling (`engine.step_runner.StepRunner`)."""
+        """One forward pass over the batch, then sampling (`engine.step_runner.StepRunner`).
+
+        An all-greedy batch takes its argmax where the logits are (on a GPU: only the token
+        ids come to the host, not [S', V] floats); any other goes through `engine.sampler`.
+        """
         forward, rows = self.build_batch(batch.requests, batch.num_new_tokens, block_manager)
-        logits = self.forward(forward, on_layer_done)  # [S', V]
+        logits = self.model(forward, self.kv_cache, on_layer_done)  # [S', V] on the device
         samplers = [batch.requests[i] for i in rows]
-        return StepTokens(rows, sample(logits, [r.sampling for r in samplers],
+        if all(r.sampling.greedy for r in samplers):
+            return StepTokens(rows, logits.argmax(dim=-1).tolist())
+        return StepTokens(rows, sample(logits.cpu(), [r.sampling for r in samplers],
                                        [r.output_position for r in samplers]))
 
     def build_batch(self, requests: Sequence[Request], num_new_tokens: Sequence[int],

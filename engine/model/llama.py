@@ -16,6 +16,7 @@ from engine.forward_batch import ForwardBatch
 from engine.kernels.decode_mirror import DecodeMirror
 from engine.kv_cache import kv_layer
 from engine.model.attention_step import AttentionStep
+from engine.model.linear import linear, prepack
 from engine.model.rope import apply_rope, cos_sin_cache
 from engine.model_config import ModelConfig
 
@@ -33,9 +34,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm computed in float32, as Hugging Face does. x: [T, H]."""
     if x.dtype == torch.float32:  # the fused op gives HF's float32 result bit for bit
         return F.rms_norm(x, weight.shape, weight, eps)  # [T, H]
-    xf = x.float()  # [T, H]
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)  # [T, H]
-    return weight * xf.to(x.dtype)
+    # normalized in float32 (HF's x * rsqrt(mean(x^2) + eps), the same bits in one fused op),
+    # rounded to x's dtype, then scaled by the weight in that dtype, as HF does
+    normed = F.rms_norm(x.float(), weight.shape, None, eps)  # [T, H] float32
+    return weight * normed.to(x.dtype)
 
 
 class DecoderLayer(nn.Module):
@@ -65,14 +67,14 @@ class DecoderLayer(nn.Module):
         num_tokens = x.shape[0]
         q_size, kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
         h = rms_norm(x, self.input_norm, c.rms_norm_eps)  # [T, H]
-        qkv = F.linear(h, self.qkv_weight, self.qkv_bias)  # [T, (Hq + 2 Hkv) D]
+        qkv = linear(h, self.qkv_weight, self.qkv_bias)  # [T, (Hq + 2 Hkv) D]
         # q and k rotated in one go: they are adjacent in qkv
         qk = qkv[:, :q_size + kv_size].view(num_tokens, c.num_heads + c.num_kv_heads, c.head_dim)
         qk = apply_rope(qk, cos, sin)  # [T, Hq + Hkv, D]
         q, k = qk[:, :c.num_heads], qk[:, c.num_heads:]  # [T, Hq, D], [T, Hkv, D]
         v = qkv[:, q_size + kv_size:].view(num_tokens, c.num_kv_heads, c.head_dim)  # [T, Hkv, D]
         attn = step.attend(q, k, v, kv_layer, self.index, self.scale)  # [T, Hq, D]
-        x = x + F.linear(attn.reshape(num_tokens, q_size), self.o_weight)  # [T, H]
+        x = x + linear(attn.reshape(num_tokens, q_size), self.o_weight)  # [T, H]
         if num_tokens <= MLP_CHUNK_TOKENS:
             return self._mlp_residual(x)
         return torch.cat([self._mlp_residual(rows) for rows in x.split(MLP_CHUNK_TOKENS)])
@@ -80,8 +82,15 @@ class DecoderLayer(nn.Module):
     def _mlp_residual(self, x: torch.Tensor) -> torch.Tensor:
         """x + MLP(norm(x)); x: [T, H]."""
         h = rms_norm(x, self.post_norm, self.config.rms_norm_eps)  # [T, H]
-        gate, up = F.linear(h, self.gate_up_weight).chunk(2, dim=-1)  # [T, I] each
-        return x + F.linear(F.silu(gate).mul_(up), self.down_weight)  # [T, H]
+        gate, up = linear(h, self.gate_up_weight).chunk(2, dim=-1)  # [T, I] each
+        return x + linear(F.silu(gate).mul_(up), self.down_weight)  # [T, H]
+
+    def prepack(self) -> None:
+        """Replaces the four projection weights by their oneDNN-packed form (`linear`)."""
+        for name in ("qkv_weight", "o_weight", "gate_up_weight", "down_weight"):
+            packed = prepack(getattr(self, name))
+            delattr(self, name)  # the plain Parameter: freed, not kept beside the packed copy
+            self.register_buffer(name, packed, persistent=False)
 
 
 class LlamaModel(nn.Module):
@@ -100,6 +109,7 @@ class LlamaModel(nn.Module):
         self.norm = nn.Parameter(torch.ones(config.hidden_size, dtype=dtype), requires_grad=False)
         self.lm_head = (self.embed if config.tie_word_embeddings else nn.Parameter(
             torch.empty(config.vocab_size, config.hidden_size, dtype=dtype), requires_grad=False))
+        self.packed = False  # see `prepack`
         cos, sin = cos_sin_cache(config, max_positions)
         self.rope_cos: torch.Tensor
         self.rope_sin: torch.Tensor
@@ -112,9 +122,23 @@ class LlamaModel(nn.Module):
         For bfloat16 models on CPUs without native bf16 matmuls (`engine.cpu_features`): the
         weights keep their bf16 values, widened to float32 once here. Call after loading.
         """
+        if self.packed:
+            raise RuntimeError("use_compute_dtype: call it before prepack")
         for param in self.parameters():  # a tied LM head is the embedding: converted once
             param.data = param.data.to(dtype)
         self.compute_dtype = dtype
+
+    def prepack(self) -> None:
+        """Packs every linear weight for oneDNN (`engine.model.linear`); CPU only, after loading
+        and `use_compute_dtype`. The plain weights are dropped, except the embedding table:
+        tied to the LM head, it is kept for lookups and the head gets a packed copy."""
+        for layer in self.layers:
+            assert isinstance(layer, DecoderLayer)
+            layer.prepack()
+        head = prepack(self.lm_head)
+        delattr(self, "lm_head")  # a tied head's embedding stays registered as `embed`
+        self.register_buffer("lm_head", head, persistent=False)
+        self.packed = True
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, kv_cache: torch.Tensor,
@@ -134,7 +158,7 @@ class LlamaModel(nn.Module):
                 on_layer_done(i)
         x = x[batch.logits_indices]  # [S', H]
         x = rms_norm(x, self.norm, self.config.rms_norm_eps)  # [S', H]
-        return F.linear(x, self.lm_head).float()  # [S', V]
+        return linear(x, self.lm_head).float()  # [S', V]
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copies Hugging Face-named tensors in; fails naming any missing or unknown one."""

@@ -19,13 +19,15 @@ BLOCK = 4
 
 
 def our_logits(model_dir: Path, prompt: list[int], dtype: torch.dtype,
-               compute: torch.dtype | None = None) -> torch.Tensor:
+               compute: torch.dtype | None = None, packed: bool = False) -> torch.Tensor:
     """Logits for every prompt position, prefilling into scattered cache blocks."""
     config = ModelConfig.from_dir(model_dir)
     model = LlamaModel(config, dtype, max_positions=config.max_position_embeddings)
     model.load_weights(iter_weights(model_dir, dtype))
     if compute is not None:
         model.use_compute_dtype(compute)
+    if packed:
+        model.prepack()
     n = len(prompt)
     num_blocks = -(-n // BLOCK)
     blocks = list(range(2 * num_blocks - 1, -1, -2))  # reversed, with holes
@@ -42,23 +44,28 @@ def our_logits(model_dir: Path, prompt: list[int], dtype: torch.dtype,
     return model(batch, cache)
 
 
+@pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_qwen2", "tiny_llama3_mha"])
-def test_logits_match_transformers_float32(fixture: str, request: pytest.FixtureRequest) -> None:
+def test_logits_match_transformers_float32(fixture: str, packed: bool,
+                                           request: pytest.FixtureRequest) -> None:
+    """Plain weights, and weights prepacked for oneDNN (what the CPU engine runs)."""
     model_dir = request.getfixturevalue(fixture)
     prompt = torch.randint(3, 500, (37,), generator=torch.Generator().manual_seed(0)).tolist()
-    ours = our_logits(model_dir, prompt, torch.float32)
+    ours = our_logits(model_dir, prompt, torch.float32, packed=packed)
     ref = hf_logits(model_dir, prompt, torch.float32)
     torch.testing.assert_close(ours, ref, atol=2e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("compute", [None, torch.float32])
 @pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_qwen2"])
 def test_logits_match_transformers_bfloat16(fixture: str, compute: torch.dtype | None,
-                                            request: pytest.FixtureRequest) -> None:
-    """bf16 computed in bf16, and in float32 over a bf16 cache (CPUs without bf16 matmuls)."""
+                                            packed: bool, request: pytest.FixtureRequest) -> None:
+    """bf16 computed in bf16, and in float32 over a bf16 cache (CPUs without bf16 matmuls);
+    plain and prepacked weights."""
     model_dir = request.getfixturevalue(fixture)
     prompt = torch.randint(3, 500, (29,), generator=torch.Generator().manual_seed(1)).tolist()
-    ours = our_logits(model_dir, prompt, torch.bfloat16, compute)
+    ours = our_logits(model_dir, prompt, torch.bfloat16, compute, packed)
     ref = hf_logits(model_dir, prompt, torch.float32)
     scale = ref.abs().max().item()
     # bf16 keeps 8 bits of mantissa: compare against fp32 within a few percent of the range
@@ -102,3 +109,20 @@ def test_rope_matches_rotate_half_bit_for_bit(tiny_llama: Path) -> None:
     expected = x * c + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * s
     got = apply_rope(x, c, signed_sin[positions].unsqueeze(1))
     assert torch.equal(got, expected)
+
+
+def test_prepack_drops_the_plain_weights(tiny_llama3_mha: Path) -> None:
+    """Packed weights replace the plain ones (no second copy); a tied head keeps its embedding
+    for lookups; the dtype cannot change afterwards."""
+    config = ModelConfig.from_dir(tiny_llama3_mha)
+    model = LlamaModel(config, torch.float32, max_positions=64)
+    model.load_weights(iter_weights(tiny_llama3_mha))
+    model.prepack()
+    layer = model.layers[0]
+    assert isinstance(layer, DecoderLayer)
+    assert all(getattr(layer, n).is_mkldnn
+               for n in ("qkv_weight", "o_weight", "gate_up_weight", "down_weight"))
+    assert model.lm_head.is_mkldnn and not model.embed.is_mkldnn
+    assert not any(p.is_mkldnn for p in model.parameters())
+    with pytest.raises(RuntimeError, match="use_compute_dtype"):
+        model.use_compute_dtype(torch.bfloat16)
