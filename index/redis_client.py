@@ -3,7 +3,8 @@
 Everything that touches Redis (prefix index, registry) goes through `connect()` and wraps each
 operation in `bounded()`: whatever goes wrong (refused connection, a server that stopped
 answering, a pool with no free connection, a pipeline stuck mid-reply) surfaces as
-`IndexUnavailable` within `op_timeout_s`, never as a hang. The pool is a
+`IndexUnavailable` within `op_timeout_s`, never as a hang; a cancelled task stays cancelled,
+whatever error the client made of the cancel. The pool is a
 `BlockingConnectionPool` because redis.asyncio's default pool raises past its connection limit.
 
 A Redis with a password takes it in the URL (`redis://:PASSWORD@host:6379/0`; `rediss://` for
@@ -77,6 +78,11 @@ async def bounded(what: str, timeout_s: float) -> AsyncIterator[None]:
     except AuthenticationError as exc:
         raise RedisAuthFailed(f"redis {what} failed: {_AUTH_HINT} ({exc})") from exc
     except (RedisError, OSError, TimeoutError) as exc:  # TimeoutError: the deadline hit
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            # the task was cancelled and the client turned it into a connection error: a
+            # background loop that retries on IndexUnavailable would swallow its stop()
+            raise asyncio.CancelledError(f"redis {what} cancelled") from exc
         raise IndexUnavailable(f"redis {what} failed: {type(exc).__name__}: {exc}") from exc
 
 

@@ -59,8 +59,9 @@ async def test_router_with_kubernetes_discovery(tiny_llama: Path,
 
         api.forbidden = True
         api.drop_watches()
-        while not watcher.forbidden:
-            await asyncio.sleep(0.02)
+        async with asyncio.timeout(20):  # a miss fails here, not at the suite's timeout
+            while not watcher.forbidden:
+                await asyncio.sleep(0.02)
         status = await RouterServicer(router).GetClusterStatus(
             router_pb2.GetClusterStatusRequest(), None)  # type: ignore[arg-type]
         assert "403 Forbidden" in status.discovery_problem

@@ -18,7 +18,7 @@ from cluster.roles import Role
 from engine.block_hash import hash_prompt_blocks
 from index.prefix_index import PrefixIndexReader, PrefixIndexWriter
 from index.prefix_tail import PrefixIndexTail
-from index.redis_client import RedisConfig
+from index.redis_client import RedisConfig, bounded
 from index.registry import WorkerRecord, WorkerRegistry
 
 HASHES = hash_prompt_blocks(list(range(64)), 4)  # 16 blocks
@@ -142,3 +142,29 @@ async def _lookup_is(reader: PrefixIndexReader, expected: dict[str, int]) -> boo
         return await reader.lookup(HASHES) == expected
     except IndexUnavailable:
         return False
+
+
+async def test_a_cancel_the_client_turns_into_an_error_still_cancels() -> None:
+    """redis-py may answer a cancel in the middle of a reply with a connection error; `bounded`
+    must not make that an IndexUnavailable, or a loop retrying on it never stops."""
+    entered = asyncio.Event()
+
+    async def operation() -> None:
+        async with bounded("read", timeout_s=30):
+            entered.set()
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                raise ConnectionError("Connection closed by server.") from None
+
+    task = asyncio.create_task(operation())
+    await entered.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+async def test_an_error_without_a_cancel_is_still_index_unavailable() -> None:
+    with pytest.raises(IndexUnavailable, match="redis read failed: ConnectionError"):
+        async with bounded("read", timeout_s=30):
+            raise ConnectionError("Connection closed by server.")
