@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import grpc
@@ -21,6 +22,9 @@ from cluster.grpc_server import GrpcServer, ServiceBinding, start_server
 from cluster.roles import Role
 from engine.block_hash import DEFAULT_HASH_SEED
 from index.registry import WorkerRecord, WorkerRegistry
+from router.__main__ import build_router
+from router.config import RouterConfig
+from router.router import Router
 from tandem_proto.tandem.v1 import (
     common_pb2,
     decode_pb2,
@@ -168,3 +172,23 @@ async def serve(worker: FakePrefill | FakeDecode, registry: WorkerRegistry | Non
     worker.server = await start_server(bindings)
     if registry is not None:
         await registry.heartbeat(WorkerRecord(worker.worker_id, worker.role, worker.address))
+
+
+@asynccontextmanager
+async def router_over(config: RouterConfig, fakes: Sequence[FakePrefill | FakeDecode],
+                      registry: WorkerRegistry) -> AsyncIterator[Router]:
+    """Serves `fakes`, registered, and yields a router built from `config` once it sees them
+    all live; on exit closes the router and stops the fakes."""
+    for fake in fakes:
+        await serve(fake, registry)
+    router = await build_router(config)
+    try:
+        while len(router.pool.live(Role.PREFILL)) + len(router.pool.live(Role.DECODE)) < \
+                len(fakes):
+            await asyncio.sleep(0.02)
+        yield router
+    finally:
+        await router.close()
+        for fake in fakes:
+            assert fake.server is not None
+            await fake.server.stop(None)

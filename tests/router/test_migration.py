@@ -25,11 +25,10 @@ from cluster.tls import PLAINTEXT
 from engine.sampling import SamplingParams
 from index.redis_client import RedisConfig, connect
 from index.registry import WorkerRegistry
-from router.__main__ import build_router
 from router.config import RouterConfig
 from router.request import Delta, GenerateInput
 from router.router import Router
-from tests.router.fakes import FakeDecode, FakePrefill, Script, next_token, serve
+from tests.router.fakes import FakeDecode, FakePrefill, Script, next_token, router_over
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -59,19 +58,10 @@ async def cluster(redis: LocalRedisServer, model: Path, decode: int, prefill: in
     decoders = [FakeDecode(f"d{i}", Role.DECODE, script=Script(tokens=None, token_id=None),
                            plan=plan) for i in range(decode)]
     fakes: list[FakePrefill | FakeDecode] = [*prefills, *decoders]
-    for fake in fakes:
-        await serve(fake, registry)
-    router = await build_router(config)
     try:
-        while len(router.pool.live(Role.PREFILL)) + len(router.pool.live(Role.DECODE)) < \
-                prefill + decode:
-            await asyncio.sleep(0.02)
-        yield router, prefills, decoders
+        async with router_over(config, fakes, registry) as router:
+            yield router, prefills, decoders
     finally:
-        await router.close()
-        for fake in fakes:
-            assert fake.server is not None
-            await fake.server.stop(None)
         await client.aclose()
 
 

@@ -25,7 +25,7 @@ from router.config import RouterConfig
 from router.prefix import TailSource
 from router.request import Delta, GenerateInput
 from router.router import Router
-from tests.router.fakes import FIRST_TOKEN, FakeDecode, FakePrefill, Script, serve
+from tests.router.fakes import FIRST_TOKEN, FakeDecode, FakePrefill, Script, router_over
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -64,19 +64,10 @@ def make_cluster(redis: LocalRedisServer, tiny_llama: Path) -> Iterator[Factory]
         fakes_p = [FakePrefill(f"p{i}", Role.PREFILL) for i in range(prefill)]
         fakes_d = [FakeDecode(f"d{i}", Role.DECODE) for i in range(decode)]
         fakes: list[FakePrefill | FakeDecode] = [*fakes_p, *fakes_d]
-        for fake in fakes:
-            await serve(fake, registry)
-        router = await build_router(config)
         try:
-            while len(router.pool.live(Role.PREFILL)) + len(router.pool.live(Role.DECODE)) < \
-                    prefill + decode:
-                await asyncio.sleep(0.02)
-            yield Cluster(router, fakes_p, fakes_d)
+            async with router_over(config, fakes, registry) as router:
+                yield Cluster(router, fakes_p, fakes_d)
         finally:
-            await router.close()
-            for fake in fakes:
-                assert fake.server is not None
-                await fake.server.stop(None)
             await client.aclose()
 
     yield make
