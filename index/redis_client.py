@@ -71,19 +71,29 @@ def connect(config: RedisConfig) -> Redis:
 
 @asynccontextmanager
 async def bounded(what: str, timeout_s: float) -> AsyncIterator[None]:
-    """Runs the block under a deadline; any Redis failure becomes `IndexUnavailable`."""
+    """Runs the block under a deadline; any Redis failure becomes `IndexUnavailable`.
+
+    A cancel of the calling task always ends as CancelledError, even where redis-py turned it
+    into a connection error (then `IndexUnavailable` would be retried by a background loop) or
+    caught it and retried the command on a fresh connection (`connect`'s one retry), so that
+    the block returned normally: either way a loop's `stop()` would wait forever."""
+    task = asyncio.current_task()
+    before = task.cancelling() if task is not None else 0
+
+    def cancelled() -> bool:
+        return task is not None and task.cancelling() > before
+
     try:
         async with asyncio.timeout(timeout_s):
             yield
     except AuthenticationError as exc:
         raise RedisAuthFailed(f"redis {what} failed: {_AUTH_HINT} ({exc})") from exc
     except (RedisError, OSError, TimeoutError) as exc:  # TimeoutError: the deadline hit
-        task = asyncio.current_task()
-        if task is not None and task.cancelling():
-            # the task was cancelled and the client turned it into a connection error: a
-            # background loop that retries on IndexUnavailable would swallow its stop()
+        if cancelled():
             raise asyncio.CancelledError(f"redis {what} cancelled") from exc
         raise IndexUnavailable(f"redis {what} failed: {type(exc).__name__}: {exc}") from exc
+    if cancelled():
+        raise asyncio.CancelledError(f"redis {what} cancelled (the client swallowed it)")
 
 
 async def check_auth(redis: Redis, config: RedisConfig) -> None:

@@ -164,6 +164,53 @@ async def test_a_cancel_the_client_turns_into_an_error_still_cancels() -> None:
         await task
 
 
+async def test_a_cancel_the_client_swallows_and_retries_still_cancels() -> None:
+    """redis-py's retry may answer a cancel by running the command again on a fresh
+    connection, so the call returns normally: the task must still end cancelled (seen as a
+    router whose close() hung on its prefix-tail loop)."""
+    entered = asyncio.Event()
+    finished = False
+
+    async def operation() -> None:
+        nonlocal finished
+        async with bounded("read", timeout_s=30):
+            entered.set()
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                pass  # the retry's fresh connection answers
+        finished = True
+
+    task = asyncio.create_task(operation())
+    await entered.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert not finished
+
+
+async def test_a_task_already_cancelling_may_still_use_redis() -> None:
+    """Clean-up inside a cancelled task (a worker deregistering on its way out) is not
+    mistaken for a new cancel."""
+    done = asyncio.Event()
+
+    async def cleanup() -> None:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            async with bounded("deregister", timeout_s=30):
+                await asyncio.sleep(0)
+            done.set()
+            raise
+
+    task = asyncio.create_task(cleanup())
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert done.is_set()
+
+
 async def test_an_error_without_a_cancel_is_still_index_unavailable() -> None:
     with pytest.raises(IndexUnavailable, match="redis read failed: ConnectionError"):
         async with bounded("read", timeout_s=30):

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -41,6 +42,15 @@ HASHES = hash_prompt_blocks(PROMPT, 16, b"", DEFAULT_HASH_SEED)
 def redis() -> Iterator[LocalRedisServer]:
     with LocalRedisServer() as server:
         yield server
+
+
+async def until(condition: Callable[[], bool], state: Callable[[], str],
+                timeout_s: float = 20.0) -> None:
+    """Waits for `condition`, failing with `state()` after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"not converged in {timeout_s} s: {state()}"
+        await asyncio.sleep(0.02)
 
 
 def test_the_prediction_is_capped_as_the_workers_cap_reuse() -> None:
@@ -83,9 +93,12 @@ async def test_stale_routes_are_counted_and_a_lapsed_worker_leaves_the_index(
             await writer.flush()
         source = router.lookup.reader
         assert isinstance(source, TailSource)
-        while source.tail.lookup(HASHES) != {"p0": 4, "d0": 4, "d1": 4} or \
-                len(router.pool.live(Role.DECODE)) < 2:
-            await asyncio.sleep(0.02)
+        await until(lambda: source.tail.lookup(HASHES) == {"p0": 4, "d0": 4, "d1": 4}
+                    and len(router.pool.live(Role.DECODE)) >= 2,
+                    lambda: f"index {source.tail.lookup(HASHES)}, listed "
+                            f"{router.pool.listed()}, live decode "
+                            f"{[h.worker_id for h in router.pool.live(Role.DECODE)]}, "
+                            f"tail {source.error!r} {source.tail.resyncs}")
         sampling = SamplingParams(max_tokens=2)
         for i in range(2):
             async for _ in router.generate(GenerateInput(f"r{i}", "", PROMPT, sampling)):
@@ -106,8 +119,9 @@ async def test_stale_routes_are_counted_and_a_lapsed_worker_leaves_the_index(
         # d1 stops beating: once its registry key expires the index drops it, while the pool
         # still keeps its handle (the registry may only have restarted empty)
         del beating[lapsing.worker_id]
-        while "d1" in source.tail.workers:
-            await asyncio.sleep(0.05)
+        await until(lambda: "d1" not in source.tail.workers,
+                    lambda: f"tail workers {sorted(source.tail.workers)}, listed "
+                            f"{router.pool.listed()}")
         assert source.tail.lookup(HASHES) == {"p0": 4, "d0": 4}
         assert source.tail.drops == 1 and "d1" in router.pool.workers
         status = await servicer.GetClusterStatus(router_pb2.GetClusterStatusRequest(), None)
