@@ -14,7 +14,9 @@
 #   bench        the engine bench on CUDA (with vLLM when --vllm-python is given)
 #
 # The pytest steps are the CI tests run with TANDEM_TEST_DEVICE=cuda. Without a GPU it stops
-# at once, before installing anything.
+# at once, before installing anything. The whole check keeps to a budget of
+# $TANDEM_GPU_CHECK_BUDGET_S seconds (default 570, under 10 minutes): a step gets at most what
+# is left of it, and a step with nothing left is skipped (and counts as a failure).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,7 +26,7 @@ while [ $# -gt 0 ]; do
     case "$1" in
         --no-setup) SETUP=0 ;;
         --vllm-python) VLLM_PYTHON="${2:?--vllm-python needs a path}"; shift ;;
-        -h|--help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "gpu_check: unknown argument $1 (try --help)" >&2; exit 2 ;;
     esac
     shift
@@ -42,11 +44,21 @@ LOG_DIR="${TANDEM_GPU_CHECK_LOGS:-$(mktemp -d /tmp/gpu_check.XXXXXX)}"
 mkdir -p "$LOG_DIR"
 SUMMARY=()
 FAILED=0
+BUDGET_S="${TANDEM_GPU_CHECK_BUDGET_S:-570}"
+CHECK_STARTED=$(date +%s)
 
 step() {  # step NAME TIMEOUT_S COMMAND...: runs it, logs it, records pass/fail and time
     local name="$1" limit="$2"; shift 2
-    local started rc figures
+    local started rc figures left
     started=$(date +%s)
+    left=$(( BUDGET_S - (started - CHECK_STARTED) ))
+    if [ "$left" -le 0 ]; then
+        echo "== $name: skipped, the $BUDGET_S s budget is spent"
+        SUMMARY+=("SKIP  $name  the $BUDGET_S s budget is spent")
+        FAILED=1
+        return 1
+    fi
+    [ "$limit" -gt "$left" ] && limit=$left
     echo "== $name: $*"
     timeout "$limit" "$@" >"$LOG_DIR/$name.log" 2>&1
     rc=$?

@@ -26,10 +26,9 @@ the time, so this is a lower bound) and its fraction of the measured one.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import statistics
-import subprocess
+import signal
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -38,19 +37,15 @@ from pathlib import Path
 import torch
 
 from engine.bench.bandwidth import read_bandwidth
+from engine.bench.interleave import Contender, Runner, interleaved
 from engine.bench.presets import PRESETS, compute_dtypes, make_preset, weight_bytes_per_step
+from engine.bench.vllm_client import VllmRunner
 from engine.bench.workloads import DECODE_BATCHES, Workload, decode_workload, prefill_workload
 from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.model_config import ModelConfig
 from engine.sampling import SamplingParams
 from engine.warmup import warm_up
-
-VLLM_SCRIPT = Path(__file__).with_name("vllm_runner.py")
-
-PAUSE_S = 1.0  # before each run: see interleaved_rates
-Runner = Callable[[int], float]
-"""Runs workload `i` once; returns its tokens per second."""
 
 
 def timed(run: Callable[[], int]) -> float:
@@ -94,66 +89,6 @@ def transformers_runner(model_dir: Path, dtype: str, works: list[Workload], attn
             return work.counted_tokens([row[ids.shape[1]:] for row in out.tolist()])
         return timed(generate)
     return run
-
-
-class VllmRunner:
-    """vLLM's CPU build in a subprocess (engine start-up is ~50 s), one workload per call."""
-
-    def __init__(self, python: str, model_dir: Path, dtype: str, works: list[Workload]) -> None:
-        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-            json.dump([{"prompts": w.prompts, "new_tokens": w.new_tokens,
-                        "count_prompt": w.count_prompt} for w in works], f)
-        self.works = works
-        self.proc = subprocess.Popen(
-            [python, str(VLLM_SCRIPT), str(model_dir), dtype, f.name], text=True,
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-            env={"HF_HUB_OFFLINE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0-1",
-                 "PATH": "/usr/bin:/bin", "VLLM_CPU_KVCACHE_SPACE": "4"})
-        self._answer("READY")
-
-    def _answer(self, prefix: str) -> list[str]:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:  # vLLM's own log lines come here too
-            if line.startswith(prefix):
-                return line.split()
-        raise RuntimeError(f"vLLM exited ({self.proc.wait()}) before answering {prefix}")
-
-    def __call__(self, i: int) -> float:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(f"{i}\n")
-        self.proc.stdin.flush()
-        _, index, tokens, seconds = self._answer("RESULT")
-        work = self.works[i]
-        expected = (sum(map(len, work.prompts)) if work.count_prompt
-                    else len(work.prompts) * work.new_tokens)
-        assert int(index) == i and int(tokens) == expected, f"vLLM counted {tokens} tokens"
-        return int(tokens) / float(seconds)
-
-    def close(self) -> None:
-        if self.proc.stdin is not None:
-            self.proc.stdin.close()
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-
-
-def interleaved_rates(runners: dict[str, Runner], i: int, repeats: int) -> dict[str, float]:
-    """Median tokens/s of each runner on workload `i`, the runners taking turns.
-
-    A pause before each run lets the previous engine's OpenMP threads stop spinning (measured:
-    Tandem's prefill right after a vLLM run was 4–20% slower than one second later), and the
-    order rotates so that no engine always follows the same one.
-    """
-    names = list(runners)
-    samples: dict[str, list[float]] = {name: [] for name in names}
-    for attempt in range(repeats + 1):  # attempt 0 warms up
-        for name in names[attempt % len(names):] + names[:attempt % len(names)]:
-            time.sleep(PAUSE_S)
-            rate = runners[name](i)
-            if attempt:
-                samples[name].append(rate)
-    return {name: statistics.median(rates) for name, rates in samples.items()}
 
 
 TITLES = {"tandem": "Tandem tok/s", "eager": "transformers eager",
@@ -208,6 +143,9 @@ def main() -> None:
                         help="where the preset is written (reused if there; default: a temp dir)")
     parser.add_argument("--device", default="cpu",
                         help="torch device of Tandem and transformers: cpu, cuda, cuda:1, ...")
+    parser.add_argument("--let-vllm-run", action="store_true",
+                        help="do not SIGSTOP vLLM between its turns (to measure what it uses "
+                             "then: the notes' 'used while not their turn')")
     args = parser.parse_args()
     model_dir = args.model or make_preset(
         args.preset, args.preset_dir or Path(tempfile.mkdtemp(prefix="tandem-bench-")))
@@ -215,40 +153,59 @@ def main() -> None:
     works = [decode_workload(b) for b in args.batches]
     works += [] if args.no_prefill else [prefill_workload()]
     machine = read_bandwidth()
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    load = load_average()
     print(f"threads: {torch.get_num_threads()}, model: {args.model or args.preset} "
           f"({model_dir}), memory read bandwidth {machine / 1e9:.1f} GB/s, load {load}")
     names = list(args.engines) + (["vllm"] if args.vllm_python else [])
     print("| dtype | workload | compute | "
           + " | ".join(TITLES[n] for n in names) + " |")
     print("| --- " * (3 + len(names)) + "|")
-    notes = []
-    for dtype in args.dtypes:
-        runners = {n: make_runner(n, model_dir, dtype, works, args.device)
-                   for n in args.engines}
-        vllm = VllmRunner(args.vllm_python, model_dir, dtype, works) if args.vllm_python else None
-        if vllm is not None:
-            runners["vllm"] = vllm
-        compute = compute_dtypes(dtype, args.device)
-        shown = " / ".join(f"{compute[n]}" for n in names)
-        try:
-            for i, work in enumerate(works):
-                batch_one = work.name == "decode batch 1"
-                before = read_bandwidth() if batch_one else 0.0
-                rates = interleaved_rates(runners, i, args.repeats)
-                ours = rates.get("tandem")
-                cells = [fmt(rates[n], None if n == "tandem" else ours) for n in names]
-                print(f"| {dtype} | {work.name} | {shown} | " + " | ".join(cells) + " |",
-                      flush=True)
-                if batch_one:  # the machine's bandwidth around these very runs (shared VMs)
-                    around = max(before, read_bandwidth())
-                    notes.append(bandwidth_line(config, dtype, rates, compute, around))
-        finally:
-            if vllm is not None:
-                vllm.close()
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    print("\n".join([""] + notes + [f"load average at the end: {load}"]))
+    notes: list[str] = []
+    # SIGTERM (a `kill`, a CI timeout) unwinds like Ctrl-C, so vLLM is resumed and closed
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    try:
+        for dtype in args.dtypes:
+            runners = {n: Contender(make_runner(n, model_dir, dtype, works, args.device))
+                       for n in args.engines}
+            run_dtype(args, model_dir, config, dtype, works, runners, names, notes)
+    finally:
+        print("\n".join([""] + notes + [f"load average at the end: {load_average()}"]))
 
+
+def run_dtype(args: argparse.Namespace, model_dir: Path, config: ModelConfig, dtype: str,
+              works: list[Workload], runners: dict[str, Contender], names: list[str],
+              notes: list[str]) -> None:
+    """The table's rows of one dtype (vLLM started for it and closed after it)."""
+    vllm = (VllmRunner(args.vllm_python, model_dir, dtype, works,
+                       stop_between=not args.let_vllm_run) if args.vllm_python else None)
+    if vllm is not None:
+        runners["vllm"] = Contender(vllm, vllm.proc.pid)
+    compute = compute_dtypes(dtype, args.device)
+    shown = " / ".join(f"{compute[n]}" for n in names)
+    failed = True
+    try:
+        for i, work in enumerate(works):
+            batch_one = work.name == "decode batch 1"
+            before = read_bandwidth() if batch_one else 0.0
+            turns = interleaved(runners, i, args.repeats)
+            rates = turns.medians()
+            ours = rates.get("tandem")
+            cells = [fmt(rates[n], None if n == "tandem" else ours) for n in names]
+            print(f"| {dtype} | {work.name} | {shown} | " + " | ".join(cells) + " |",
+                  flush=True)
+            line = f"{dtype} {work.name} (load {load_average()}): {turns.cpu_line()}"
+            notes.append(line + (f"; {turns.off_line()}" if turns.off_cpu else ""))
+            if batch_one:  # the machine's bandwidth around these very runs (shared VMs)
+                around = max(before, read_bandwidth())
+                notes.append(bandwidth_line(config, dtype, rates, compute, around))
+        failed = False
+    finally:
+        if vllm is not None:
+            vllm.close(failed)
+
+
+def load_average() -> str:
+    return ", ".join(f"{x:.1f}" for x in os.getloadavg())
 
 if __name__ == "__main__":
     main()

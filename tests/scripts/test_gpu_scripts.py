@@ -63,3 +63,30 @@ def test_gpu_check_help_and_bad_arguments() -> None:
     helped = bash("gpu_check.sh", "--help")
     assert helped.returncode == 0 and "TANDEM_TEST_DEVICE=cuda" in helped.stdout
     assert bash("gpu_check.sh", "--bogus").returncode == 2
+
+
+def test_gpu_check_keeps_to_its_budget(tmp_path: Path) -> None:
+    """With a GPU listed and every step taking 3 s, a 4 s budget lets the first step pass, cuts
+    the next one's timeout to what is left, skips the rest, and still prints one summary."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("bash", "sed", "grep", "dirname", "mktemp", "date", "timeout", "sleep", "tail",
+                 "tr", "mkdir"):
+        found = shutil.which(tool)
+        assert found is not None
+        (bin_dir / tool).symlink_to(found)
+    for name, body in (("nvidia-smi", "echo 'GPU 0: Fake (UUID: GPU-0)'"),
+                       ("python3", "sleep 3; echo '1 passed'")):
+        (bin_dir / name).write_text(f"#!{shutil.which('bash')}\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    env = {**os.environ, "PATH": str(bin_dir), "TANDEM_GPU_CHECK_LOGS": str(tmp_path / "logs"),
+           "TANDEM_GPU_CHECK_BUDGET_S": "4"}
+    started = time.monotonic()
+    result = bash("gpu_check.sh", "--no-setup", env=env)
+    assert time.monotonic() - started < 15
+    assert result.returncode == 1, result.stderr
+    summary = result.stdout.split("gpu_check summary")[1].splitlines()[1:]
+    steps = [line.split()[:2] for line in summary]
+    assert steps[0] == ["PASS", "cuda"] and summary[0].endswith("1 passed ")
+    assert steps[1] in (["FAIL", "kernels"], ["SKIP", "kernels"])  # 0 or 1 s were left
+    assert steps[2:] == [["SKIP", "engine"], ["SKIP", "kv"], ["SKIP", "bench"]]

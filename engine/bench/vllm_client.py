@@ -1,0 +1,79 @@
+"""vLLM's CPU build as a bench contender: `vllm_runner.py` in a subprocess, which runs one
+workload per request and is SIGSTOP'd between its turns (`PausedGroup`) so that its processes
+and threads leave the CPU to the other engines."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import subprocess
+import tempfile
+from pathlib import Path
+
+from engine.bench.paused_group import PausedGroup
+from engine.bench.workloads import Workload
+
+VLLM_SCRIPT = Path(__file__).with_name("vllm_runner.py")
+CLOSE_S = 60.0  # for vLLM to shut down its engine process after its stdin closes
+
+
+class VllmRunner:
+    """vLLM's CPU build in a subprocess (engine start-up is ~50 s), one workload per call.
+
+    It starts undisturbed; after it answers READY it is stopped, and each call resumes it for
+    its run only. With `stop_between=False` it stays running (to measure what it uses then).
+    """
+
+    def __init__(self, python: str, model_dir: Path, dtype: str, works: list[Workload],
+                 stop_between: bool = True) -> None:
+        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+            json.dump([{"prompts": w.prompts, "new_tokens": w.new_tokens,
+                        "count_prompt": w.count_prompt} for w in works], f)
+        self.works = works
+        self.stop_between = stop_between
+        self.group = PausedGroup(
+            [python, str(VLLM_SCRIPT), str(model_dir), dtype, f.name], text=True,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            env={"HF_HUB_OFFLINE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0-1",
+                 "PATH": "/usr/bin:/bin", "VLLM_CPU_KVCACHE_SPACE": "4"})
+        self.proc = self.group.proc
+        try:
+            self._answer("READY")
+            if stop_between:
+                self.group.stop()
+        except BaseException:
+            self.group.kill()
+            raise
+
+    def _answer(self, prefix: str) -> list[str]:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:  # vLLM's own log lines come here too
+            if line.startswith(prefix):
+                return line.split()
+        raise RuntimeError(f"vLLM exited ({self.proc.wait()}) before answering {prefix}")
+
+    def _run(self, i: int) -> float:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(f"{i}\n")
+        self.proc.stdin.flush()
+        _, index, tokens, seconds = self._answer("RESULT")
+        work = self.works[i]
+        expected = (sum(map(len, work.prompts)) if work.count_prompt
+                    else len(work.prompts) * work.new_tokens)
+        assert int(index) == i and int(tokens) == expected, f"vLLM counted {tokens} tokens"
+        return int(tokens) / float(seconds)
+
+    def __call__(self, i: int) -> float:
+        if not self.stop_between:
+            return self._run(i)
+        with self.group.turn():
+            return self._run(i)
+
+    def close(self, failed: bool = False) -> None:
+        """Let vLLM shut down (resumed, stdin closed); kill its group if it has not within
+        CLOSE_S, or at once when the bench `failed` (an exception, Ctrl-C)."""
+        if self.proc.stdin is not None:
+            with contextlib.suppress(BrokenPipeError):
+                self.proc.stdin.close()
+        self.group.close(0.0 if failed else CLOSE_S)
+
