@@ -14,7 +14,9 @@ output tokens / wall time of the whole batch; prefill = 32 prompts of 512 tokens
 generated, prompt tokens / wall time. Each engine runs each workload once to warm up, then
 `--repeats` times, the engines taking turns run by run, in rotating order, after a pause
 (this VM's speed drifts by ±20% over minutes, so engines measured one after the other are not
-comparable); median per engine.
+comparable); median per engine. vLLM's processes are stopped (SIGSTOP) outside its turns, so
+that every engine runs alone (`paused_group.py`); the notes give each engine's CPU seconds per
+run and the cores it got, what the others used meanwhile, and the load average per row.
 
 The physical limit: batch-1 decode reads every weight once per token, so the run measures this
 machine's memory read bandwidth (a 1 GiB sum, at start and again just before and after the

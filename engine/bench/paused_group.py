@@ -13,6 +13,11 @@ No stopped process is left behind:
   (POSIX), which ends it; a new session would not get that;
 - a Ctrl-C at the terminal goes to the bench's foreground group only, so the subprocess is not
   interrupted mid-run: the bench's `finally` closes it.
+
+A new session would also be unfair: with the kernel's autogroup scheduling (on in this VM:
+/proc/sys/kernel/sched_autogroup_enabled), each session is a scheduling group with an equal
+share of a contended machine, so a subprocess in a session of its own would get as much CPU as
+the bench and everything else in the bench's session together.
 """
 
 from __future__ import annotations
@@ -57,7 +62,7 @@ class PausedGroup:
             except (ProcessLookupError, psutil.NoSuchProcess):
                 pass
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def stop(self, timeout: float = 30.0) -> None:
         """SIGSTOP the group and wait until every live process of its tree is stopped."""
         self._signal(signal.SIGSTOP)
         self.stopped = True

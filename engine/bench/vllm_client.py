@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import subprocess
 import tempfile
 from pathlib import Path
+
+import torch
 
 from engine.bench.paused_group import PausedGroup
 from engine.bench.workloads import Workload
@@ -34,8 +37,7 @@ class VllmRunner:
         self.group = PausedGroup(
             [python, str(VLLM_SCRIPT), str(model_dir), dtype, f.name], text=True,
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-            env={"HF_HUB_OFFLINE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0-1",
-                 "PATH": "/usr/bin:/bin", "VLLM_CPU_KVCACHE_SPACE": "4"})
+            env=vllm_env(torch.get_num_threads()))
         self.proc = self.group.proc
         try:
             self._answer("READY")
@@ -77,3 +79,14 @@ class VllmRunner:
                 self.proc.stdin.close()
         self.group.close(0.0 if failed else CLOSE_S)
 
+
+
+def vllm_env(threads: int) -> dict[str, str]:
+    """vLLM's environment: offline, its OpenMP threads as many as the in-process engines' torch
+    threads (cores 0..threads-1; vLLM's default binds a whole NUMA node, more than torch uses on
+    a big host), and the GPU choice passed through; nothing else of this process's."""
+    env = {"HF_HUB_OFFLINE": "1", "VLLM_CPU_OMP_THREADS_BIND": f"0-{threads - 1}",
+           "PATH": "/usr/bin:/bin", "VLLM_CPU_KVCACHE_SPACE": "4"}
+    if "CUDA_VISIBLE_DEVICES" in os.environ:
+        env["CUDA_VISIBLE_DEVICES"] = os.environ["CUDA_VISIBLE_DEVICES"]
+    return env
