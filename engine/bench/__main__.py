@@ -192,11 +192,14 @@ def run_dtype(args: argparse.Namespace, model_dir: Path, config: ModelConfig, dt
             turns = interleaved(runners, i, args.repeats)
             rates = turns.medians()
             ours = rates.get("tandem")
-            cells = [fmt(rates[n], None if n == "tandem" else ours) for n in names]
+            cells = [fmt(rates.get(n), None if n == "tandem" else ours) for n in names]
             print(f"| {dtype} | {work.name} | {shown} | " + " | ".join(cells) + " |",
                   flush=True)
             line = f"{dtype} {work.name} (load {load_average()}): {turns.cpu_line()}"
             notes.append(line + (f"; {turns.off_line()}" if turns.off_cpu else ""))
+            for name, why in turns.gone.items():
+                notes.append(f"{dtype} {work.name}: {name} is gone from here on: {why}")
+                runners.pop(name)
             if batch_one:  # the machine's bandwidth around these very runs (shared VMs)
                 around = max(before, read_bandwidth())
                 notes.append(bandwidth_line(config, dtype, rates, compute, around))

@@ -25,6 +25,10 @@ Runner = Callable[[int], float]
 """Runs workload `i` once; returns its tokens per second."""
 
 
+class ContenderGone(RuntimeError):
+    """A contender cannot run any more (its process died): the bench goes on without it."""
+
+
 @dataclass(frozen=True)
 class Contender:
     run: Runner
@@ -49,6 +53,7 @@ class Turns:
     wall: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
     off_cpu: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     off_wall: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    gone: dict[str, str] = field(default_factory=dict)  # name -> why it stopped taking turns
 
     def medians(self) -> dict[str, float]:
         return {name: statistics.median(rates) for name, rates in self.rates.items()}
@@ -73,18 +78,26 @@ def interleaved(contenders: dict[str, Contender], i: int, repeats: int) -> Turns
 
     A pause before each run lets the previous engine's OpenMP threads stop spinning (measured:
     Tandem's prefill right after a vLLM run was 4–20% slower than one second later), and the
-    order rotates so that no engine always follows the same one.
+    order rotates so that no engine always follows the same one. A contender that raises
+    `ContenderGone` takes no more turns (`Turns.gone`); the others go on.
     """
     names = list(contenders)
     sources = {c.source: c for c in contenders.values()}
     turns = Turns()
     for attempt in range(repeats + 1):  # attempt 0 warms up
         for name in names[attempt % len(names):] + names[:attempt % len(names)]:
+            if name in turns.gone:
+                continue
             time.sleep(PAUSE_S)
             mine = contenders[name]
             before = {s: c.cpu_seconds() for s, c in sources.items()}
             start = time.perf_counter()
-            rate = mine.run(i)
+            try:
+                rate = mine.run(i)
+            except ContenderGone as gone:
+                turns.gone[name] = str(gone)
+                turns.rates.pop(name, None)
+                continue
             wall = time.perf_counter() - start
             used = {s: c.cpu_seconds() - before[s] for s, c in sources.items()}
             for source in sources.keys() - {mine.source}:

@@ -13,11 +13,16 @@ from pathlib import Path
 
 import torch
 
+from engine.bench.interleave import ContenderGone
 from engine.bench.paused_group import PausedGroup
 from engine.bench.workloads import Workload
 
 VLLM_SCRIPT = Path(__file__).with_name("vllm_runner.py")
 CLOSE_S = 60.0  # for vLLM to shut down its engine process after its stdin closes
+# vLLM's KV cache: the largest workload (128 sequences of 192 tokens, or 32 of 513) needs
+# 0.6 GiB in bf16 and 1.1 GiB in fp32 at the 135M shape; 4 GiB got vLLM's worker OOM-killed
+# on a shared 24 GiB VM
+KV_CACHE_GIB = 2
 
 
 class VllmRunner:
@@ -66,10 +71,18 @@ class VllmRunner:
         return int(tokens) / float(seconds)
 
     def __call__(self, i: int) -> float:
-        if not self.stop_between:
-            return self._run(i)
-        with self.group.turn():
-            return self._run(i)
+        """Tokens/s of workload `i`; `ContenderGone` (its group killed) if vLLM has died, e.g.
+        its worker OOM-killed on a shared machine, so that the bench goes on without it."""
+        try:
+            if not self.stop_between:
+                return self._run(i)
+            with self.group.turn():
+                return self._run(i)
+        except (RuntimeError, BrokenPipeError) as err:
+            if self.proc.poll() is None:
+                raise
+            self.group.kill()
+            raise ContenderGone(f"vLLM exited ({self.proc.returncode}): {err}") from err
 
     def close(self, failed: bool = False) -> None:
         """Let vLLM shut down (resumed, stdin closed); kill its group if it has not within
@@ -86,7 +99,7 @@ def vllm_env(threads: int) -> dict[str, str]:
     threads (cores 0..threads-1; vLLM's default binds a whole NUMA node, more than torch uses on
     a big host), and the GPU choice passed through; nothing else of this process's."""
     env = {"HF_HUB_OFFLINE": "1", "VLLM_CPU_OMP_THREADS_BIND": f"0-{threads - 1}",
-           "PATH": "/usr/bin:/bin", "VLLM_CPU_KVCACHE_SPACE": "4"}
+           "PATH": "/usr/bin:/bin", "VLLM_CPU_KVCACHE_SPACE": str(KV_CACHE_GIB)}
     if "CUDA_VISIBLE_DEVICES" in os.environ:
         env["CUDA_VISIBLE_DEVICES"] = os.environ["CUDA_VISIBLE_DEVICES"]
     return env

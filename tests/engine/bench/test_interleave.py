@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from engine.bench import interleave
-from engine.bench.interleave import IN_PROCESS, Contender, interleaved
+from engine.bench.interleave import IN_PROCESS, Contender, ContenderGone, interleaved
 from engine.bench.paused_group import PausedGroup
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -70,3 +70,25 @@ def test_off_turn_cpu_of_a_subprocess(busy: PausedGroup, stop_between: bool,
         assert turns.off_cpu[f"pid {busy.proc.pid}"] > 0.05
     assert "a " in turns.cpu_line() and "cores" in turns.cpu_line()
     assert f"pid {busy.proc.pid}" in turns.off_line()
+
+
+def test_a_contender_that_is_gone_takes_no_more_turns(monkeypatch: pytest.MonkeyPatch) -> None:
+    """vLLM's worker OOM-killed mid-bench: the others go on, its reason is kept."""
+    monkeypatch.setattr(interleave, "PAUSE_S", 0.0)
+    calls: list[str] = []
+
+    def dies_on_second_call(i: int) -> float:
+        calls.append("gone")
+        if len(calls) == 2:
+            raise ContenderGone("vLLM exited (1)")
+        return 3.0
+
+    def ours(i: int) -> float:
+        calls.append("ours")
+        return 2.0
+
+    turns = interleaved({"ours": Contender(ours), "gone": Contender(dies_on_second_call)},
+                        0, repeats=3)
+    assert calls.count("gone") == 2 and calls.count("ours") == 4
+    assert turns.medians() == {"ours": 2.0}
+    assert turns.gone == {"gone": "vLLM exited (1)"}
