@@ -79,7 +79,7 @@ def test_a_contender_that_is_gone_takes_no_more_turns(monkeypatch: pytest.Monkey
 
     def dies_on_second_call(i: int) -> float:
         calls.append("gone")
-        if len(calls) == 2:
+        if calls.count("gone") == 2:
             raise ContenderGone("vLLM exited (1)")
         return 3.0
 
