@@ -237,7 +237,8 @@ class PrefixIndexWriter:
         for start in range(0, len(ops), self._max_batch):
             self._seq += 1
             batches.append((self._seq, ",".join(ops[start:start + self._max_batch])))
-        async with bounded("publish", self._config.op_timeout_s):
+        # Like a re-publish, a big flush (a long prompt's blocks) gets more time.
+        async with bounded("publish", self._config.op_timeout_s + len(ops) / 50_000):
             epoch = await self._publisher.publish(self._epoch, batches)
         return _as_bytes(epoch)
 

@@ -3,13 +3,15 @@ and stream entries as the transaction it replaced, and a script Redis forgot is 
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, cast
 
 from redis.asyncio import Redis
 
-from engine.block_hash import hash_prompt_blocks, hash_to_hex
+from engine.block_hash import BlockHash, hash_prompt_blocks, hash_to_hex
 from index.prefix_index import PrefixIndexWriter
 from index.prefix_keys import PrefixKeys
+from index.prefix_publish import MAX_BATCH
 from index.redis_client import RedisConfig
 
 BLOCK = 4
@@ -75,3 +77,20 @@ async def test_a_script_redis_forgot_is_loaded_again(redis_client: Redis,
     assert await writer.flush() == 1
     assert writer.publish_failures == 0
     assert len(await redis_client.smembers(keys.worker_blocks("w0"))) == 2
+
+
+async def test_a_batch_of_the_largest_size_goes_through_the_script(
+        redis_client: Redis, redis_config: RedisConfig) -> None:
+    """Lua's `unpack` has a limit (~8,000 values): `MAX_BATCH` stays under it."""
+    keys = PrefixKeys(redis_config.namespace)
+    slow_ok = dataclasses.replace(redis_config, op_timeout_s=20.0)  # a loaded test machine
+    writer = PrefixIndexWriter(redis_client, slow_ok, "w0", max_batch=MAX_BATCH)
+    await writer.start()
+    many = [BlockHash(i) for i in range(1, MAX_BATCH + 1)]
+    writer.stored(many)
+    assert await writer.flush() == MAX_BATCH
+    assert writer.seq == 2  # the start's reset, then one full batch
+    assert await redis_client.scard(keys.worker_blocks("w0")) == MAX_BATCH
+    writer.evicted(many)
+    await writer.flush()
+    assert await redis_client.scard(keys.worker_blocks("w0")) == 0
