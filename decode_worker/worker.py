@@ -110,6 +110,7 @@ class DecodeWorker:
         self.lease_check_interval_s = lease_check_interval_s
         self.stats = DecodeStats()
         self.reservations: dict[str, Reservation] = {}
+        self._reserved = asyncio.Event()  # set by each reservation: wakes the lease checker
         self.tasks = BackgroundTasks(f"decode worker {worker_id}")
 
     def start(self) -> None:
@@ -146,6 +147,7 @@ class DecodeWorker:
         reservation = Reservation(request_id, prompt, sampling, cache_salt, block_ids, cached,
                                   time.monotonic() + lease)
         self.reservations[request_id] = reservation
+        self._reserved.set()
         self.stats.reservations += 1
         self.stats.cached_prompt_tokens += cached
         return reservation
@@ -343,7 +345,13 @@ class DecodeWorker:
         await self.loop.call(lambda e: e.release_quarantined(request_id))
 
     async def _expire_leases(self) -> None:
+        """Every `lease_check_interval_s` while a reservation waits for its `decode` call;
+        asleep (no wake-ups) while none does."""
         while True:
+            if all(r.decoding for r in self.reservations.values()):
+                self._reserved.clear()
+                await self._reserved.wait()
+                continue
             await asyncio.sleep(self.lease_check_interval_s)
             now = time.monotonic()
             expired = [r for r in self.reservations.values()

@@ -2,13 +2,16 @@
 which worker holds the longest prefix of a prompt.
 
 Writer (one per worker). The engine reports `stored(hashes)` / `evicted(hashes)` synchronously
-(no I/O); `flush()` (or the `run()` loop, every few ms) publishes everything pending as one
-MULTI/EXEC pipeline: per block hash the set of its holders (`blk:{hash}`, what cold lookups
-read), the worker's own set of hashes (`wblk:{worker}`, for resync and cleanup), and one entry
-per batch of at most `max_batch` events on the worker's capped stream (`events:{worker}`) with a
-per-worker sequence number and the writer's incarnation (a random id per writer, i.e. per
-worker process), so readers that tail the streams see the events in order and can spot a gap or
-a restarted worker. The writer keeps its whole state in memory, so it can always re-publish it:
+(no I/O, on the event loop); `flush()` publishes everything pending as one atomic command (a
+Lua script, `index.prefix_publish`): per block hash the set of its holders (`blk:{hash}`, what
+cold lookups read), the worker's own set of hashes (`wblk:{worker}`, for resync and cleanup),
+and one entry per batch of at most `max_batch` events on the worker's capped stream
+(`events:{worker}`) with a per-worker sequence number and the writer's incarnation (a random id
+per writer, i.e. per worker process), so readers that tail the streams see the events in order
+and can spot a gap or a restarted worker. The `run()` loop sleeps until an event arrives (or the
+next epoch check is due), publishes at once, and then publishes at most once per
+`flush_interval_s`, so a busy worker's events are batched and an idle one does not wake. The
+writer keeps its whole state in memory, so it can always re-publish it:
 
 - at start (this also wipes what a crashed predecessor with the same id left behind),
 - after a failed publish (we cannot know what reached Redis),
@@ -31,6 +34,7 @@ Every Redis operation is bounded (`index.redis_client.bounded`): Redis down mean
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -41,6 +45,7 @@ from redis.asyncio import Redis
 from cluster.errors import IndexUnavailable
 from engine.block_hash import BlockHash, hash_to_hex
 from index.prefix_keys import PrefixKeys
+from index.prefix_publish import MAX_BATCH, BatchPublisher
 from index.prefix_walk import PrefixWalk
 from index.redis_client import RedisConfig, bounded
 
@@ -63,8 +68,8 @@ class PrefixIndexWriter:
 
     def __init__(self, redis: Redis, config: RedisConfig, worker_id: str, *,
                  max_batch: int = 512, stream_maxlen: int = 10_000) -> None:
-        if max_batch < 1:
-            raise ValueError(f"max_batch: must be >= 1, got {max_batch}")
+        if not 1 <= max_batch <= MAX_BATCH:
+            raise ValueError(f"max_batch: must be in [1, {MAX_BATCH}], got {max_batch}")
         self.worker_id = worker_id
         self._redis = redis
         self._config = config
@@ -72,11 +77,14 @@ class PrefixIndexWriter:
         self._max_batch = max_batch
         self._stream_maxlen = stream_maxlen
         self._held: set[str] = set()  # hash hexes this worker holds: the truth to re-publish
-        self._pending: list[tuple[bool, str]] = []  # (stored?, hash hex), in event order
+        self._pending: list[str] = []  # "+hash hex" (stored) or "-hash hex", in event order
         self._seq = 0
         # this process's life: a restarted worker (same id, new process) has another, so a
         # reader knows its earlier entries and sequence numbers are void
         self.incarnation = uuid.uuid4().hex[:16]
+        self._publisher = BatchPublisher(redis, self._keys, worker_id, self.incarnation,
+                                         stream_maxlen)
+        self._events = asyncio.Event()  # set by each event: wakes `run()`
         self._epoch: bytes | None = None
         self._dirty = True  # Redis may not hold our state: re-publish before the next batch
         self._lock = asyncio.Lock()
@@ -101,6 +109,7 @@ class PrefixIndexWriter:
         # would only grow the queue during an outage. Under the lock, a publish is in flight
         # and has already taken its snapshot, so the events must be kept.
         keep = not self._dirty or self._lock.locked()
+        sign = "+" if stored else "-"
         for block_hash in hashes:
             hex_hash = hash_to_hex(block_hash)
             if stored:
@@ -108,7 +117,8 @@ class PrefixIndexWriter:
             else:
                 self._held.discard(hex_hash)
             if keep:
-                self._pending.append((stored, hex_hash))
+                self._pending.append(sign + hex_hash)
+        self._events.set()
 
     @property
     def held(self) -> frozenset[BlockHash]:
@@ -185,19 +195,23 @@ class PrefixIndexWriter:
                   epoch_check_interval_s: float = 1.0, retry_interval_s: float = 0.5) -> None:
         """Publishes forever (cancel the task to stop); Redis failures are logged, not raised.
 
-        While Redis is failing, every try is a real round trip (an epoch check, which
+        Sleeps until an event arrives or the next epoch check is due; publishes at most once
+        per `flush_interval_s` (events arriving meanwhile wait for the next publish, in one
+        batch). While Redis is failing, every try is a real round trip (an epoch check, which
         re-publishes once Redis answers), spaced `retry_interval_s` apart, so that "reachable
         again" is only logged when Redis really answered.
         """
         last_check = time.monotonic()
         failing = False
         while True:
+            self._events.clear()  # what arrives from here on is published next time round
+            published = 0
             try:
                 if failing or self._dirty or \
                         time.monotonic() - last_check >= epoch_check_interval_s:
                     last_check = time.monotonic()
                     await self.check_epoch()
-                await self.flush()
+                published = await self.flush()
                 if failing:
                     logger.warning("prefix index: Redis reachable again for %s", self.worker_id)
                 failing = False
@@ -205,34 +219,28 @@ class PrefixIndexWriter:
                 if not failing:
                     logger.warning("prefix index: cannot publish for %s: %s", self.worker_id, exc)
                 failing = True
-            await asyncio.sleep(retry_interval_s if failing else flush_interval_s)
+            if failing:
+                await asyncio.sleep(retry_interval_s)
+                continue
+            if published:
+                await asyncio.sleep(flush_interval_s)  # what comes meanwhile: one batch
+            if not self._events.is_set():
+                wait_s = last_check + epoch_check_interval_s - time.monotonic()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(max(wait_s, 0.0)):
+                        await self._events.wait()
 
-    async def _publish(self, ops: Sequence[tuple[bool, str]]) -> bytes | None:
-        """One transaction: the epoch read, the set updates and one stream entry per batch."""
-        keys, worker = self._keys, self.worker_id
-        pipe = self._redis.pipeline(transaction=True)
-        pipe.get(keys.epoch)
+    async def _publish(self, ops: Sequence[str]) -> bytes | None:
+        """One atomic command: the epoch read, the set updates and one stream entry per batch
+        (`index.prefix_publish`)."""
+        batches = []
         for start in range(0, len(ops), self._max_batch):
-            batch = ops[start:start + self._max_batch]
-            net = {hex_hash: stored for stored, hex_hash in batch}  # the last event per hash wins
-            added = [h for h, stored in net.items() if stored]
-            removed = [h for h, stored in net.items() if not stored]
-            for hex_hash in added:
-                pipe.sadd(keys.block(hex_hash), worker)
-            for hex_hash in removed:
-                pipe.srem(keys.block(hex_hash), worker)
-            if added:
-                pipe.sadd(keys.worker_blocks(worker), *added)
-            if removed:
-                pipe.srem(keys.worker_blocks(worker), *removed)
             self._seq += 1
-            encoded = ",".join(("+" if stored else "-") + h for stored, h in batch)
-            pipe.xadd(keys.events(worker), {"seq": self._seq, "epoch": self._epoch or b"",
-                                            "inc": self.incarnation, "ops": encoded},
-                      maxlen=self._stream_maxlen, approximate=True)
-        async with bounded("publish", self._config.op_timeout_s):
-            results = await pipe.execute()
-        return _as_bytes(results[0])
+            batches.append((self._seq, ",".join(ops[start:start + self._max_batch])))
+        # Like a re-publish, a big flush (a long prompt's blocks) gets more time.
+        async with bounded("publish", self._config.op_timeout_s + len(ops) / 50_000):
+            epoch = await self._publisher.publish(self._epoch, batches)
+        return _as_bytes(epoch)
 
     async def _ensure_epoch(self) -> bytes:
         async with bounded("epoch", self._config.op_timeout_s):

@@ -5,8 +5,9 @@ XREAD round trip for all followed workers, run by the router every few ms) appli
 worker's batches in order; `lookup()` then answers from memory, with no Redis round trip on the
 request path.
 
-Resync. A worker's snapshot is its `wblk:{worker}` set, which the writer changes in the same
-transaction as each stream entry (and replaces whole on a re-publish), so it is always the
+Resync. A worker's snapshot is its `wblk:{worker}` set, which the writer changes atomically
+with each stream entry (one Lua script per publish; a transaction replaces it whole on a
+re-publish), so it is always the
 state as of the stream's last entry. A worker is reloaded from it (`resyncs[reason]`):
 
     new       it is new to this tail (first sync, or it came back after being dropped)
@@ -19,7 +20,7 @@ state as of the stream's last entry. A worker is reloaded from it (`resyncs[reas
 
 Reload reads the stream's last id first and the set second; the entries between are replayed on
 top, which is harmless because the stream entry and the set change of one batch are written in
-one transaction and replaying set adds and removes in order converges to the same state.
+one atomic command and replaying set adds and removes in order converges to the same state.
 
 A worker not in the followed set (`sync(workers)`: the router passes the workers whose registry
 heartbeat is live) is dropped from memory at once (`drops`), so a dead worker's blocks stop

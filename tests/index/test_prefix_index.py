@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import time
 from typing import Any, cast
 
 from redis.asyncio import Redis
@@ -102,3 +105,39 @@ async def test_start_wipes_a_crashed_predecessors_state(redis_client: Redis,
     assert await reader.worker_blocks("p0") == set()
     assert not await redis_client.exists(PrefixKeys(redis_config.namespace).block(
         hash_to_hex(HASHES[0])))
+
+
+async def _stream_seqs(redis: Redis, config: RedisConfig, worker: str) -> list[bytes]:
+    entries: list[tuple[bytes, dict[bytes, bytes]]] = cast(
+        Any, await redis.xrange(PrefixKeys(config.namespace).events(worker)))
+    return [fields[b"seq"] for _, fields in entries]
+
+
+async def test_run_publishes_the_first_event_at_once_then_batches_within_the_interval(
+        redis_client: Redis, redis_config: RedisConfig) -> None:
+    """The loop sleeps until an event comes (no flush_interval wait for it), then publishes at
+    most once per flush_interval: what arrives meanwhile goes out as one batch."""
+    writer = PrefixIndexWriter(redis_client, redis_config, "w0")
+    await writer.start()
+    task = asyncio.create_task(writer.run(flush_interval_s=3.0, epoch_check_interval_s=60.0))
+    try:
+        await asyncio.sleep(0.2)  # the loop's first round is over: it waits for events
+        started = time.monotonic()
+        writer.stored(HASHES[:1])
+        while writer.seq < 2:  # the start's reset is seq 1
+            assert time.monotonic() - started < 2.0, "the first event waited for the interval"
+            await asyncio.sleep(0.01)
+        writer.stored(HASHES[1:2])
+        writer.stored(HASHES[2:3])
+        await asyncio.sleep(0.3)
+        assert writer.seq == 2 and writer.pending == 2  # held back until the interval ends
+        while writer.seq < 3:
+            assert time.monotonic() - started < 10.0, "the batch was never published"
+            await asyncio.sleep(0.05)
+        assert await _stream_seqs(redis_client, redis_config, "w0") == [b"1", b"2", b"3"]
+        reader = PrefixIndexReader(redis_client, redis_config)
+        assert await reader.lookup(HASHES) == {"w0": 3}
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
