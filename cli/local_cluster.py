@@ -194,9 +194,11 @@ class LocalCluster:
     def workers(self, role: str) -> list[ServiceProcess]:
         return [p for p in self.processes if p.role == role and p.alive]
 
-    def spawn(self, role: str, extra_args: Sequence[str] = ()) -> ServiceProcess:
+    def spawn(self, role: str, extra_args: Sequence[str] = (),
+              program: Sequence[str] | None = None) -> ServiceProcess:
         """Starts one process of `role` ("prefill", "decode", "aggregated" or "router"); not
-        yet ready."""
+        yet ready. `program`: what to run instead of `python -m <the role's package>` (a
+        stand-in taking the same flags, loadtest/scripts/instant_worker.py)."""
         self._counter += 1
         name = role if role == "router" else f"{role}-{self._counter}"
         port = self.router_port if role == "router" and self.router_port else self._ports.take()
@@ -220,7 +222,7 @@ class LocalCluster:
                "TANDEM_REDIS_URL": self.redis.url}  # the URL may hold the password
         if self.omp_spin_count is not None and role != "router":
             env["GOMP_SPINCOUNT"] = str(self.omp_spin_count)
-        argv = [sys.executable, "-m", MODULES[role], *args, *extra_args]
+        argv = [*(program or (sys.executable, "-m", MODULES[role])), *args, *extra_args]
         with open(log_path, "wb") as log:
             popen = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env,
                                      start_new_session=True)

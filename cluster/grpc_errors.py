@@ -60,6 +60,7 @@ from engine.errors import DuplicateRequest, EngineDead, InvalidInput
 logger = logging.getLogger(__name__)
 
 # Checked in order: the first matching class wins (subclasses before their bases).
+_MAX_CACHED_METHODS = 256  # wrapped handlers kept (ErrorMappingInterceptor): far above any server's
 _STATUS_OF: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
     (AlreadyRunning, grpc.StatusCode.ALREADY_EXISTS),
@@ -155,7 +156,12 @@ def _wrap_stream(behavior: Callable[..., Any], method: str) -> Callable[..., Any
 
 
 class ErrorMappingInterceptor(aio.ServerInterceptor):
-    """Maps exceptions raised by any servicer method to gRPC status codes (see module doc)."""
+    """Maps exceptions raised by any servicer method to gRPC status codes (see module doc).
+    A method's wrapped handler is built once and kept while the handler it wraps is the same
+    object (a servicer's are; an interceptor after this one may answer with a new one)."""
+
+    def __init__(self) -> None:
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     async def intercept_service(
         self,
@@ -165,11 +171,21 @@ class ErrorMappingInterceptor(aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
+        method: str = handler_call_details.method  # type: ignore[attr-defined]
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._wrap(handler, method)
+        if method in self._wrapped or len(self._wrapped) < _MAX_CACHED_METHODS:
+            self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+    @staticmethod
+    def _wrap(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         behavior = (handler.unary_unary or handler.unary_stream or handler.stream_unary
                     or handler.stream_stream)
         if not (inspect.iscoroutinefunction(behavior) or inspect.isasyncgenfunction(behavior)):
             return handler  # a sync handler (run in a thread by grpc): left as it is
-        method: str = handler_call_details.method  # type: ignore[attr-defined]
         codec = {"request_deserializer": handler.request_deserializer,
                  "response_serializer": handler.response_serializer}
         if not handler.request_streaming:  # one request message: a bad one is the caller's

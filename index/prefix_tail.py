@@ -1,9 +1,9 @@
 """An in-memory copy of the prefix index for the router, fed by tailing the workers' streams.
 
 The design to measure against the plain pipelined lookup (`PrefixIndexReader`): `sync()` (one
-XREAD round trip for all followed workers, run by the router every few ms) applies each
-worker's batches in order; `lookup()` then answers from memory, with no Redis round trip on the
-request path.
+round trip, the epoch and an XREAD of all followed workers, run by the router every few ms)
+applies each worker's batches in order; `lookup()` then answers from memory, with no Redis
+round trip on the request path.
 
 Resync. A worker's snapshot is its `wblk:{worker}` set, which the writer changes atomically
 with each stream entry (one Lua script per publish; a transaction replaces it whole on a
@@ -94,27 +94,30 @@ class PrefixIndexTail:
 
     async def _sync(self, workers: Collection[str]) -> None:
         timeout = self._config.op_timeout_s
-        async with bounded("tail epoch", timeout):
-            epoch = await self._redis.get(self._keys.epoch)
+        followed = set(workers)
+        streams: dict[Any, Any] = {self._keys.events(w): self._last_id[w] for w in self._blocks
+                                   if w in followed}
+        replies: list[tuple[bytes, list[_Entry]]] = []
+        async with bounded("tail read", timeout):
+            if streams:  # one round trip: the epoch and every followed stream's new entries
+                pipe = self._redis.pipeline(transaction=False)
+                pipe.get(self._keys.epoch)
+                pipe.xread(streams, count=self._read_count)
+                epoch, replies = cast(Any, await pipe.execute())
+            else:
+                epoch = await self._redis.get(self._keys.epoch)
         first_load = "new"
         if epoch != self._epoch:
             first_load = "epoch" if self._epoch is not None or self._blocks else "new"
             for worker in list(self._blocks):
                 self._drop(worker)
             self._epoch = epoch if isinstance(epoch, bytes) else None
-        for worker in set(self._blocks) - set(workers):
+            replies = []  # read from the streams of before: void
+        for worker in set(self._blocks) - followed:
             self._drop(worker)
             self.drops += 1
-        for worker in set(workers) - set(self._blocks):
-            await self._reload(worker, first_load)
-        if not self._blocks:
-            return
-        streams: dict[Any, Any] = {self._keys.events(w): self._last_id[w] for w in self._blocks}
-        async with bounded("tail read", timeout):
-            replies: list[tuple[bytes, list[_Entry]]] = cast(
-                Any, await self._redis.xread(streams, count=self._read_count))
         prefix = len(self._keys.events(""))
-        for stream, entries in replies:
+        for stream, entries in replies or ():
             worker = _text(stream)[prefix:]
             for entry_id, fields in entries:
                 seq = int(fields[b"seq"])
@@ -124,6 +127,8 @@ class PrefixIndexTail:
                     break
                 self._apply(worker, fields[b"ops"].decode())
                 self._last_id[worker], self._last_seq[worker] = entry_id, seq
+        for worker in followed - set(self._blocks):  # their entries from the next sync on
+            await self._reload(worker, first_load)
 
     def lookup(self, hashes: Sequence[BlockHash],
                workers: Collection[str] | None = None) -> dict[str, int]:

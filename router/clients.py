@@ -28,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, NoReturn
 
@@ -124,16 +124,20 @@ class WorkerClient:
 
     hop = "worker"
 
-    def __init__(self, worker_id: str, channel: aio.Channel, timeouts: ClientTimeouts) -> None:
+    def __init__(self, worker_id: str, channel: aio.Channel, timeouts: ClientTimeouts,
+                 metadata: Sequence[tuple[str, str]] = ()) -> None:
+        """`metadata`: sent with every call (the cluster secret's credential)."""
         self.worker_id = worker_id
         self.timeouts = timeouts
+        self.metadata = tuple(metadata)
         self._worker = worker_pb2_grpc.WorkerStub(channel)
 
     async def status(self) -> common_pb2.WorkerStatus:
         """The worker's status; raises WorkerFailed."""
         try:
             return await self._worker.Status(common_pb2.StatusRequest(),
-                                             timeout=self.timeouts.status_s)
+                                             timeout=self.timeouts.status_s,
+                                             metadata=self.metadata)
         except aio.AioRpcError as error:
             self._raise(error, "status")
 
@@ -143,7 +147,7 @@ class WorkerClient:
         try:
             await self._worker.Cancel(common_pb2.CancelRequest(request_id=request_id,
                                                                 reason=reason),
-                                      timeout=self.timeouts.cleanup_s)
+                                      timeout=self.timeouts.cleanup_s, metadata=self.metadata)
         except aio.AioRpcError as error:
             log.info("cancel of %s on %s: %s %s", request_id, self.worker_id,
                      error.code().name, error.details())
@@ -161,8 +165,9 @@ class WorkerClient:
 class PrefillClient(WorkerClient):
     """A prefill worker (`tandem.v1.Prefill`)."""
 
-    def __init__(self, worker_id: str, channel: aio.Channel, timeouts: ClientTimeouts) -> None:
-        super().__init__(worker_id, channel, timeouts)
+    def __init__(self, worker_id: str, channel: aio.Channel, timeouts: ClientTimeouts,
+                 metadata: Sequence[tuple[str, str]] = ()) -> None:
+        super().__init__(worker_id, channel, timeouts, metadata)
         self._stub = prefill_pb2_grpc.PrefillStub(channel)
 
     async def prefill(self, request_id: str, prompt: list[int],
@@ -178,7 +183,7 @@ class PrefillClient(WorkerClient):
         try:
             reply = await self._stub.Prefill(prefill_pb2.PrefillRequest(
                 request_id=request_id, token_ids=prompt, sampling=sampling, target=target,
-                cache_salt=cache_salt), timeout=self.timeouts.prefill_s)
+                cache_salt=cache_salt), timeout=self.timeouts.prefill_s, metadata=self.metadata)
         except aio.AioRpcError as error:
             if error.code() in _PAIR_FAILURES:
                 raise PairFailed(self.worker_id, decode_id, error.code(),
@@ -191,8 +196,9 @@ class PrefillClient(WorkerClient):
 class DecodeClient(WorkerClient):
     """A decode worker (`tandem.v1.Decode`)."""
 
-    def __init__(self, worker_id: str, channel: aio.Channel, timeouts: ClientTimeouts) -> None:
-        super().__init__(worker_id, channel, timeouts)
+    def __init__(self, worker_id: str, channel: aio.Channel, timeouts: ClientTimeouts,
+                 metadata: Sequence[tuple[str, str]] = ()) -> None:
+        super().__init__(worker_id, channel, timeouts, metadata)
         self._stub = decode_pb2_grpc.DecodeStub(channel)
 
     async def reserve(self, request_id: str, prompt: list[int],
@@ -202,7 +208,7 @@ class DecodeClient(WorkerClient):
         try:
             reply = await self._stub.Reserve(decode_pb2.ReserveRequest(
                 request_id=request_id, token_ids=prompt, sampling=sampling, lease_ms=lease_ms,
-                cache_salt=cache_salt), timeout=self.timeouts.rpc_s)
+                cache_salt=cache_salt), timeout=self.timeouts.rpc_s, metadata=self.metadata)
         except aio.AioRpcError as error:
             self._raise(error, "reserve")
         return Reservation(list(reply.block_ids), reply.num_cached_blocks,
@@ -217,7 +223,8 @@ class DecodeClient(WorkerClient):
         WorkerFailed. Leaving the block early cancels the call (the worker frees the request)
         and ends its span at once."""
         call = self._stub.Decode(decode_pb2.DecodeRequest(request_id=request_id,
-                                                          first_token_id=first_token))
+                                                          first_token_id=first_token),
+                                 metadata=self.metadata)
         try:
             yield self._chunks(call)
         finally:

@@ -118,7 +118,13 @@ class InFlightTracker:
         return self._requests[worker_id]
 
     def apply(self, loads: Sequence[WorkerLoad]) -> list[WorkerLoad]:
-        """`loads` with the router's in-flight counts filled in."""
-        return [dataclasses.replace(w, in_flight=self._requests[w.worker_id],
-                                    in_flight_prompt_blocks=self._prefill_blocks[w.worker_id])
-                for w in loads]
+        """`loads` with the router's in-flight counts filled in (the same object where they
+        are what it holds: every request asks, for every worker)."""
+        requests, blocks = self._requests, self._prefill_blocks
+        out = []
+        for w in loads:
+            in_flight, prompt_blocks = requests.get(w.worker_id, 0), blocks.get(w.worker_id, 0)
+            out.append(w if in_flight == w.in_flight and prompt_blocks ==
+                       w.in_flight_prompt_blocks else dataclasses.replace(
+                           w, in_flight=in_flight, in_flight_prompt_blocks=prompt_blocks))
+        return out

@@ -237,12 +237,13 @@ class Router:
                 self.tracker.apply([h.load() for h in decode]),
                 incompatible={*self.excluded_pairs(), *failed_pairs})
             route, hits = decision.route, decision.hits
-            route_span.set_attributes({
-                "tandem.policy": decision.policy, "tandem.index_mode": decision.mode.value,
-                "tandem.prefill": route.prefill, "tandem.decode": route.decode,
-                "tandem.prefix_hit_blocks.prefill": hits.get(route.prefill, 0),
-                "tandem.prefix_hit_blocks.decode": hits.get(route.decode, 0),
-                "tandem.prompt_blocks": len(hashes), "tandem.attempt": attempt})
+            if route_span.is_recording():  # tracing off: no attributes to build
+                route_span.set_attributes({
+                    "tandem.policy": decision.policy, "tandem.index_mode": decision.mode.value,
+                    "tandem.prefill": route.prefill, "tandem.decode": route.decode,
+                    "tandem.prefix_hit_blocks.prefill": hits.get(route.prefill, 0),
+                    "tandem.prefix_hit_blocks.decode": hits.get(route.decode, 0),
+                    "tandem.prompt_blocks": len(hashes), "tandem.attempt": attempt})
         self.stats.decisions[f"{decision.policy}/{decision.mode.value}"] += 1
         self.metrics.decision(decision.policy, decision.mode.value)
         prompt_blocks = max(len(hashes), 1)

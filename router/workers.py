@@ -48,17 +48,27 @@ class WorkerHandle:
     counters: dict[str, float] = field(default_factory=dict)
     missing_since: float | None = None  # when the registry stopped listing it
     status_misses: int = 0  # status polls in a row that ran out of time
+    _load: tuple[common_pb2.WorkerStatus | None, WorkerLoad] | None = field(
+        default=None, repr=False, compare=False)  # load(): the status it was read from
 
     @property
     def up(self) -> bool:
         return self.status is not None and time.monotonic() >= self.down_until
 
     def load(self) -> WorkerLoad:
+        """The load of its last status (every request asks: kept until a new status comes; a
+        status is replaced, never changed, by the polls)."""
+        kept = self._load
+        if kept is not None and kept[0] is self.status:
+            return kept[1]
         load = self.status.load if self.status is not None else common_pb2.WorkerLoad()
-        return WorkerLoad(worker_id=self.worker_id, role=self.role, running=load.running,
-                          waiting=load.waiting, kv_blocks_used=load.kv_blocks_used,
-                          kv_blocks_total=load.kv_blocks_total, max_running=load.max_running,
-                          queued_prompt_blocks=load.queued_prompt_blocks)
+        worker_load = WorkerLoad(
+            worker_id=self.worker_id, role=self.role, running=load.running,
+            waiting=load.waiting, kv_blocks_used=load.kv_blocks_used,
+            kv_blocks_total=load.kv_blocks_total, max_running=load.max_running,
+            queued_prompt_blocks=load.queued_prompt_blocks)
+        self._load = (self.status, worker_load)
+        return worker_load
 
 
 class WorkerPool:
@@ -72,12 +82,16 @@ class WorkerPool:
                                        prefill_s=config.prefill_timeout_s,
                                        status_s=config.status_timeout_s,
                                        cleanup_s=config.cleanup_timeout_s)
-        # every call to a worker carries the cluster secret's credential
-        self._interceptors = [
-            *cluster_secret.client_interceptors(
-                cluster_secret.secret_or_dev(config.transfer_token, "router")),
-            *client_interceptors()]
+        # every call to a worker carries the cluster secret's credential: passed by the
+        # clients with each call (an interceptor would add a task per call); the channels
+        # have interceptors only when tracing is on
+        self._metadata = cluster_secret.call_metadata(
+            cluster_secret.secret_or_dev(config.transfer_token, "router"))
+        self._interceptors = client_interceptors()
         self.workers: dict[str, WorkerHandle] = {}
+        # incompatible_pairs()'s answer and the workers it was computed from
+        self._pairs: tuple[tuple[tuple[str, Role, str | None], ...],
+                           dict[tuple[str, str], str]] | None = None
         self.on_removed: list[Callable[[str], None]] = []  # told the id of a worker that left
         self.registry_ok = True
         self._task: asyncio.Task[None] | None = None
@@ -125,7 +139,18 @@ class WorkerPool:
             handle.last_error = why
 
     def incompatible_pairs(self) -> dict[tuple[str, str], str]:
-        """(prefill id, decode id) → why they cannot exchange KV."""
+        """(prefill id, decode id) → why they cannot exchange KV. Every request asks: the
+        answer is kept while the workers and their compatibility hashes stay the same."""
+        key = tuple((h.worker_id, h.role, h.status.compat_hash if h.status else None)
+                    for h in self.workers.values())
+        kept = self._pairs
+        if kept is not None and kept[0] == key:
+            return dict(kept[1])
+        pairs = self._incompatible_pairs()
+        self._pairs = (key, pairs)
+        return dict(pairs)
+
+    def _incompatible_pairs(self) -> dict[tuple[str, str], str]:
         pairs: dict[tuple[str, str], str] = {}
         prefill = [h for h in self.workers.values() if h.role is Role.PREFILL and h.status]
         decode = [h for h in self.workers.values() if h.role is Role.DECODE and h.status]
@@ -195,7 +220,7 @@ class WorkerPool:
         channel = self.config.tls.channel(address, server_name=self.config.worker_tls_name,
                                           interceptors=self._interceptors)
         client = (PrefillClient if role is Role.PREFILL else DecodeClient)(
-            worker_id, channel, self.timeouts)
+            worker_id, channel, self.timeouts, self._metadata)
         old = self.workers.get(worker_id)
         if old is not None:  # re-registered at a new address: the old channel is useless
             self._track(asyncio.ensure_future(self._close_later(old.channel)))

@@ -12,9 +12,12 @@ index, ~13% of a core here, which would be taken from the router being measured)
 (`parallel_load.py`): one Python client tops out below what the cluster serves. `--cache-salt auto`
 (the harness's default) gives every run fresh prefixes, so a policy never finds blocks an
 earlier one left. `--sim KEY=VALUE` sets a cost-model constant of every sim worker
-(`--sim step-s=0` → `--sim-step-s 0`). Each run is `OUT/NAME` (`run.json`, `summary.md`,
-plots); `OUT/compare` puts them side by side. A script, not part of the `loadtest` package:
-it starts the cluster (`cli.local_cluster`), which the harness itself never imports.
+(`--sim step-s=0` → `--sim-step-s 0`). `--engine instant` starts `instant_worker.py`
+stand-ins instead (they answer at once: what remains is the router's own cost), and `--direct`
+first runs the load straight to one of them, the one-hop baseline. Each run is `OUT/NAME`
+(`run.json`, `summary.md`, plots); `OUT/compare` puts them side by side. A script, not part
+of the `loadtest` package: it starts the cluster (`cli.local_cluster`), which the harness
+itself never imports.
 """
 
 from __future__ import annotations
@@ -42,7 +45,11 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="/tmp/lt-model",
                         help="model dir (sim workers read only its config.json)")
-    parser.add_argument("--engine", choices=["model", "sim"], default="sim")
+    parser.add_argument("--engine", choices=["model", "sim", "instant"], default="sim",
+                        help="instant: instant_worker.py stand-ins (no engine, no transfer)")
+    parser.add_argument("--direct", action="store_true",
+                        help="instant only: first the same load straight to one decode "
+                             "worker (its Generate, one hop): the baseline, run DIRECT")
     parser.add_argument("--prefill", type=int, default=1)
     parser.add_argument("--decode", type=int, default=1)
     parser.add_argument("--aggregated", type=int, default=0)
@@ -110,10 +117,27 @@ def split_flags(argv: list[str], names: tuple[str, ...]) -> tuple[list[str], lis
     return own, rest
 
 
+def run_load(args: argparse.Namespace, name: str, target: list[str],
+             load_args: list[str]) -> Path:
+    """Runs the load against `target` as run `<label><name>`; returns its run.json."""
+    name = f"{args.label}{name}"
+    out = args.out / name
+    command = load_command(args.processes, name, out, target, load_args)
+    print(f"== {name}: {' '.join(command[1:])}", flush=True)
+    subprocess.run(command, check=True)
+    return out / "run.json"
+
+
 def main(argv: list[str]) -> int:
     args, load_args = parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the cluster on SIGTERM too
-    worker_args = ["--engine", args.engine, "--num-blocks", str(args.num_blocks)]
+    instant = args.engine == "instant"
+    if args.direct and not instant:
+        raise SystemExit("--direct: only instant workers answer a client directly")
+    if instant and args.aggregated:
+        raise SystemExit("--aggregated: instant workers are prefill or decode only")
+    worker_args = [] if instant else ["--engine", args.engine, "--num-blocks",
+                                      str(args.num_blocks)]
     for item in args.sim:
         key, _, value = item.partition("=")
         worker_args += [f"--sim-{key}", value]
@@ -131,7 +155,10 @@ def main(argv: list[str]) -> int:
     try:
         print(f"starting {workers} {args.engine} workers (logs: {cluster.log_dir})", flush=True)
         cluster.redis.start()
-        spawned = [cluster.spawn(role) for role, n in (("prefill", args.prefill),
+        program = [sys.executable, str(Path(__file__).with_name("instant_worker.py")),
+                   "--role"] if instant else None
+        spawned = [cluster.spawn(role, program=program and [*program, role])
+                   for role, n in (("prefill", args.prefill),
                    ("decode", args.decode), ("aggregated", args.aggregated))
                    for _ in range(n)]
         for process in spawned:
@@ -141,18 +168,16 @@ def main(argv: list[str]) -> int:
             for k, process in enumerate(spawned):
                 pin(process.popen.pid, cpus[k % len(cpus)])
                 print(f"{process.name} pinned to CPU {cpus[k % len(cpus)]}", flush=True)
+        if args.direct:
+            decode = next(p for p in spawned if p.role == "decode")
+            runs.append(run_load(args, "direct", ["--address", decode.address], load_args))
         for policy in args.policies:
             router = cluster.spawn("router", ["--policy", policy])
             cluster.wait_ready(router)
             wait_for_workers(router, workers)
-            name = f"{args.label}{policy}"
-            out = args.out / name
             target = ["--address", router.address,
                       "--metrics-url", f"http://{router.metrics_address}/metrics"]
-            command = load_command(args.processes, name, out, target, load_args)
-            print(f"== {name}: {' '.join(command[1:])}", flush=True)
-            subprocess.run(command, check=True)
-            runs.append(out / "run.json")
+            runs.append(run_load(args, policy, target, load_args))
             cluster.kill(router)  # SIGKILL: it holds nothing the workers need
     finally:
         cluster.stop()

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Router overhead at scale, one command: N instant HTTP backends (instant_backend.py) measured
-# directly and through vllm-router and sglang-router (round_robin, cache_aware), then Tandem's
-# router (each policy) in front of N zero-cost sim workers (N/2 prefill + N/2 decode), all with
-# the same load: 64-token prompts, 1 output token, concurrency 1 (latency) and C (the ceiling).
+# directly and through vllm-router and sglang-router (round_robin, cache_aware), then N instant
+# Tandem workers (instant_worker.py: N/2 prefill + N/2 decode, the real gRPC protocol, no engine,
+# no transfer) measured directly (tandem-direct: a decode worker's Generate, one hop) and through
+# Tandem's router (each policy), all with the same load: 64-token prompts, 1 output token,
+# concurrency 1 (latency) and C (the ceiling).
 # Over HTTP the prompts go to /v1/chat/completions as text: sglang-router's /v1/completions
 # takes a string or strings, not token ids (422 "data did not match any variant of untagged enum
 # StringOrArray").
@@ -72,9 +74,8 @@ for policy in round_robin cache_aware; do
   fi
 done
 cleanup; pids=()
-python3 loadtest/scripts/cluster_bench.py --model "$MODEL" --engine sim --prefill $((N / 2)) \
-    --decode $((N / 2)) --sim step-s=0 --sim prefill-token-s=0 --sim decode-seq-s=0 \
-    --sim decode-context-token-s=0 --policies round_robin least_loaded kv_aware \
+python3 loadtest/scripts/cluster_bench.py --model "$MODEL" --engine instant --direct \
+    --prefill $((N / 2)) --decode $((N / 2)) --policies round_robin least_loaded kv_aware \
     --label tandem- --processes "$PROCS" --out "$OUT" -- "${LOAD[@]}"
-for policy in round_robin least_loaded kv_aware; do runs+=("$OUT/tandem-$policy/run.json"); done
+for run in direct round_robin least_loaded kv_aware; do runs+=("$OUT/tandem-$run/run.json"); done
 python3 -m loadtest compare "${runs[@]}" --out "$OUT/compare"

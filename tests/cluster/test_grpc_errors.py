@@ -9,6 +9,7 @@ import grpc
 import pytest
 from grpc import aio
 
+from cluster import cluster_secret
 from cluster.errors import (
     AlreadyRunning,
     Cancelled,
@@ -197,3 +198,34 @@ async def test_a_request_that_does_not_parse_is_invalid_argument_not_internal(
             await reply  # type: ignore[misc]
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "request: malformed message" in (info.value.details() or "")
+
+
+async def test_a_later_interceptors_refusal_is_never_kept_for_the_next_call() -> None:
+    """The error mapping keeps each method's wrapped handler; the auth interceptor after it
+    answers a refused call with a handler of its own, which must not outlive that call (nor
+    the servicer's be kept for a refused one)."""
+    router = FailingRouter()
+    started = await start_server(
+        [ServiceBinding(service_name(router_pb2.DESCRIPTOR, "Router"),
+                        router_pb2_grpc.add_RouterServicer_to_server, router)],
+        interceptors=[cluster_secret.server_interceptor("s3cret", ["tandem.v1.Router"])])
+    good = cluster_secret.call_metadata("s3cret")
+    try:
+        async with aio.insecure_channel(started.address) as chan:
+            stub = router_pb2_grpc.RouterStub(chan)
+            for metadata in (good, (), (), good, good, ()):
+                call = stub.GetClusterStatus(router_pb2.GetClusterStatusRequest(), timeout=5,
+                                             metadata=metadata)
+                if metadata:
+                    assert (await call).policy == "kv_aware"
+                    continue
+                with pytest.raises(aio.AioRpcError) as refused:
+                    await call
+                assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            router.error = InvalidRequest("sampling.top_p", "must be in (0, 1]")
+            with pytest.raises(aio.AioRpcError) as mapped:  # still mapped, from the kept one
+                await stub.GetClusterStatus(router_pb2.GetClusterStatusRequest(), timeout=5,
+                                            metadata=good)
+            assert mapped.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    finally:
+        await started.stop(grace=None)

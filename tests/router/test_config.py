@@ -172,3 +172,29 @@ def test_local_prefill_threshold_is_unset_unless_given() -> None:
     assert build(REQUIRED, {"TANDEM_LOCAL_PREFILL_MAX_TOKENS": "0"}).local_prefill_max_tokens == 0
     with pytest.raises(ValueError, match="^local_prefill_max_tokens: must be >= 0"):
         build([*REQUIRED, "--local-prefill-max-tokens", "-1"])
+
+
+async def test_incompatible_pairs_follow_the_workers_compat_hashes() -> None:
+    """The pool keeps its answer between requests: a changed hash, a new or a removed worker
+    changes it."""
+    pool = pool_for(build(REQUIRED))
+    decode = add_decode_worker(pool, DEFAULT_HASH_SEED)
+    assert decode.status is not None
+    decode.status.compat_hash = "a"
+    channel = aio.insecure_channel("127.0.0.1:1")  # never dialled
+    prefill = WorkerHandle("p-1", Role.PREFILL, "127.0.0.1:1", channel,
+                           DecodeClient("p-1", channel, pool.timeouts),
+                           status=common_pb2.WorkerStatus(compat_hash="a"))
+    assert pool.incompatible_pairs() == {}
+    pool.workers[prefill.worker_id] = prefill
+    assert pool.incompatible_pairs() == {}
+    decode.status.compat_hash = "b"
+    assert list(pool.incompatible_pairs()) == [("p-1", "d-1")]
+    pool.incompatible_pairs().clear()  # a caller's copy: the pool's answer stays
+    assert list(pool.incompatible_pairs()) == [("p-1", "d-1")]
+    prefill.status = common_pb2.WorkerStatus(compat_hash="b")
+    assert pool.incompatible_pairs() == {}
+    prefill.status.compat_hash = "c"
+    del pool.workers["d-1"]
+    assert pool.incompatible_pairs() == {}
+    await pool.close()
