@@ -78,6 +78,11 @@ class WorkerConfig:
         "help": "KV transfer: while writes are in flight (posted here, or announced by a "
                 "sender), the engine thread polls the agent this often: between steps, between "
                 "a prefill's layers, and while idle; how late a landed write may be seen"})
+    idle_wait_s: float = field(default=0.05, metadata={
+        "help": "the longest an idle engine thread sleeps before it polls the transfer agent "
+                "again; nothing on the request path waits for it (a command, a sender's write "
+                "announcement or any control-link event wakes the thread, and the agent's next "
+                "deadline bounds the sleep), so it only sets idle CPU"})
     transfer_timeout_s: float = field(default=30.0, metadata={
         "help": "prefill: all of a request's KV writes must be done within this, or it fails"})
     lease_ms: int = field(default=30_000, metadata={
@@ -103,7 +108,7 @@ class WorkerConfig:
         if self.lease_ms < 1:
             raise ValueError(f"lease_ms: must be >= 1, got {self.lease_ms}")
         for name in ("redis_op_timeout_s", "heartbeat_ttl_s", "transfer_timeout_s",
-                     "transfer_poll_interval_s", "lease_check_interval_s"):
+                     "transfer_poll_interval_s", "lease_check_interval_s", "idle_wait_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")
         for name in ("quarantine_s", "shutdown_grace_s", "step_delay_ms"):

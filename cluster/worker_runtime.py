@@ -11,7 +11,8 @@ step (when the role has a layer hook) and while the engine is idle, so a write t
 seen within that interval rather than after the next step or the idle wait; otherwise the engine
 thread waits for a command, a control-link event (a sender announcing a write, a peer lost:
 `agent.set_wakeup`), the agent's next deadline (`agent.next_deadline()`) or the idle wait
-(`engine_loop.IDLE_WAIT_S`), whichever comes first. Its
+(`WorkerConfig.idle_wait_s`), whichever comes first; no step of a request waits for that last
+one (tests/e2e/test_idle_wait.py). Its
 background tasks (the index writer, the engine watch) are kept in `BackgroundTasks`: failures
 logged, cancelled and awaited on close.
 """
@@ -91,7 +92,8 @@ class WorkerRuntime:
                     self._poll_transfer()
 
         self.loop = EngineLoop(self.engine, on_layer_done=hook, on_idle=self._on_idle,
-                               step_delay_s=self.config.step_delay_s)
+                               step_delay_s=self.config.step_delay_s,
+                               idle_wait_s=self.config.idle_wait_s)
         self.agent.set_wakeup(self.loop.wake)
         self.loop.start()
         return self.loop

@@ -31,20 +31,20 @@ log = logging.getLogger(__name__)
 __all__ = ["EngineDead", "EngineLoop", "build_engine"]
 
 T = TypeVar("T")
-# The longest an idle engine thread waits for a command before it runs its idle hook again when
-# the hook asked for no sooner call. Commands and `wake()` (a transfer agent's control event)
-# end the wait at once and the hook asks for its deadlines, yet something on the request path
-# still needs these polls: on 16 + 16 zero-cost sim workers at concurrency 1 (load average
-# 22), 1 s gave a TTFT p50/p90 of 31/206 ms against 14/41 ms at 50 ms, and 5 ms made the 32
-# idle workers burn 1.4 cores. Kept at 50 ms until that dependency is found (loadtest/README.md,
-# experiment 3).
+# The default longest wait of an idle engine thread for a command before it runs its idle hook
+# again, when the hook asked for no sooner call (a worker sets its own: `WorkerConfig.
+# idle_wait_s`). Commands and `wake()` (a transfer agent's control event) end the wait at once
+# and the hook asks for its deadlines, so no request waits for this poll: traced step by step,
+# with it at 1 s no step of a request took near 1 s (loadtest/README.md, experiment 3), and
+# tests/e2e/test_idle_wait.py serves requests with it at 60 s. It only sets idle CPU (5 ms
+# made 32 idle sim workers burn 1.4 cores).
 IDLE_WAIT_S = 0.05
 
 IdleHook = Callable[[Engine], float | None]
 """Runs on the engine thread between steps; returns the longest the thread may then wait for
 a command before calling it again (something outside the engine is in flight: a KV transfer
 to poll; or a timer is due: a transfer deadline), or None when nothing is (the thread then
-sleeps until a command or `wake()`, at most `IDLE_WAIT_S`)."""
+sleeps until a command or `wake()`, at most the loop's `idle_wait_s`)."""
 
 
 def build_engine(model_dir: str | Path, config: EngineConfig) -> Engine:
@@ -83,8 +83,12 @@ class EngineLoop:
     def __init__(self, engine: Engine, on_layer_done: StepLayerCallback | None = None,
                  on_idle: IdleHook | None = None,
                  step_delay_s: float = 0.0,
-                 on_step: Callable[[StepInfo], None] | None = None) -> None:
+                 on_step: Callable[[StepInfo], None] | None = None,
+                 idle_wait_s: float = IDLE_WAIT_S) -> None:
+        if idle_wait_s <= 0:
+            raise ValueError(f"idle_wait_s: must be > 0, got {idle_wait_s}")
         self.engine = engine
+        self.idle_wait_s = idle_wait_s  # the longest idle wait when the hook asks for none
         self.on_step = on_step  # engine thread, after every step that ran a batch
         self.step_delay_s = step_delay_s  # fault injection for tests: a slow engine
         self.on_layer_done = on_layer_done
@@ -141,7 +145,7 @@ class EngineLoop:
 
     def _run(self) -> None:
         try:
-            wait = IDLE_WAIT_S  # the longest the next command wait may take
+            wait = self.idle_wait_s  # the longest the next command wait may take
             while not self._stop.is_set():
                 # a stalled engine (its waiting requests need blocks held outside the
                 # scheduler) waits for the command that frees them instead of spinning
@@ -164,7 +168,7 @@ class EngineLoop:
     def _idle(self) -> float:
         """Runs the idle hook; how long the thread may wait for a command before the next."""
         asked = None if self.on_idle is None else self.on_idle(self.engine)
-        return IDLE_WAIT_S if asked is None else min(asked, IDLE_WAIT_S)
+        return self.idle_wait_s if asked is None else min(asked, self.idle_wait_s)
 
     def _run_commands(self, timeout: float) -> None:
         """Runs every queued command, first waiting up to `timeout` seconds for one."""

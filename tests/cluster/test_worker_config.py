@@ -150,6 +150,8 @@ def test_other_validation_names_the_field() -> None:
         WorkerConfig(role=Role.DECODE, model="/m", quarantine_s=-1)
     with pytest.raises(ValueError, match="transfer_poll_interval_s: must be > 0"):
         WorkerConfig(role=Role.PREFILL, model="/m", transfer_poll_interval_s=0)
+    with pytest.raises(ValueError, match="idle_wait_s: must be > 0"):
+        WorkerConfig(role=Role.PREFILL, model="/m", idle_wait_s=0)
 
 
 def test_transfer_host_is_where_the_transfer_binds() -> None:

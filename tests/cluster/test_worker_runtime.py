@@ -11,12 +11,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from cluster.roles import Role
 from cluster.worker_config import WorkerConfig
 from cluster.worker_runtime import WorkerRuntime
-from engine import engine_loop
 from engine.config import EngineConfig
 from engine.sampling import SamplingParams
 from engine.scheduler import ScheduledBatch
@@ -87,13 +84,13 @@ async def test_writes_in_flight_are_polled_between_layers_and_soon_when_idle(
 
 
 async def test_an_idle_receiver_is_woken_by_an_announced_write(
-        tiny_llama: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tiny_llama: Path) -> None:
     """With the idle wait made an hour long, a decode worker's engine thread only polls again
     if the sender's announcement wakes it: then the write lands, the request completes, and
     the sender's write (which needs the receiver's progress) is done."""
-    monkeypatch.setattr(engine_loop, "IDLE_WAIT_S", 3600.0)
     config = WorkerConfig(role=Role.DECODE, model=str(tiny_llama), metrics_listen="",
-                          transfer_token=TOKEN, engine=EngineConfig(num_blocks=32, block_size=4))
+                          transfer_token=TOKEN, engine=EngineConfig(num_blocks=32, block_size=4),
+                          idle_wait_s=3600.0)
     runtime = WorkerRuntime(config)
     sender = Peer("nixl", spec=KVLayoutSpec.from_cache_shape(runtime.engine.cache_shape,
                                                               runtime.engine.model_id),
@@ -122,12 +119,12 @@ async def test_an_idle_receiver_is_woken_by_an_announced_write(
 
 
 async def test_an_idle_engine_thread_wakes_for_the_agents_next_deadline(
-        tiny_llama: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tiny_llama: Path) -> None:
     """With the idle wait made an hour long, a request whose KV never comes still fails at its
     deadline: the idle hook asks to be called by the agent's `next_deadline()`."""
-    monkeypatch.setattr(engine_loop, "IDLE_WAIT_S", 3600.0)
     config = WorkerConfig(role=Role.DECODE, model=str(tiny_llama), metrics_listen="",
-                          transfer_token=TOKEN, engine=EngineConfig(num_blocks=32, block_size=4))
+                          transfer_token=TOKEN, engine=EngineConfig(num_blocks=32, block_size=4),
+                          idle_wait_s=3600.0)
     runtime = WorkerRuntime(config)
     events: list[TransferEvent] = []
     failed = asyncio.Event()

@@ -8,6 +8,7 @@ import queue
 import subprocess
 import sys
 import threading
+import time
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -116,6 +117,30 @@ async def test_the_idle_hook_bounds_the_command_wait_even_right_after_a_step(
         assert len(waits_after) > 3 and set(waits_after) == {0.002}
     finally:
         loop.stop()
+
+
+async def test_the_idle_wait_is_the_loops_own(tiny_llama: Path) -> None:
+    """With nothing in flight the thread waits `idle_wait_s` (a worker's config), not the
+    module default; a command still ends that wait at once."""
+    timeline: list[tuple[Any, ...]] = []
+    loop = EngineLoop(Engine(tiny_llama, EngineConfig(num_blocks=16, block_size=4)),
+                      on_idle=lambda e: None, idle_wait_s=3600.0)
+    loop._commands = RecordingQueue(timeline)
+    loop.start()
+    try:
+        await asyncio.sleep(0.05)  # in its hour-long wait now
+        began = time.monotonic()
+        assert await loop.call(lambda e: e.has_unfinished()) is False
+        assert time.monotonic() - began < 60.0  # not the hour: the command woke it
+        assert timeline[0] == ("wait", 3600.0)
+    finally:
+        loop.stop()
+
+
+def test_a_non_positive_idle_wait_is_refused(tiny_llama: Path) -> None:
+    engine = Engine(tiny_llama, EngineConfig(num_blocks=16, block_size=4))
+    with pytest.raises(ValueError, match="idle_wait_s: must be > 0"):
+        EngineLoop(engine, idle_wait_s=0.0)
 
 
 def test_build_engine_raises_its_error_on_the_callers_thread(tmp_path: Path) -> None:
