@@ -9,7 +9,8 @@ at each batch (prompts of `--prompt-len` tokens prefilled first, then `--steps` 
 timed one by one) and one prefill of `--prefill` (sequences x tokens). Both models' logits are
 compared on every workload (greedy tokens and the largest difference). Besides wall time it
 reports the ratio of process CPU time: on a machine shared far beyond its cores (load 20+ on
-2), wall time mostly measures waiting; with `--threads 1` CPU time is the work done.
+2), wall time mostly measures waiting; with `--threads 1` CPU time is the work done. And the
+ops one forward pass calls from Python and dispatches in all, which load does not change.
 
 Only the model package is swapped: kernels, the cache, `ModelRunner` are the current ones.
 """
@@ -27,6 +28,7 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 from engine.forward_batch import ForwardBatch
 from engine.host_malloc import keep_freed_memory
@@ -132,6 +134,15 @@ def prompts_of(batch: int, length: int, vocab: int, seed: int) -> list[list[int]
     return torch.randint(10, vocab, (batch, length), generator=g).tolist()
 
 
+def count_ops(side: Side, batch: ForwardBatch) -> tuple[int, int]:
+    """How many ops one forward pass calls (from Python), and dispatches in all (counting the
+    ops inside composite ops): unlike its time, counts the machine's load cannot blur."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        side.forward(batch)
+    events = prof.events()
+    return sum(1 for event in events if event.cpu_parent is None), len(events)
+
+
 def compare(name: str, a: Side, b: Side, batches: list[ForwardBatch], rounds: int) -> None:
     """Times `batches` in order on A and B, taking turns batch by batch, `rounds` times."""
     ratios, cpu_ratios, a_times, b_times = [], [], [], []
@@ -148,7 +159,9 @@ def compare(name: str, a: Side, b: Side, batches: list[ForwardBatch], rounds: in
             total += la.shape[0]
             diff = max(diff, (la - lb).abs().max().item())
     load = os.getloadavg()[0]
-    print(f"| {name} | {statistics.median(a_times) * 1e3:,.1f} | "
+    (calls_a, ops_a), (calls_b, ops_b) = count_ops(a, batches[-1]), count_ops(b, batches[-1])
+    ops = f"{calls_a:,} / {calls_b:,} | {ops_a:,} / {ops_b:,}"
+    print(f"| {name} | {ops} | {statistics.median(a_times) * 1e3:,.1f} | "
           f"{statistics.median(b_times) * 1e3:,.1f} | {1 / statistics.median(ratios):.2f}x | "
           f"{1 / statistics.median(cpu_ratios):.2f}x | "
           f"{agree}/{total} | {diff:.3g} | {load:.1f} |", flush=True)
@@ -175,9 +188,9 @@ def main() -> None:
     vocab = ModelConfig.from_dir(args.model).vocab_size
     print(f"A: engine/model at {args.baseline}; B: working tree; threads "
           f"{torch.get_num_threads()}; ms are medians per forward pass")
-    print("| dtype, workload | A ms | B ms | B speed-up, wall | B speed-up, CPU time | "
-          "same argmax | max logit diff | load |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| dtype, workload | calls A / B | ops A / B | A ms | B ms | B speed-up, wall | "
+          "B speed-up, CPU time | same argmax | max logit diff | load |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     most = max(max(args.batches), args.prefill[0])
     blocks = most * -(-(max(args.prompt_len, args.prefill[1]) + 64) // BLOCK)
     for dtype_name in args.dtypes:
