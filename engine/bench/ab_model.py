@@ -100,7 +100,10 @@ def prefill_batch(prompts: list[list[int]], ids: tuple[str, ...]) -> ForwardBatc
     """Fresh prompts, sequence s in blocks `s * blocks_per_seq ...` (blocks_per_seq from the
     longest prompt plus decode room)."""
     per_seq = -(-(max(map(len, prompts)) + 64) // BLOCK)
-    tokens, positions, slots, starts = [], [], [], [0]
+    tokens: list[int] = []
+    positions: list[int] = []
+    slots: list[int] = []
+    starts = [0]
     for s, prompt in enumerate(prompts):
         tokens += prompt
         positions += range(len(prompt))

@@ -194,6 +194,8 @@ class LlamaModel(nn.Module):
 
     def _weight_targets(self) -> dict[str, torch.Tensor]:
         """HF parameter name → the (view of the) tensor it fills."""
+        if self.packed:  # packed weights cannot be sliced or written
+            raise RuntimeError("load_weights: call it before prepack")
         c = self.config
         q_size, kv_size, inter = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, \
             c.intermediate_size
@@ -210,6 +212,7 @@ class LlamaModel(nn.Module):
                 if layer.qkv_bias is not None:
                     targets[f"{p}self_attn.{n}_proj.bias"] = layer.qkv_bias[start:start + size]
             targets[f"{p}self_attn.o_proj.weight"] = layer.o_weight
+            assert layer.gate_up_weight is not None  # not packed (checked above)
             targets[f"{p}mlp.gate_proj.weight"] = layer.gate_up_weight[:inter]
             targets[f"{p}mlp.up_proj.weight"] = layer.gate_up_weight[inter:]
             targets[f"{p}mlp.down_proj.weight"] = layer.down_weight

@@ -49,8 +49,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> 
     `x2 c + x1 s`. Here that is three ops and one new tensor: `x * cos`, then each half
     accumulates the other half times its part of `signed_sin` (whose first half is -sin) in
     place (`addcmul_`), without materializing the rotated copy or the products. A product and
-    its sum are rounded once (HF rounds each): the same values in float32 up to the last bit,
-    in bfloat16 within one rounding step.
+    its sum are rounded once (HF rounds each): within an ulp of HF's result in float32, within
+    one rounding step in bfloat16.
     """
     half = x.shape[-1] // 2
     out = x * cos  # [T, H, D]

@@ -112,3 +112,5 @@ def test_prepack_drops_the_plain_weights(tiny_llama3_mha: Path) -> None:
     assert not any(p.is_mkldnn for p in model.parameters())
     with pytest.raises(RuntimeError, match="use_compute_dtype"):
         model.use_compute_dtype(torch.bfloat16)
+    with pytest.raises(RuntimeError, match="before prepack"):
+        model.load_weights(iter_weights(tiny_llama3_mha))
