@@ -1,7 +1,11 @@
 """Llama-family decoder (Llama 2/3, Mistral-style, Qwen2) running over the paged KV cache.
 
 One file for the whole model, gpt-fast style. q/k/v and gate/up projections are fused into
-single matmuls; `load_weights` maps Hugging Face parameter names onto them.
+single matmuls; `load_weights` maps Hugging Face parameter names onto them. The residual adds
+run inside the o and down projections' matmuls (`linear_add`); on prepacked (CPU) weights the
+gate/up matmul is split again at `prepack` so that SiLU and the product with up run inside
+the gate and up matmuls too (`linear_silu`, `linear_mul`): a layer's elementwise work is
+then its two RMSNorms and RoPE (issue 14, engine/bench/README.md).
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ from engine.forward_batch import ForwardBatch
 from engine.kernels.decode_mirror import DecodeMirror
 from engine.kv_cache import kv_layer
 from engine.model.attention_step import AttentionStep
-from engine.model.linear import linear, prepack
+from engine.model.linear import linear, linear_add, linear_mul, linear_silu, prepack
+from engine.model.norm import rms_norm
 from engine.model.rope import apply_rope, cos_sin_cache
 from engine.model_config import ModelConfig
 
@@ -28,16 +33,6 @@ MLP_CHUNK_TOKENS = 2048
 
 LayerCallback = Callable[[int], None]
 """Called with the layer index once that layer's K/V for the batch is in the cache."""
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm computed in float32, as Hugging Face does. x: [T, H]."""
-    if x.dtype == torch.float32:  # the fused op gives HF's float32 result bit for bit
-        return F.rms_norm(x, weight.shape, weight, eps)  # [T, H]
-    # normalized in float32 (HF's x * rsqrt(mean(x^2) + eps), the same bits in one fused op),
-    # rounded to x's dtype, then scaled by the weight in that dtype, as HF does
-    normed = F.rms_norm(x.float(), weight.shape, None, eps)  # [T, H] float32
-    return weight * normed.to(x.dtype)
 
 
 class DecoderLayer(nn.Module):
@@ -53,8 +48,13 @@ class DecoderLayer(nn.Module):
                          if c.attention_bias else None)
         self.o_weight = nn.Parameter(
             torch.empty(c.hidden_size, c.num_heads * c.head_dim, dtype=dtype), requires_grad=False)
-        self.gate_up_weight = nn.Parameter(
+        self.gate_up_weight: nn.Parameter | None = nn.Parameter(
             torch.empty(2 * c.intermediate_size, c.hidden_size, dtype=dtype), requires_grad=False)
+        # after `prepack`: gate_up_weight is None and these hold its two halves, packed
+        self.gate_weight: torch.Tensor | None
+        self.up_weight: torch.Tensor | None
+        self.register_buffer("gate_weight", None, persistent=False)
+        self.register_buffer("up_weight", None, persistent=False)
         self.down_weight = nn.Parameter(
             torch.empty(c.hidden_size, c.intermediate_size, dtype=dtype), requires_grad=False)
         self.input_norm = nn.Parameter(torch.ones(c.hidden_size, dtype=dtype), requires_grad=False)
@@ -74,7 +74,7 @@ class DecoderLayer(nn.Module):
         q, k = qk[:, :c.num_heads], qk[:, c.num_heads:]  # [T, Hq, D], [T, Hkv, D]
         v = qkv[:, q_size + kv_size:].view(num_tokens, c.num_kv_heads, c.head_dim)  # [T, Hkv, D]
         attn = step.attend(q, k, v, kv_layer, self.index, self.scale)  # [T, Hq, D]
-        x = x + linear(attn.reshape(num_tokens, q_size), self.o_weight)  # [T, H]
+        x = linear_add(attn.reshape(num_tokens, q_size), self.o_weight, x)  # [T, H]
         if num_tokens <= MLP_CHUNK_TOKENS:
             return self._mlp_residual(x)
         return torch.cat([self._mlp_residual(rows) for rows in x.split(MLP_CHUNK_TOKENS)])
@@ -82,15 +82,26 @@ class DecoderLayer(nn.Module):
     def _mlp_residual(self, x: torch.Tensor) -> torch.Tensor:
         """x + MLP(norm(x)); x: [T, H]."""
         h = rms_norm(x, self.post_norm, self.config.rms_norm_eps)  # [T, H]
-        gate, up = linear(h, self.gate_up_weight).chunk(2, dim=-1)  # [T, I] each
-        return x + linear(F.silu(gate).mul_(up), self.down_weight)  # [T, H]
+        if self.gate_weight is not None and self.up_weight is not None:  # prepacked
+            # SiLU and the product with up in the matmuls' epilogues: no pass of their own
+            act = linear_mul(h, self.up_weight, linear_silu(h, self.gate_weight))  # [T, I]
+        else:
+            assert self.gate_up_weight is not None
+            gate, up = linear(h, self.gate_up_weight).chunk(2, dim=-1)  # [T, I] each
+            act = F.silu(gate).mul_(up)  # [T, I]
+        return linear_add(act, self.down_weight, x)  # [T, H]
 
     def prepack(self) -> None:
-        """Replaces the four projection weights by their oneDNN-packed form (`linear`)."""
-        for name in ("qkv_weight", "o_weight", "gate_up_weight", "down_weight"):
+        """Replaces the projection weights by their oneDNN-packed form (`linear`); gate/up
+        becomes two packed weights, `gate_weight` and `up_weight` (`gate_up_weight` None)."""
+        for name in ("qkv_weight", "o_weight", "down_weight"):
             packed = prepack(getattr(self, name))
             delattr(self, name)  # the plain Parameter: freed, not kept beside the packed copy
             self.register_buffer(name, packed, persistent=False)
+        assert self.gate_up_weight is not None, "prepack: already packed"
+        gate, up = self.gate_up_weight.chunk(2)  # [I, H] each
+        self.gate_weight, self.up_weight = prepack(gate), prepack(up)
+        self.gate_up_weight = None  # the plain Parameter: freed
 
 
 class LlamaModel(nn.Module):
@@ -183,6 +194,8 @@ class LlamaModel(nn.Module):
 
     def _weight_targets(self) -> dict[str, torch.Tensor]:
         """HF parameter name → the (view of the) tensor it fills."""
+        if self.packed:  # packed weights cannot be sliced or written
+            raise RuntimeError("load_weights: call it before prepack")
         c = self.config
         q_size, kv_size, inter = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, \
             c.intermediate_size
@@ -199,6 +212,7 @@ class LlamaModel(nn.Module):
                 if layer.qkv_bias is not None:
                     targets[f"{p}self_attn.{n}_proj.bias"] = layer.qkv_bias[start:start + size]
             targets[f"{p}self_attn.o_proj.weight"] = layer.o_weight
+            assert layer.gate_up_weight is not None  # not packed (checked above)
             targets[f"{p}mlp.gate_proj.weight"] = layer.gate_up_weight[:inter]
             targets[f"{p}mlp.up_proj.weight"] = layer.gate_up_weight[inter:]
             targets[f"{p}mlp.down_proj.weight"] = layer.down_weight

@@ -10,7 +10,6 @@ import torch
 from engine.forward_batch import ForwardBatch
 from engine.kv_cache import CacheShape, allocate_kv_cache
 from engine.model.llama import DecoderLayer, LlamaModel
-from engine.model.rope import apply_rope, cos_sin_cache
 from engine.model_config import ModelConfig
 from engine.weights import iter_weights
 from tests.engine.hf_reference import hf_logits
@@ -97,20 +96,6 @@ def test_float32_compute_keeps_bf16_weight_values(tiny_llama: Path) -> None:
     assert torch.equal(after, before.float())
 
 
-def test_rope_matches_rotate_half_bit_for_bit(tiny_llama: Path) -> None:
-    """x * cos + rotate_half(x) * sin, as Hugging Face writes it."""
-    config = ModelConfig.from_dir(tiny_llama)
-    cos, signed_sin = cos_sin_cache(config, 64)  # [P, D]
-    positions = torch.tensor([0, 5, 63])
-    x = torch.randn(3, 4, config.head_dim, generator=torch.Generator().manual_seed(0))
-    half = config.head_dim // 2
-    plain_sin = torch.cat((-signed_sin[:, :half], signed_sin[:, half:]), dim=-1)  # [P, D]
-    c, s = cos[positions].unsqueeze(1), plain_sin[positions].unsqueeze(1)  # [T, 1, D]
-    expected = x * c + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * s
-    got = apply_rope(x, c, signed_sin[positions].unsqueeze(1))
-    assert torch.equal(got, expected)
-
-
 def test_prepack_drops_the_plain_weights(tiny_llama3_mha: Path) -> None:
     """Packed weights replace the plain ones (no second copy); a tied head keeps its embedding
     for lookups; the dtype cannot change afterwards."""
@@ -121,8 +106,11 @@ def test_prepack_drops_the_plain_weights(tiny_llama3_mha: Path) -> None:
     layer = model.layers[0]
     assert isinstance(layer, DecoderLayer)
     assert all(getattr(layer, n).is_mkldnn
-               for n in ("qkv_weight", "o_weight", "gate_up_weight", "down_weight"))
+               for n in ("qkv_weight", "o_weight", "gate_weight", "up_weight", "down_weight"))
+    assert layer.gate_up_weight is None  # split into the packed gate and up halves
     assert model.lm_head.is_mkldnn and not model.embed.is_mkldnn
     assert not any(p.is_mkldnn for p in model.parameters())
     with pytest.raises(RuntimeError, match="use_compute_dtype"):
         model.use_compute_dtype(torch.bfloat16)
+    with pytest.raises(RuntimeError, match="before prepack"):
+        model.load_weights(iter_weights(tiny_llama3_mha))
