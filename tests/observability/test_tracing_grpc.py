@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 
 import grpc
 import pytest
@@ -206,3 +206,29 @@ async def test_client_cancelling_a_stream_ends_the_server_spans(
         ids(spans["tandem.v1.Decode/Decode client"])[1]
     assert not [r for r in caplog.records if r.name.startswith("opentelemetry")
                 and r.levelno >= logging.WARNING]
+
+
+async def test_a_cancelled_write_closes_the_stream_in_the_calls_own_task() -> None:
+    """The deterministic half of the test above: grpc cancels a streaming call while its
+    handler waits to send. The wrapped handler must close the response generator in that same
+    task (so the instrumentation's span context is left where it was entered), not leave it
+    for the event loop to finalize in another task."""
+    from observability.grpc_tracing import _written
+
+    closed_in: list[asyncio.Task[object] | None] = []
+
+    async def responses(request: object, context: object) -> AsyncGenerator[int, None]:
+        try:
+            while True:
+                yield 1
+        finally:
+            closed_in.append(asyncio.current_task())
+
+    class CancelledOnWrite:
+        async def write(self, message: object) -> None:
+            raise asyncio.CancelledError
+
+    call = asyncio.ensure_future(_written(responses)(None, CancelledOnWrite()))
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    assert closed_in == [call]
