@@ -8,8 +8,10 @@ real cache, in blocks that are free at start, without the scheduler or the block
 request, no allocation, no block event, nothing in the prefix cache. The dummy K/V left in
 those blocks is garbage like any free block's (a block is written before it is read).
 
-On the torch path (the CPU) and in the simulated engine there is nothing to compile: it
-returns at once.
+On the torch path (the CPU) the one thing to compile is the C++ decode attention kernel
+(`engine.kernels.decode_cpu`, ~20 s the first time on a machine, then loaded from its build
+cache); `warm_up` builds it unless `EngineConfig.cpu_decode_kernel` is off. The simulated
+engine compiles nothing: it returns at once.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from engine.forward_batch import ForwardBatch
-from engine.kernels import select_backend
+from engine.kernels import decode_cpu, select_backend
 from engine.model_runner import ModelRunner
 
 if TYPE_CHECKING:
@@ -31,11 +33,21 @@ log = logging.getLogger(__name__)
 
 
 def warm_up(engine: Engine) -> float | None:
-    """Runs a dummy prefill and decode when the Triton kernels will run; returns the seconds it
-    took, or None when skipped (torch path). Call before the engine serves anything."""
+    """Runs a dummy prefill and decode when the Triton kernels will run, or builds the CPU
+    decode kernel on the torch path; returns the seconds it took, or None when there was
+    nothing to do. Call before the engine serves anything."""
     runner = engine.runner
-    if not isinstance(runner, ModelRunner) or select_backend(runner.kv_cache) != "triton":
-        return None  # the sim computes nothing; the torch path compiles nothing
+    if not isinstance(runner, ModelRunner):
+        return None  # the sim computes nothing
+    if select_backend(runner.kv_cache) != "triton":
+        if runner.device.type != "cpu" or not engine.config.cpu_decode_kernel:
+            return None
+        started = time.perf_counter()
+        ready = decode_cpu.available()
+        seconds = time.perf_counter() - started
+        log.info("warm-up: CPU decode kernel %s in %.2f s", "ready" if ready else "unavailable",
+                 seconds)
+        return seconds
     if engine.block_manager.num_free_blocks != engine.num_blocks:
         raise RuntimeError("warm_up: the engine already holds blocks; warm up before serving")
     started = time.perf_counter()

@@ -4,8 +4,10 @@ Everything here that depends only on the batch (which path runs, the cache rows 
 writes, the rows a decode batch gathers, the prompt lengths) is computed once per forward
 pass and reused by every layer. Paths, on the torch backend (CPU):
 
-- all sequences decoding (`max_query_len == 1`): `paged_decode_torch` over a `DecodePlan`,
-  or, from the second step of a steady decode batch on, the model's `DecodeMirror`;
+- all sequences decoding (`max_query_len == 1`): the C++ kernel `paged_decode_cpu` straight
+  over the paged cache (`engine/kernels/decode_cpu.py`) when it is built and not turned off;
+  else `paged_decode_torch` over a `DecodePlan`, or, from the second step of a steady decode
+  batch on, the model's `DecodeMirror`;
 - all sequences fresh prompts (`q_len == seq_len`): `prefill_attention` over the step's own
   K/V, as the cache holds them (rounded to the cache dtype), with causal SDPA and no gather;
 - anything else (prompts over a cached prefix, mixed batches): `paged_attention`.
@@ -21,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from engine.forward_batch import ForwardBatch
-from engine.kernels import paged_attention, select_backend, store_kv
+from engine.kernels import decode_cpu, paged_attention, select_backend, store_kv
 from engine.kernels.attention import (
     DecodePlan,
     paged_decode_torch,
@@ -38,8 +40,10 @@ class AttentionStep:
     """Per-forward attention state; `attend` runs one layer's store + attention."""
 
     def __init__(self, batch: ForwardBatch, kv_cache: torch.Tensor, num_layers: int,
-                 compute_dtype: torch.dtype, mirror: DecodeMirror | None = None) -> None:
-        """kv_cache: the whole model's cache (`engine.kv_cache`); mirror: the model's."""
+                 compute_dtype: torch.dtype, mirror: DecodeMirror | None = None,
+                 decode_kernel: bool = True) -> None:
+        """kv_cache: the whole model's cache (`engine.kv_cache`); mirror: the model's;
+        decode_kernel: whether decode steps on the CPU may use `paged_decode_cpu`."""
         self.batch = batch
         self.triton = select_backend(kv_cache) == "triton"
         self.k_rows: torch.Tensor | None = None  # [T] rows of K in a layer (torch path)
@@ -50,12 +54,18 @@ class AttentionStep:
         layer0 = kv_layer(kv_cache, 0)  # [N, 2, bs, Hkv, D]: every layer has its strides
         stride = block_stride_rows(layer0)
         decoding = batch.max_query_len == 1 and batch.num_tokens > 0
-        if mirror is not None and not (decoding and stride is not None and not self.triton):
+        # the C++ kernel reads the paged cache itself: no mirror, no gather
+        self.native_decode = (decoding and decode_kernel and not self.triton
+                              and not kv_cache.is_cuda and decode_cpu.available())
+        if mirror is not None and not (decoding and stride is not None and not self.triton
+                                       and not self.native_decode):
             mirror.forget()
         if self.triton or stride is None or batch.num_tokens == 0:
             return
         self.k_rows = key_rows(batch.slot_mapping, layer0.shape[2], stride)
         if decoding:
+            if self.native_decode:
+                return
             if mirror is not None:
                 self.mirror_step = mirror.begin(
                     batch.request_ids, batch.seq_lens.tolist(), layer0, batch.block_tables,
@@ -76,6 +86,8 @@ class AttentionStep:
             store_kv(k_cache, v_cache, kv_layer, b.slot_mapping)
         else:
             store_kv_rows(k_cache, v_cache, kv_layer, self.k_rows)
+        if self.native_decode:
+            return decode_cpu.paged_decode_cpu(q, kv_layer, b.block_tables, b.seq_lens, scale)
         if self.mirror_step is not None and self.mirror is not None:
             return self.mirror.attend(self.mirror_step, layer, q, k_cache.to(q.dtype),
                                       v_cache.to(q.dtype), kv_layer, scale)

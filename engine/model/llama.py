@@ -117,6 +117,7 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config, dtype, i)
                                     for i in range(config.num_layers))
         self.decode_mirror = DecodeMirror()  # the CPU path's dense K/V of a steady batch
+        self.cpu_decode_kernel = True  # decode attention on CPU by engine.kernels.decode_cpu
         self.norm = nn.Parameter(torch.ones(config.hidden_size, dtype=dtype), requires_grad=False)
         self.lm_head = (self.embed if config.tie_word_embeddings else nn.Parameter(
             torch.empty(config.vocab_size, config.hidden_size, dtype=dtype), requires_grad=False))
@@ -162,7 +163,7 @@ class LlamaModel(nn.Module):
         cos = self.rope_cos[batch.positions].to(self.compute_dtype).unsqueeze(1)  # [T, 1, D]
         sin = self.rope_sin[batch.positions].to(self.compute_dtype).unsqueeze(1)  # [T, 1, D]
         step = AttentionStep(batch, kv_cache, len(self.layers), self.compute_dtype,
-                             self.decode_mirror)
+                             self.decode_mirror, self.cpu_decode_kernel)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, kv_layer(kv_cache, i), step)  # [T, H]
             if on_layer_done is not None:

@@ -50,14 +50,16 @@ def make_engine(model_dir: Path, **overrides: object) -> Engine:
     return Engine(model_dir, EngineConfig(**config))  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_qwen2", "tiny_llama3_mha"])
+@pytest.mark.parametrize("fixture,kernel", [("tiny_llama", True), ("tiny_qwen2", True),
+                                            ("tiny_llama3_mha", True), ("tiny_llama", False)])
 def test_staggered_batch_with_shared_prefixes_matches_transformers(
-        fixture: str, request: pytest.FixtureRequest) -> None:
+        fixture: str, kernel: bool, request: pytest.FixtureRequest) -> None:
+    """Decode attention by the C++ CPU kernel, and (kernel off) by SDPA over the mirror."""
     model_dir = request.getfixturevalue(fixture)
     base = random_prompt(40, 0)
     prompts = [random_prompt(7, 1), base, base[:33] + random_prompt(5, 2),
                random_prompt(61, 3), base[:20], random_prompt(3, 4)]
-    engine = make_engine(model_dir)
+    engine = make_engine(model_dir, cpu_decode_kernel=kernel)
     free_at_start = engine.block_manager.num_free_blocks
     results = run_staggered(engine, prompts, arrive_at=[0, 0, 3, 5, 9, 9])
     for i, prompt in enumerate(prompts):
@@ -65,7 +67,8 @@ def test_staggered_batch_with_shared_prefixes_matches_transformers(
     assert engine.block_manager.num_free_blocks == free_at_start
     # 61 + 40 tokens need chunking under a 48-token budget; prefixes of `base` were reused
     assert engine.block_manager.stats.prefix_hit_tokens >= 32 + 16
-    assert model_of(engine).decode_mirror.appended_rows > 0  # decode steps were mirrored
+    # kernel on: no step was mirrored; off: decode steps were
+    assert (model_of(engine).decode_mirror.appended_rows > 0) is (not kernel)
 
 
 def model_of(engine: Engine) -> LlamaModel:
@@ -215,9 +218,13 @@ def test_a_checkpoint_dtype_the_engine_cannot_run_is_named(tiny_llama: Path,
 
 
 def test_decode_mirror_off_gives_the_same_tokens(tiny_llama: Path) -> None:
-    """The CPU decode mirror is only a copy of the cache: on or off, the same greedy tokens."""
+    """The CPU decode mirror is only a copy of the cache: on or off, and the C++ kernel that reads
+    the cache itself instead, the same greedy tokens."""
     prompts = [random_prompt(n, 20 + n) for n in (5, 18, 31)]
-    on, off = make_engine(tiny_llama), make_engine(tiny_llama, decode_mirror_bytes=0)
-    assert on.generate(prompts, GREEDY) == off.generate(prompts, GREEDY)
+    on = make_engine(tiny_llama, cpu_decode_kernel=False)
+    off = make_engine(tiny_llama, cpu_decode_kernel=False, decode_mirror_bytes=0)
+    kernel = make_engine(tiny_llama)
+    assert on.generate(prompts, GREEDY) == off.generate(prompts, GREEDY) == \
+        kernel.generate(prompts, GREEDY)
     assert model_of(on).decode_mirror.appended_rows > 0
     assert model_of(off).decode_mirror.gathered_rows == 0

@@ -1,10 +1,12 @@
-"""Warm-up: skipped on the torch path; on the Triton path (interpreted on the CPU, compiled
+"""Warm-up: on the torch path only the CPU decode kernel is built (nothing on CUDA, nothing
+with the kernel off); on the Triton path (interpreted on the CPU, compiled
 with TANDEM_TEST_DEVICE=cuda) it runs both kernel variants on the real cache and leaves the
 engine as it found it: every block free, no block event, no prefix-cache entry, correct
 output after it."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +15,7 @@ import pytest
 from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.engine_loop import build_engine
-from engine.kernels import BACKEND_ENV
+from engine.kernels import BACKEND_ENV, decode_cpu
 from engine.kernels.attention import _paged_attention_kernel
 from engine.sampling import SamplingParams
 from engine.warmup import warm_up
@@ -28,11 +30,18 @@ def config() -> EngineConfig:
                         device=str(device_under_test()))
 
 
-def test_torch_path_skips_warm_up(tiny_llama: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_torch_path_builds_only_the_cpu_decode_kernel(
+        tiny_llama: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(BACKEND_ENV, "torch")
     engine = Engine(tiny_llama, config())
-    assert warm_up(engine) is None
+    if engine.device.type == "cpu":
+        assert warm_up(engine) is not None and decode_cpu.available()
+    else:
+        assert warm_up(engine) is None
     assert engine.stats.steps == 0
+    assert engine.block_manager.num_free_blocks == engine.num_blocks
+    off = Engine(tiny_llama, dataclasses.replace(config(), cpu_decode_kernel=False))
+    assert warm_up(off) is None
 
 
 def test_triton_warm_up_leaves_every_block_free_and_serves(

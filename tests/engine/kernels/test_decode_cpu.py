@@ -1,0 +1,96 @@
+"""The C++ CPU decode attention kernel (`engine.kernels.decode_cpu`), built here with the
+machine's compiler as a worker builds it, against float64 attention token by token
+(`naive_attention`) on paged caches with shuffled blocks, garbage in every slot a sequence
+does not own, and padded block tables."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.kernels import decode_cpu
+from tests.engine.kernels.test_cpu_paths import _in_layer_group
+from tests.engine.kernels.test_paged_attention import assert_close, make_batch, naive_attention
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built() -> None:
+    """The kernel must build on a machine with a C++ compiler: a failure here is a failure."""
+    assert decode_cpu.available(), "the C++ decode kernel did not build (see the log)"
+
+
+def run(batch: object) -> torch.Tensor:
+    b = batch
+    return decode_cpu.paged_decode_cpu(b.q, b.kv_layer, b.block_tables,  # type: ignore[attr-defined]
+                                       b.seq_lens, b.scale)  # type: ignore[attr-defined]
+
+
+# (seq_lens, Hq, Hkv, D, block_size, dtype): D 64 and 128 take the compiled-in head sizes,
+# others the general loop; few sequences split the work by head, many by sequence
+CASES = {
+    "smollm2-shape-bf16": ([5, 17, 9, 135, 1, 64], 9, 3, 64, 16, torch.bfloat16),
+    "mha-fp32": ([5, 17, 9], 4, 4, 16, 4, torch.float32),
+    "gqa-fp16": ([33, 1, 16, 20], 8, 2, 32, 16, torch.float16),
+    "mqa-single-long": ([300], 8, 1, 128, 16, torch.float32),
+    "many-seqs-bf16": ([3 + 7 * i for i in range(24)], 8, 2, 64, 4, torch.bfloat16),
+    "block-multiple": ([16, 32, 48], 4, 2, 128, 16, torch.float32),
+}
+
+
+@pytest.mark.parametrize("case", CASES.values(), ids=list(CASES))
+def test_matches_attention_token_by_token(
+        case: tuple[list[int], int, int, int, int, torch.dtype]) -> None:
+    seq_lens, hq, hkv, d, bs, dtype = case
+    batch = make_batch([1] * len(seq_lens), seq_lens, hq, hkv, d, bs, dtype)
+    assert_close(run(batch), batch)
+
+
+def test_float32_queries_over_a_bfloat16_cache() -> None:
+    """The bf16-on-AVX2 mode: the cache holds bf16, the model computes in float32."""
+    batch = make_batch([1] * 4, [7, 40, 1, 22], 9, 3, 64, 16, torch.bfloat16)
+    batch.q = batch.q.float()
+    out = run(batch)
+    assert out.dtype == torch.float32
+    ref = naive_attention(batch.q, batch.kv_layer, batch.block_tables, batch.query_start_loc,
+                          batch.seq_lens, batch.scale)
+    torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_reads_a_layer_of_a_layer_group_cache() -> None:
+    """A layer whose blocks are other layers apart (NaN in between) is read through strides."""
+    batch = make_batch([1] * 3, [5, 17, 9], 8, 4, 64, 4, torch.float32)
+    expected = run(batch)
+    batch.kv_layer = _in_layer_group(batch.kv_layer, 3, 1)
+    assert not batch.kv_layer.is_contiguous()
+    torch.testing.assert_close(run(batch), expected)
+
+
+def test_queries_as_a_strided_view_of_the_projection() -> None:
+    """q sliced out of a fused QKV projection (rows strided, heads contiguous) is read as is."""
+    batch = make_batch([1] * 3, [5, 17, 9], 8, 4, 64, 4, torch.float32)
+    qkv = torch.cat([batch.q.flatten(1), torch.zeros(3, 2 * 4 * 64)], 1)  # [S, (Hq+2Hkv)*D]
+    strided = qkv[:, :8 * 64].view(3, 8, 64)  # [S, Hq, D]
+    assert not strided.is_contiguous()
+    torch.testing.assert_close(run(batch), decode_cpu.paged_decode_cpu(
+        strided, batch.kv_layer, batch.block_tables, batch.seq_lens, batch.scale))
+
+
+@pytest.mark.parametrize("bad,message", [
+    ("int64 tables", "block_tables and seq_lens must be int32"),
+    ("too long", r"seq_lens\[1\] = 1000 outside 0\.\.20"),
+    ("bf16 q over fp32", "q must have the cache's dtype or float32"),
+    ("heads", "Hq must be a multiple of Hkv"),
+])
+def test_bad_arguments_are_named(bad: str, message: str) -> None:
+    batch = make_batch([1] * 2, [5, 9], 8, 4, 16, 4, torch.float32)
+    q, kv, tables, lens = batch.q, batch.kv_layer, batch.block_tables, batch.seq_lens
+    if bad == "int64 tables":
+        tables = tables.long()
+    elif bad == "too long":
+        lens = torch.tensor([5, 1000], dtype=torch.int32)
+    elif bad == "bf16 q over fp32":
+        q = q.bfloat16()
+    else:
+        q = torch.randn(2, 6, 16)
+    with pytest.raises(RuntimeError, match=message):
+        decode_cpu.paged_decode_cpu(q, kv, tables, lens, batch.scale)
