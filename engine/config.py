@@ -51,9 +51,10 @@ class EngineConfig:
     kv_layer_group: int | None = field(default=None, metadata={
         "help": "layers per KV cache group, a divisor of the model's layer count; unset: auto "
                 "(engine/kv_cache.py); prefill and decode workers must agree"})
-    cpu_decode_kernel: bool = field(default=True, metadata={
-        "help": "CPU only: decode attention by the C++ kernel (engine/kernels/decode_cpu.py), "
-                "built at first use (~20 s, kept); false: torch SDPA and the decode mirror"})
+    cpu_kernels: bool = field(default=True, metadata={
+        "help": "CPU only: decode attention and RMSNorm by C++ kernels "
+                "(engine/kernels/cpu_ops.py), built at first use (~20 s, kept); false: torch's "
+                "SDPA, decode mirror and norm"})
     decode_mirror_bytes: int = field(default=1 << 30, metadata={
         "help": "CPU only: memory for the dense K/V copy of a steady decode batch, on top of "
                 "the KV cache (engine/kernels/decode_mirror.py); 0 turns it off"})

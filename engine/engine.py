@@ -122,7 +122,7 @@ class Engine:
             keep_freed_memory()  # no page faults on every step's activations
         model = LlamaModel(mc, self.dtype, self.max_model_len)
         model.decode_mirror.max_bytes = cfg.decode_mirror_bytes
-        model.cpu_decode_kernel = cfg.cpu_decode_kernel
+        model.cpu_kernels = cfg.cpu_kernels
         model.load_weights(iter_weights(model_dir, self.dtype))
         model.to(self.device)
         # bf16 on a CPU without bf16 matmuls computes in float32 (engine.cpu_features): widen

@@ -8,9 +8,9 @@ real cache, in blocks that are free at start, without the scheduler or the block
 request, no allocation, no block event, nothing in the prefix cache. The dummy K/V left in
 those blocks is garbage like any free block's (a block is written before it is read).
 
-On the torch path (the CPU) the one thing to compile is the C++ decode attention kernel
-(`engine.kernels.decode_cpu`, ~20 s the first time on a machine, then loaded from its build
-cache); `warm_up` builds it unless `EngineConfig.cpu_decode_kernel` is off. The simulated
+On the torch path (the CPU) the one thing to compile is the C++ kernels
+(`engine.kernels.cpu_ops`, ~20 s the first time on a machine, then loaded from its build
+cache); `warm_up` builds them unless `EngineConfig.cpu_kernels` is off. The simulated
 engine compiles nothing: it returns at once.
 """
 
@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from engine.forward_batch import ForwardBatch
-from engine.kernels import decode_cpu, select_backend
+from engine.kernels import cpu_ops, select_backend
 from engine.model_runner import ModelRunner
 
 if TYPE_CHECKING:
@@ -40,10 +40,10 @@ def warm_up(engine: Engine) -> float | None:
     if not isinstance(runner, ModelRunner):
         return None  # the sim computes nothing
     if select_backend(runner.kv_cache) != "triton":
-        if runner.device.type != "cpu" or not engine.config.cpu_decode_kernel:
+        if runner.device.type != "cpu" or not engine.config.cpu_kernels:
             return None
         started = time.perf_counter()
-        ready = decode_cpu.available()
+        ready = cpu_ops.available()
         seconds = time.perf_counter() - started
         log.info("warm-up: CPU decode kernel %s in %.2f s", "ready" if ready else "unavailable",
                  seconds)

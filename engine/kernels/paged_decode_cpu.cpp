@@ -3,7 +3,7 @@
 // One query token per sequence: q [S, Hq, D] attends over the first seq_lens[s] positions of
 // sequence s, whose K/V live in the blocks block_tables[s, :] of one layer's cache
 // kv_layer [N, 2, block_size, Hkv, D] (any strides, D contiguous). The Hq / Hkv query heads
-// of a KV head are computed together, so each K and V row is read once and upcast once.
+// of a KV head are computed together, so each K and V row is read from memory once.
 // Work items are (sequence, KV head) pairs spread over ATen's intra-op threads; scores,
 // softmax and the weighted sum are in float32, the output in q's dtype. This is the kernel
 // torch's SDPA lacks for decode: its flash path pays per-(sequence, head) tiling for a single
@@ -23,23 +23,13 @@
 
 namespace {
 
-inline void to_float(const float* src, float* dst, int64_t n) {
-  std::memcpy(dst, src, sizeof(float) * n);
-}
-
-inline void to_float(const c10::BFloat16* src, float* dst, int64_t n) {
-  const auto* bits = reinterpret_cast<const uint16_t*>(src);
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    uint32_t wide = static_cast<uint32_t>(bits[i]) << 16;
-    float value;
-    std::memcpy(&value, &wide, sizeof(value));
-    dst[i] = value;
-  }
-}
-
-inline void to_float(const c10::Half* src, float* dst, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+inline float widen(float x) { return x; }
+inline float widen(c10::Half x) { return static_cast<float>(x); }
+inline float widen(c10::BFloat16 x) {
+  uint32_t wide = static_cast<uint32_t>(x.x) << 16;
+  float value;
+  std::memcpy(&value, &wide, sizeof(value));
+  return value;
 }
 
 // HEAD_DIM: the head size as a compile-time constant (0: read at run time), so that the loops
@@ -69,7 +59,7 @@ void decode(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& tables,
   const int64_t heads_per_part = num_kv_heads / parts;
   at::parallel_for(0, num_seqs * parts, 1, [&](int64_t begin, int64_t end) {
     const int64_t item_heads = heads_per_part * group;  // query heads of one item
-    std::vector<float> queries(item_heads * head_dim), row(head_dim), acc(item_heads * head_dim);
+    std::vector<float> queries(item_heads * head_dim), acc(item_heads * head_dim);
     std::vector<float> scores, inv_sum(item_heads);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t seq = item / parts, first_head = (item % parts) * heads_per_part;
@@ -79,23 +69,22 @@ void decode(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& tables,
       for (int64_t qh = 0; qh < item_heads; ++qh) {
         const QT* src = q_data + seq * q_seq_stride + (first_head * group + qh) * q_head_stride;
         float* dst = queries.data() + qh * head_dim;
-        to_float(src, dst, head_dim);
-        for (int64_t d = 0; d < head_dim; ++d) dst[d] *= scale_f;
+        for (int64_t d = 0; d < head_dim; ++d) dst[d] = widen(src[d]) * scale_f;
       }
       // scores[qh, pos] = q_qh . k_pos: blocks outside, rows inside (no division per row),
-      // each K row upcast once for the query heads that share it
+      // each K row read once for the query heads that share it (upcast in registers)
       for (int64_t first = 0; first < len; first += block_size) {
         const CT* k_block = kv_data + table[first / block_size] * block_stride +
                             first_head * head_stride;
         const int64_t rows = std::min(block_size, len - first);
         for (int64_t r = 0; r < rows; ++r) {
           for (int64_t h = 0; h < heads_per_part; ++h) {
-            to_float(k_block + r * row_stride + h * head_stride, row.data(), head_dim);
+            const CT* k_row = k_block + r * row_stride + h * head_stride;
             for (int64_t g = 0; g < group; ++g) {
               const float* query = queries.data() + (h * group + g) * head_dim;
               float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
-              for (int64_t d = 0; d < head_dim; ++d) dot += query[d] * row[d];
+              for (int64_t d = 0; d < head_dim; ++d) dot += query[d] * widen(k_row[d]);
               scores[(h * group + g) * len + first + r] = dot;
             }
           }
@@ -113,7 +102,7 @@ void decode(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& tables,
         }
         inv_sum[qh] = len > 0 ? 1.f / sum : 0.f;
       }
-      // out[qh] = sum_pos p[qh, pos] * v_pos, each V row upcast once
+      // out[qh] = sum_pos p[qh, pos] * v_pos, each V row read once
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t first = 0; first < len; first += block_size) {
         const CT* v_block = kv_data + table[first / block_size] * block_stride + v_stride +
@@ -121,12 +110,12 @@ void decode(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& tables,
         const int64_t rows = std::min(block_size, len - first);
         for (int64_t r = 0; r < rows; ++r) {
           for (int64_t h = 0; h < heads_per_part; ++h) {
-            to_float(v_block + r * row_stride + h * head_stride, row.data(), head_dim);
+            const CT* v_row = v_block + r * row_stride + h * head_stride;
             for (int64_t g = 0; g < group; ++g) {
               const float p = scores[(h * group + g) * len + first + r];
               float* a = acc.data() + (h * group + g) * head_dim;
 #pragma omp simd
-              for (int64_t d = 0; d < head_dim; ++d) a[d] += p * row[d];
+              for (int64_t d = 0; d < head_dim; ++d) a[d] += p * widen(v_row[d]);
             }
           }
         }

@@ -5,7 +5,7 @@ writes, the rows a decode batch gathers, the prompt lengths) is computed once pe
 pass and reused by every layer. Paths, on the torch backend (CPU):
 
 - all sequences decoding (`max_query_len == 1`): the C++ kernel `paged_decode_cpu` straight
-  over the paged cache (`engine/kernels/decode_cpu.py`) when it is built and not turned off;
+  over the paged cache (`engine/kernels/cpu_ops.py`) when it is built and not turned off;
   else `paged_decode_torch` over a `DecodePlan`, or, from the second step of a steady decode
   batch on, the model's `DecodeMirror`;
 - all sequences fresh prompts (`q_len == seq_len`): `prefill_attention` over the step's own
@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from engine.forward_batch import ForwardBatch
-from engine.kernels import decode_cpu, paged_attention, select_backend, store_kv
+from engine.kernels import cpu_ops, paged_attention, select_backend, store_kv
 from engine.kernels.attention import (
     DecodePlan,
     paged_decode_torch,
@@ -41,9 +41,11 @@ class AttentionStep:
 
     def __init__(self, batch: ForwardBatch, kv_cache: torch.Tensor, num_layers: int,
                  compute_dtype: torch.dtype, mirror: DecodeMirror | None = None,
-                 decode_kernel: bool = True) -> None:
+                 cpu_kernels: bool = True) -> None:
         """kv_cache: the whole model's cache (`engine.kv_cache`); mirror: the model's;
-        decode_kernel: whether decode steps on the CPU may use `paged_decode_cpu`."""
+        cpu_kernels: whether this pass may use the C++ CPU kernels (`engine.kernels.cpu_ops`):
+        `paged_decode_cpu` for decode steps, and `rms_norm_cpu` (the layers read
+        `self.cpu_kernels`)."""
         self.batch = batch
         self.triton = select_backend(kv_cache) == "triton"
         self.k_rows: torch.Tensor | None = None  # [T] rows of K in a layer (torch path)
@@ -54,9 +56,10 @@ class AttentionStep:
         layer0 = kv_layer(kv_cache, 0)  # [N, 2, bs, Hkv, D]: every layer has its strides
         stride = block_stride_rows(layer0)
         decoding = batch.max_query_len == 1 and batch.num_tokens > 0
+        self.cpu_kernels = (cpu_kernels and not self.triton and not kv_cache.is_cuda
+                            and cpu_ops.available())
         # the C++ kernel reads the paged cache itself: no mirror, no gather
-        self.native_decode = (decoding and decode_kernel and not self.triton
-                              and not kv_cache.is_cuda and decode_cpu.available())
+        self.native_decode = decoding and self.cpu_kernels
         if mirror is not None and not (decoding and stride is not None and not self.triton
                                        and not self.native_decode):
             mirror.forget()
@@ -87,7 +90,7 @@ class AttentionStep:
         else:
             store_kv_rows(k_cache, v_cache, kv_layer, self.k_rows)
         if self.native_decode:
-            return decode_cpu.paged_decode_cpu(q, kv_layer, b.block_tables, b.seq_lens, scale)
+            return cpu_ops.paged_decode_cpu(q, kv_layer, b.block_tables, b.seq_lens, scale)
         if self.mirror_step is not None and self.mirror is not None:
             return self.mirror.attend(self.mirror_step, layer, q, k_cache.to(q.dtype),
                                       v_cache.to(q.dtype), kv_layer, scale)

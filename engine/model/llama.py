@@ -66,7 +66,7 @@ class DecoderLayer(nn.Module):
         c = self.config
         num_tokens = x.shape[0]
         q_size, kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-        h = rms_norm(x, self.input_norm, c.rms_norm_eps)  # [T, H]
+        h = rms_norm(x, self.input_norm, c.rms_norm_eps, step.cpu_kernels)  # [T, H]
         qkv = linear(h, self.qkv_weight, self.qkv_bias)  # [T, (Hq + 2 Hkv) D]
         # q and k rotated in one go: they are adjacent in qkv
         qk = qkv[:, :q_size + kv_size].view(num_tokens, c.num_heads + c.num_kv_heads, c.head_dim)
@@ -76,12 +76,13 @@ class DecoderLayer(nn.Module):
         attn = step.attend(q, k, v, kv_layer, self.index, self.scale)  # [T, Hq, D]
         x = linear_add(attn.reshape(num_tokens, q_size), self.o_weight, x)  # [T, H]
         if num_tokens <= MLP_CHUNK_TOKENS:
-            return self._mlp_residual(x)
-        return torch.cat([self._mlp_residual(rows) for rows in x.split(MLP_CHUNK_TOKENS)])
+            return self._mlp_residual(x, step.cpu_kernels)
+        return torch.cat([self._mlp_residual(rows, step.cpu_kernels)
+                          for rows in x.split(MLP_CHUNK_TOKENS)])
 
-    def _mlp_residual(self, x: torch.Tensor) -> torch.Tensor:
-        """x + MLP(norm(x)); x: [T, H]."""
-        h = rms_norm(x, self.post_norm, self.config.rms_norm_eps)  # [T, H]
+    def _mlp_residual(self, x: torch.Tensor, native_norm: bool) -> torch.Tensor:
+        """x + MLP(norm(x)); x: [T, H]; native_norm: the norm by `cpu_ops.rms_norm_cpu`."""
+        h = rms_norm(x, self.post_norm, self.config.rms_norm_eps, native_norm)  # [T, H]
         if self.gate_weight is not None and self.up_weight is not None:  # prepacked
             # SiLU and the product with up in the matmuls' epilogues: no pass of their own
             act = linear_mul(h, self.up_weight, linear_silu(h, self.gate_weight))  # [T, I]
@@ -117,7 +118,7 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config, dtype, i)
                                     for i in range(config.num_layers))
         self.decode_mirror = DecodeMirror()  # the CPU path's dense K/V of a steady batch
-        self.cpu_decode_kernel = True  # decode attention on CPU by engine.kernels.decode_cpu
+        self.cpu_kernels = True  # decode attention and norms on CPU by engine.kernels.cpu_ops
         self.norm = nn.Parameter(torch.ones(config.hidden_size, dtype=dtype), requires_grad=False)
         self.lm_head = (self.embed if config.tie_word_embeddings else nn.Parameter(
             torch.empty(config.vocab_size, config.hidden_size, dtype=dtype), requires_grad=False))
@@ -163,13 +164,13 @@ class LlamaModel(nn.Module):
         cos = self.rope_cos[batch.positions].to(self.compute_dtype).unsqueeze(1)  # [T, 1, D]
         sin = self.rope_sin[batch.positions].to(self.compute_dtype).unsqueeze(1)  # [T, 1, D]
         step = AttentionStep(batch, kv_cache, len(self.layers), self.compute_dtype,
-                             self.decode_mirror, self.cpu_decode_kernel)
+                             self.decode_mirror, self.cpu_kernels)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, kv_layer(kv_cache, i), step)  # [T, H]
             if on_layer_done is not None:
                 on_layer_done(i)
         x = x[batch.logits_indices]  # [S', H]
-        x = rms_norm(x, self.norm, self.config.rms_norm_eps)  # [S', H]
+        x = rms_norm(x, self.norm, self.config.rms_norm_eps, step.cpu_kernels)  # [S', H]
         return linear(x, self.lm_head).float()  # [S', V]
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:

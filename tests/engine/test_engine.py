@@ -59,7 +59,7 @@ def test_staggered_batch_with_shared_prefixes_matches_transformers(
     base = random_prompt(40, 0)
     prompts = [random_prompt(7, 1), base, base[:33] + random_prompt(5, 2),
                random_prompt(61, 3), base[:20], random_prompt(3, 4)]
-    engine = make_engine(model_dir, cpu_decode_kernel=kernel)
+    engine = make_engine(model_dir, cpu_kernels=kernel)
     free_at_start = engine.block_manager.num_free_blocks
     results = run_staggered(engine, prompts, arrive_at=[0, 0, 3, 5, 9, 9])
     for i, prompt in enumerate(prompts):
@@ -221,8 +221,8 @@ def test_decode_mirror_off_gives_the_same_tokens(tiny_llama: Path) -> None:
     """The CPU decode mirror is only a copy of the cache: on or off, and the C++ kernel that reads
     the cache itself instead, the same greedy tokens."""
     prompts = [random_prompt(n, 20 + n) for n in (5, 18, 31)]
-    on = make_engine(tiny_llama, cpu_decode_kernel=False)
-    off = make_engine(tiny_llama, cpu_decode_kernel=False, decode_mirror_bytes=0)
+    on = make_engine(tiny_llama, cpu_kernels=False)
+    off = make_engine(tiny_llama, cpu_kernels=False, decode_mirror_bytes=0)
     kernel = make_engine(tiny_llama)
     assert on.generate(prompts, GREEDY) == off.generate(prompts, GREEDY) == \
         kernel.generate(prompts, GREEDY)

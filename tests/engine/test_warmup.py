@@ -15,7 +15,7 @@ import pytest
 from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.engine_loop import build_engine
-from engine.kernels import BACKEND_ENV, decode_cpu
+from engine.kernels import BACKEND_ENV, cpu_ops
 from engine.kernels.attention import _paged_attention_kernel
 from engine.sampling import SamplingParams
 from engine.warmup import warm_up
@@ -30,17 +30,17 @@ def config() -> EngineConfig:
                         device=str(device_under_test()))
 
 
-def test_torch_path_builds_only_the_cpu_decode_kernel(
+def test_torch_path_builds_only_the_cpu_kernels(
         tiny_llama: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(BACKEND_ENV, "torch")
     engine = Engine(tiny_llama, config())
     if engine.device.type == "cpu":
-        assert warm_up(engine) is not None and decode_cpu.available()
+        assert warm_up(engine) is not None and cpu_ops.available()
     else:
         assert warm_up(engine) is None
     assert engine.stats.steps == 0
     assert engine.block_manager.num_free_blocks == engine.num_blocks
-    off = Engine(tiny_llama, dataclasses.replace(config(), cpu_decode_kernel=False))
+    off = Engine(tiny_llama, dataclasses.replace(config(), cpu_kernels=False))
     assert warm_up(off) is None
 
 

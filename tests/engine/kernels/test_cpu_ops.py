@@ -1,27 +1,29 @@
-"""The C++ CPU decode attention kernel (`engine.kernels.decode_cpu`), built here with the
-machine's compiler as a worker builds it, against float64 attention token by token
+"""The C++ CPU kernels (`engine.kernels.cpu_ops`), built here with the machine's compiler as a
+worker builds them. Decode attention against float64 attention token by token
 (`naive_attention`) on paged caches with shuffled blocks, garbage in every slot a sequence
-does not own, and padded block tables."""
+does not own, and padded block tables; RMSNorm against the torch path (`engine.model.norm`),
+which computes HF's bits."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from engine.kernels import decode_cpu
+from engine.kernels import cpu_ops
+from engine.model.norm import rms_norm
 from tests.engine.kernels.test_cpu_paths import _in_layer_group
 from tests.engine.kernels.test_paged_attention import assert_close, make_batch, naive_attention
 
 
 @pytest.fixture(scope="module", autouse=True)
 def built() -> None:
-    """The kernel must build on a machine with a C++ compiler: a failure here is a failure."""
-    assert decode_cpu.available(), "the C++ decode kernel did not build (see the log)"
+    """The kernels must build on a machine with a C++ compiler: a failure here is a failure."""
+    assert cpu_ops.available(), "the C++ CPU kernels did not build (see the log)"
 
 
 def run(batch: object) -> torch.Tensor:
     b = batch
-    return decode_cpu.paged_decode_cpu(b.q, b.kv_layer, b.block_tables,  # type: ignore[attr-defined]
+    return cpu_ops.paged_decode_cpu(b.q, b.kv_layer, b.block_tables,  # type: ignore[attr-defined]
                                        b.seq_lens, b.scale)  # type: ignore[attr-defined]
 
 
@@ -71,7 +73,7 @@ def test_queries_as_a_strided_view_of_the_projection() -> None:
     qkv = torch.cat([batch.q.flatten(1), torch.zeros(3, 2 * 4 * 64)], 1)  # [S, (Hq+2Hkv)*D]
     strided = qkv[:, :8 * 64].view(3, 8, 64)  # [S, Hq, D]
     assert not strided.is_contiguous()
-    torch.testing.assert_close(run(batch), decode_cpu.paged_decode_cpu(
+    torch.testing.assert_close(run(batch), cpu_ops.paged_decode_cpu(
         strided, batch.kv_layer, batch.block_tables, batch.seq_lens, batch.scale))
 
 
@@ -93,4 +95,40 @@ def test_bad_arguments_are_named(bad: str, message: str) -> None:
     else:
         q = torch.randn(2, 6, 16)
     with pytest.raises(RuntimeError, match=message):
-        decode_cpu.paged_decode_cpu(q, kv, tables, lens, batch.scale)
+        cpu_ops.paged_decode_cpu(q, kv, tables, lens, batch.scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("rows", [1, 7, 4096])
+def test_rms_norm_matches_the_torch_path(dtype: torch.dtype, rows: int) -> None:
+    """bf16/fp16: the same rounding as HF (normalized, rounded, then scaled and rounded), so
+    the result equals the torch path except where the row's sum, added in another order,
+    moves a value across a rounding boundary (rarely; then by up to two units in the last
+    place, the second rounding after the weight's product included)."""
+    gen = torch.Generator().manual_seed(rows)
+    x = (3 * torch.randn(rows, 576, generator=gen)).to(dtype)  # [T, H]
+    weight = (1 + 0.1 * torch.randn(576, generator=gen)).to(dtype)  # [H]
+    got, expected = cpu_ops.rms_norm_cpu(x, weight, 1e-5), rms_norm(x, weight, 1e-5)
+    assert got.dtype == dtype and got.shape == x.shape
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, expected, atol=2e-6, rtol=2e-6)
+    else:
+        assert (got == expected).float().mean() > 0.999
+        ulp = 2.0 ** (-7 if dtype == torch.bfloat16 else -10)
+        assert ((got.float() - expected.float()).abs() <= 2 * ulp * expected.float().abs()).all()
+
+
+def test_rms_norm_reads_strided_rows() -> None:
+    """Rows of a wider tensor (a view, H contiguous) are read in place."""
+    wide = torch.randn(5, 1000)
+    x = wide[:, :576]  # [T, H], rows 1000 apart
+    weight = torch.rand(576)
+    torch.testing.assert_close(cpu_ops.rms_norm_cpu(x, weight, 1e-6),
+                               rms_norm(x.contiguous(), weight, 1e-6), atol=2e-6, rtol=2e-6)
+
+
+def test_rms_norm_bad_arguments_are_named() -> None:
+    with pytest.raises(RuntimeError, match="weight must be \\[H\\]"):
+        cpu_ops.rms_norm_cpu(torch.randn(3, 8), torch.ones(9), 1e-6)
+    with pytest.raises(RuntimeError, match="weight dtype BFloat16 differs from x's Float"):
+        cpu_ops.rms_norm_cpu(torch.randn(3, 8), torch.ones(8, dtype=torch.bfloat16), 1e-6)

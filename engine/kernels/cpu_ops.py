@@ -1,0 +1,84 @@
+"""C++ kernels for the CPU engine, built at first use: decode attention and RMSNorm.
+
+- `paged_decode_cpu` (`paged_decode_cpu.cpp`): one query token per sequence attends straight
+  over the paged KV cache: no gather into a dense copy, the query heads of a KV head computed
+  together, each K/V row upcast once, float32 softmax and sums, sequences spread over torch's
+  intra-op threads. torch's SDPA flash path tiles every (sequence, head) for a single query row
+  and needs the K/V gathered first.
+- `rms_norm_cpu` (`rms_norm_cpu.cpp`): RMSNorm in one pass per row with HF's rounding; torch's
+  is ~9 passes whose float32 temporaries of a long prompt fall out of cache.
+
+`engine/bench/README.md` has the figures. The kernels are compiled with the machine's own
+instruction set (`-march=native`) by `torch.utils.cpp_extension` the first time `available()`
+is asked (~20 s, once per machine: the build is kept under `TORCH_EXTENSIONS_DIR`,
+`~/.cache/torch_extensions` by default, and rebuilt only when a source or a flag changes); a
+worker asks in its warm-up (`engine.warmup`). Without a C++ compiler and ninja, or if the build
+fails, `available()` logs why once and returns False, and the engine runs torch's ops as
+before (SDPA over the decode mirror, `engine/kernels/decode_mirror.py`; `F.rms_norm`).
+`EngineConfig.cpu_kernels` (`--cpu-kernels false`) turns them off.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCES = tuple(str(Path(__file__).with_name(name))
+                for name in ("paged_decode_cpu.cpp", "rms_norm_cpu.cpp"))
+EXTENSION = "tandem_cpu_ops"
+CFLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp")
+
+_lock = threading.Lock()
+_state: dict[str, bool] = {}  # "built": whether the ops are loaded; absent until first asked
+
+
+def available() -> bool:
+    """Whether the kernels can run: builds and loads them on the first call (thread-safe; later
+    calls are a dict lookup)."""
+    built = _state.get("built")
+    if built is not None:
+        return built
+    with _lock:
+        if "built" not in _state:
+            _state["built"] = _build()
+        return _state["built"]
+
+
+def _build() -> bool:
+    try:
+        from torch.utils.cpp_extension import load
+
+        load(name=EXTENSION, sources=list(SOURCES), extra_cflags=list(CFLAGS),
+             is_python_module=False, verbose=False)
+        torch.ops.tandem_cpu.paged_decode  # noqa: B018 (raises if the ops did not register)
+        torch.ops.tandem_cpu.rms_norm  # noqa: B018
+    except Exception as error:  # no compiler, no ninja, a failed build: torch's ops
+        log.warning("the C++ CPU kernels are not available (%s: %s); the engine runs torch's "
+                    "ops", type(error).__name__, str(error)[-500:])
+        return False
+    log.info("C++ CPU kernels ready (decode attention, RMSNorm)")
+    return True
+
+
+def paged_decode_cpu(q: torch.Tensor, kv_layer: torch.Tensor, block_tables: torch.Tensor,
+                     seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """Decode attention of q `[S, Hq, D]` (one token per sequence) over the first
+    `seq_lens[s]` positions of sequence s in one layer's cache `[N, 2, block_size, Hkv, D]`
+    (blocks `block_tables[s]`, int32 `[S, max_blocks]`; `seq_lens` int32 `[S]`); returns
+    `[S, Hq, D]` in q's dtype. q may be float32 over a bfloat16/float16 cache. Call
+    `available()` first."""
+    out: torch.Tensor = torch.ops.tandem_cpu.paged_decode(q, kv_layer, block_tables, seq_lens,
+                                                          scale)
+    return out
+
+
+def rms_norm_cpu(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """`engine.model.norm.rms_norm` of x `[T, H]` with a weight `[H]` of x's dtype, in one pass
+    per row; `[T, H]`. Call `available()` first."""
+    out: torch.Tensor = torch.ops.tandem_cpu.rms_norm(x, weight, eps)
+    return out
