@@ -385,26 +385,33 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     torch's CPU flash attention splits keys into tiles of 512, so at L <= 512 a causal call
     computes every score and masks half of them away. Query tiles of `CAUSAL_TILE` rows, each
     over the keys up to its last row (masked bottom-right), skip most of that: measured on AVX2
-    at 16 x 8 heads x 512 x 32, one thread, 75 ms in one call against 55 ms in 4 tiles.
+    at 16 x 8 heads x 512 x 32, one thread, 75 ms in one call against 55 ms in 4 tiles. With
+    grouped KV heads the query heads of a KV head are stacked into one call's rows (`[B, Hkv,
+    G * rows, D]`, the mask repeated per head): the kernel reads each K/V tile once for the G
+    heads and runs larger matmuls (SmolLM2-135M's 9/3 heads, bf16: 8 x 512 prompts 42.5 -> 37.0
+    ms a layer, 32 x 128 18.9 -> 15.9 ms).
     """
-    length = q.shape[2]
-    if length <= 2 * CAUSAL_TILE:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
-                                              enable_gqa=True)  # [B, Hq, L, D]
-    batch, num_heads, _, head_dim = q.shape
+    batch, num_heads, length, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    if num_heads == num_kv_heads and length <= 2 * CAUSAL_TILE:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                              scale=scale)  # [B, Hq, L, D]
+    group = num_heads // num_kv_heads
+    tile = length if length <= 2 * CAUSAL_TILE else CAUSAL_TILE
     # token-major underneath, as SDPA's own output is: the caller's [T, Hq, D] view is free
     out = torch.empty(batch, length, num_heads, head_dim, dtype=q.dtype,
                       device=q.device).transpose(1, 2)  # [B, Hq, L, D]
-    out[:, :, :CAUSAL_TILE] = F.scaled_dot_product_attention(
-        q[:, :, :CAUSAL_TILE], k[:, :, :CAUSAL_TILE], v[:, :, :CAUSAL_TILE], is_causal=True,
-        scale=scale, enable_gqa=True)  # [B, Hq, tile, D]
+    stacked = q.view(batch, num_kv_heads, group, length, head_dim)  # [B, Hkv, G, L, D]
     positions = torch.arange(length, device=q.device)  # [L]
-    for lo in range(CAUSAL_TILE, length, CAUSAL_TILE):
-        hi = min(lo + CAUSAL_TILE, length)
+    for lo in range(0, length, tile):
+        hi = min(lo + tile, length)
         mask = positions[None, :hi] <= positions[lo:hi, None]  # [hi - lo, hi]: key <= query
-        out[:, :, lo:hi] = F.scaled_dot_product_attention(
-            q[:, :, lo:hi], k[:, :, :hi], v[:, :, :hi], attn_mask=mask, scale=scale,
-            enable_gqa=True)  # [B, Hq, hi - lo, D]
+        rows = stacked[:, :, :, lo:hi].reshape(batch, num_kv_heads, group * (hi - lo),
+                                               head_dim)  # [B, Hkv, G * (hi - lo), D]
+        attended = F.scaled_dot_product_attention(
+            rows, k[:, :, :hi], v[:, :, :hi], attn_mask=mask.repeat(group, 1),
+            scale=scale)  # [B, Hkv, G * (hi - lo), D]
+        out[:, :, lo:hi] = attended.view(batch, num_heads, hi - lo, head_dim)
     return out
 
 
