@@ -11,16 +11,19 @@
 `engine/bench/README.md` has the figures. The kernels are compiled with the machine's own
 instruction set (`-march=native`) by `torch.utils.cpp_extension` the first time `available()`
 is asked (~20 s, once per machine: the build is kept under `TORCH_EXTENSIONS_DIR`,
-`~/.cache/torch_extensions` by default, and rebuilt only when a source or a flag changes); a
-worker asks in its warm-up (`engine.warmup`). Without a C++ compiler and ninja, or if the build
+`~/.cache/torch_extensions` by default, named by a hash of the sources and flags, so every
+checkout with the same kernels shares it and a change builds anew); a worker asks in its
+warm-up (`engine.warmup`). Without a C++ compiler and ninja, or if the build
 fails, `available()` logs why once and returns False, and the engine runs torch's ops as
 before (SDPA over the decode mirror, `engine/kernels/decode_mirror.py`; `F.rms_norm`).
-`EngineConfig.cpu_kernels` (`--cpu-kernels false`) turns them off.
+`EngineConfig.cpu_kernels` (`--no-cpu-kernels` on a worker) turns them off.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import shutil
 import threading
 from pathlib import Path
 
@@ -28,9 +31,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCES = tuple(str(Path(__file__).with_name(name))
+SOURCES = tuple(Path(__file__).with_name(name)
                 for name in ("paged_decode_cpu.cpp", "rms_norm_cpu.cpp"))
-EXTENSION = "tandem_cpu_ops"
 CFLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp")
 
 _lock = threading.Lock()
@@ -49,12 +51,30 @@ def available() -> bool:
         return _state["built"]
 
 
+def extension_name() -> str:
+    """`tandem_cpu_ops_<hash of the sources and flags>`: the build's name and folder."""
+    digest = hashlib.sha256(" ".join(CFLAGS).encode())
+    for source in SOURCES:
+        digest.update(source.name.encode() + source.read_bytes())
+    return f"tandem_cpu_ops_{digest.hexdigest()[:12]}"
+
+
 def _build() -> bool:
     try:
-        from torch.utils.cpp_extension import load
+        from torch.utils.cpp_extension import get_default_build_root, load
 
-        load(name=EXTENSION, sources=list(SOURCES), extra_cflags=list(CFLAGS),
-             is_python_module=False, verbose=False)
+        # built from copies at a path that depends only on their content: ninja rebuilds when a
+        # source's path changes, and two checkouts would otherwise take turns rebuilding
+        name = extension_name()
+        copies = Path(get_default_build_root()) / f"{name}_src"
+        copies.mkdir(parents=True, exist_ok=True)
+        for source in SOURCES:
+            target = copies / source.name
+            if not target.exists():
+                shutil.copyfile(source, target.with_suffix(".tmp"))
+                target.with_suffix(".tmp").replace(target)  # atomic: no half-written source
+        load(name=name, sources=[str(copies / source.name) for source in SOURCES],
+             extra_cflags=list(CFLAGS), is_python_module=False, verbose=False)
         torch.ops.tandem_cpu.paged_decode  # noqa: B018 (raises if the ops did not register)
         torch.ops.tandem_cpu.rms_norm  # noqa: B018
     except Exception as error:  # no compiler, no ninja, a failed build: torch's ops

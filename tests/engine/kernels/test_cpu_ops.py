@@ -6,6 +6,8 @@ which computes HF's bits."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -132,3 +134,18 @@ def test_rms_norm_bad_arguments_are_named() -> None:
         cpu_ops.rms_norm_cpu(torch.randn(3, 8), torch.ones(9), 1e-6)
     with pytest.raises(RuntimeError, match="weight dtype BFloat16 differs from x's Float"):
         cpu_ops.rms_norm_cpu(torch.randn(3, 8), torch.ones(8, dtype=torch.bfloat16), 1e-6)
+
+
+def test_the_build_is_named_by_its_sources(tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Checkouts with the same kernels share one build; a changed kernel gets its own."""
+    copies = []
+    for source in cpu_ops.SOURCES:
+        copy = tmp_path / source.name
+        copy.write_bytes(source.read_bytes())
+        copies.append(copy)
+    name = cpu_ops.extension_name()
+    monkeypatch.setattr(cpu_ops, "SOURCES", tuple(copies))
+    assert cpu_ops.extension_name() == name  # another path, the same content
+    copies[0].write_bytes(copies[0].read_bytes() + b"\n// changed\n")
+    assert cpu_ops.extension_name() != name
