@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 SOURCES = tuple(Path(__file__).with_name(name)
                 for name in ("paged_decode_cpu.cpp", "rms_norm_cpu.cpp"))
+HEADERS = (Path(__file__).with_name("cpu_widen.h"),)  # included by the sources
 CFLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp")
 
 _lock = threading.Lock()
@@ -54,7 +55,7 @@ def available() -> bool:
 def extension_name() -> str:
     """`tandem_cpu_ops_<hash of the sources and flags>`: the build's name and folder."""
     digest = hashlib.sha256(" ".join(CFLAGS).encode())
-    for source in SOURCES:
+    for source in (*SOURCES, *HEADERS):
         digest.update(source.name.encode() + source.read_bytes())
     return f"tandem_cpu_ops_{digest.hexdigest()[:12]}"
 
@@ -68,7 +69,7 @@ def _build() -> bool:
         name = extension_name()
         copies = Path(get_default_build_root()) / f"{name}_src"
         copies.mkdir(parents=True, exist_ok=True)
-        for source in SOURCES:
+        for source in (*SOURCES, *HEADERS):
             target = copies / source.name
             if not target.exists():
                 shutil.copyfile(source, target.with_suffix(".tmp"))

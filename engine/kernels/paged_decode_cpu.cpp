@@ -14,6 +14,8 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include "cpu_widen.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -23,14 +25,7 @@
 
 namespace {
 
-inline float widen(float x) { return x; }
-inline float widen(c10::Half x) { return static_cast<float>(x); }
-inline float widen(c10::BFloat16 x) {
-  uint32_t wide = static_cast<uint32_t>(x.x) << 16;
-  float value;
-  std::memcpy(&value, &wide, sizeof(value));
-  return value;
-}
+using tandem_cpu::widen;
 
 // HEAD_DIM: the head size as a compile-time constant (0: read at run time), so that the loops
 // over it compile to a few straight vector instructions for the common sizes.

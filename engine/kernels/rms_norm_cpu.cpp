@@ -13,6 +13,8 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include "cpu_widen.h"
+
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -21,14 +23,7 @@
 
 namespace {
 
-inline float widen(float x) { return x; }
-inline float widen(c10::Half x) { return static_cast<float>(x); }
-inline float widen(c10::BFloat16 x) {
-  uint32_t wide = static_cast<uint32_t>(x.x) << 16;
-  float value;
-  std::memcpy(&value, &wide, sizeof(value));
-  return value;
-}
+using tandem_cpu::widen;
 
 template <typename T>
 void normalize(const at::Tensor& x, const at::Tensor& weight, double eps, at::Tensor& out) {
