@@ -8,10 +8,10 @@ real cache, in blocks that are free at start, without the scheduler or the block
 request, no allocation, no block event, nothing in the prefix cache. The dummy K/V left in
 those blocks is garbage like any free block's (a block is written before it is read).
 
-On the torch path (the CPU) the one thing to compile is the C++ kernels
-(`engine.kernels.cpu_ops`, ~20 s the first time on a machine, then loaded from its build
-cache); `warm_up` builds them unless `EngineConfig.cpu_kernels` is off. The simulated
-engine compiles nothing: it returns at once.
+On the torch path (the CPU) what compiles is the C++ CPU kernels (`engine.kernels.cpu_ops`,
+~20 s the first time on a machine, then loaded from their build cache); `warm_up` builds them
+unless `EngineConfig.cpu_kernels` is off. The simulated engine compiles nothing: it returns
+at once.
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ log = logging.getLogger(__name__)
 
 
 def warm_up(engine: Engine) -> float | None:
-    """Runs a dummy prefill and decode when the Triton kernels will run, or builds the CPU
-    decode kernel on the torch path; returns the seconds it took, or None when there was
+    """Runs a dummy prefill and decode when the Triton kernels will run, or builds the C++ CPU
+    kernels on the torch path; returns the seconds it took, or None when there was
     nothing to do. Call before the engine serves anything."""
     runner = engine.runner
     if not isinstance(runner, ModelRunner):
@@ -45,7 +45,7 @@ def warm_up(engine: Engine) -> float | None:
         started = time.perf_counter()
         ready = cpu_ops.available()
         seconds = time.perf_counter() - started
-        log.info("warm-up: CPU decode kernel %s in %.2f s", "ready" if ready else "unavailable",
+        log.info("warm-up: C++ CPU kernels %s in %.2f s", "ready" if ready else "unavailable",
                  seconds)
         return seconds
     if engine.block_manager.num_free_blocks != engine.num_blocks:

@@ -1,4 +1,4 @@
-"""Warm-up: on the torch path only the CPU decode kernel is built (nothing on CUDA, nothing
+"""Warm-up: on the torch path only the C++ CPU kernels are built (nothing on CUDA, nothing
 with the kernel off); on the Triton path (interpreted on the CPU, compiled
 with TANDEM_TEST_DEVICE=cuda) it runs both kernel variants on the real cache and leaves the
 engine as it found it: every block free, no block event, no prefix-cache entry, correct
