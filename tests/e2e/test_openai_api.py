@@ -213,13 +213,27 @@ async def test_router_metrics_count_an_http_request_as_a_grpc_one(
     def counters() -> dict[str, float]:
         return {k: v for k, v in scrape(cluster.router).items() if k.endswith(counted)}
 
+    async def once_counted(previous: dict[str, float]) -> dict[str, float]:
+        """The counters once the request just answered has ended in them: the router records
+        a request's end (all its counters at once) just after sending its last message, so a
+        scrape right after the client's last message can come first."""
+        latest: dict[str, float] = {}
+
+        async def ended() -> bool:
+            nonlocal latest
+            latest = counters()
+            return latest.get("tandem_requests_total", 0) > previous.get("tandem_requests_total", 0)
+
+        await wait_until(ended, timeout_s=10, what="the request's end in the router's metrics")
+        return latest
+
     before = counters()
     await sdk.completions.create(model=MODEL, prompt=list(range(100, 140)), max_tokens=6,
                                  temperature=0, extra_body={"ignore_eos": True})
-    middle = counters()
+    middle = await once_counted(before)
     async with RouterClient(cluster.router_address) as client:
         await client.complete(token_ids=list(range(200, 240)), max_tokens=6, ignore_eos=True)
-    after = counters()
+    after = await once_counted(middle)
     http_delta = {k: middle[k] - before.get(k, 0) for k in middle}
     grpc_delta = {k: after[k] - middle.get(k, 0) for k in after}
     assert http_delta == grpc_delta
