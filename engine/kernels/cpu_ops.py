@@ -1,10 +1,15 @@
-"""C++ kernels for the CPU engine, built at first use: decode attention and RMSNorm.
+"""C++ kernels for the CPU engine, built at first use: decode and prefill attention, RMSNorm.
 
 - `paged_decode_cpu` (`paged_decode_cpu.cpp`): one query token per sequence attends straight
   over the paged KV cache: no gather into a dense copy, the query heads of a KV head computed
   together, each K/V row upcast once, float32 softmax and sums, sequences spread over torch's
   intra-op threads. torch's SDPA flash path tiles every (sequence, head) for a single query row
   and needs the K/V gathered first.
+- `prefill_attention_cpu` (`prefill_attention_cpu.cpp`): causal attention of fresh prompts in
+  flash order (query tiles of a KV head's query heads, keys in blocks of 16 up to the diagonal,
+  online float32 softmax, lane-wise over 16 rows so no reduction crosses lanes): 1.7-1.9x
+  torch's CPU flash SDPA at SmolLM2-135M's prefill shape, which computes the masked half of
+  every tile below 512 keys.
 - `rms_norm_cpu` (`rms_norm_cpu.cpp`): RMSNorm in one pass per row with HF's rounding; torch's
   is ~9 passes whose float32 temporaries of a long prompt fall out of cache.
 
@@ -15,7 +20,8 @@ is asked (~20 s, once per machine: the build is kept under `TORCH_EXTENSIONS_DIR
 checkout with the same kernels shares it and a change builds anew); a worker asks in its
 warm-up (`engine.warmup`). Without a C++ compiler and ninja, or if the build
 fails, `available()` logs why once and returns False, and the engine runs torch's ops as
-before (SDPA over the decode mirror, `engine/kernels/decode_mirror.py`; `F.rms_norm`).
+before (SDPA over the decode mirror, `engine/kernels/decode_mirror.py`; causal SDPA tiles,
+`engine.kernels.attention.prefill_attention`; `F.rms_norm`).
 `EngineConfig.cpu_kernels` (`--no-cpu-kernels` on a worker) turns them off.
 """
 
@@ -32,7 +38,8 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCES = tuple(Path(__file__).with_name(name)
-                for name in ("paged_decode_cpu.cpp", "rms_norm_cpu.cpp"))
+                for name in ("paged_decode_cpu.cpp", "prefill_attention_cpu.cpp",
+                             "rms_norm_cpu.cpp"))
 HEADERS = (Path(__file__).with_name("cpu_widen.h"),)  # included by the sources
 CFLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp")
 
@@ -78,11 +85,12 @@ def _build() -> bool:
              extra_cflags=list(CFLAGS), is_python_module=False, verbose=False)
         torch.ops.tandem_cpu.paged_decode  # noqa: B018 (raises if the ops did not register)
         torch.ops.tandem_cpu.rms_norm  # noqa: B018
+        torch.ops.tandem_cpu.prefill_attention  # noqa: B018
     except Exception as error:  # no compiler, no ninja, a failed build: torch's ops
         log.warning("the C++ CPU kernels are not available (%s: %s); the engine runs torch's "
                     "ops", type(error).__name__, str(error)[-500:])
         return False
-    log.info("C++ CPU kernels ready (decode attention, RMSNorm)")
+    log.info("C++ CPU kernels ready (decode and prefill attention, RMSNorm)")
     return True
 
 
@@ -95,6 +103,21 @@ def paged_decode_cpu(q: torch.Tensor, kv_layer: torch.Tensor, block_tables: torc
     `available()` first."""
     out: torch.Tensor = torch.ops.tandem_cpu.paged_decode(q, kv_layer, block_tables, seq_lens,
                                                           scale)
+    return out
+
+
+def prefill_supported(head_dim: int) -> bool:
+    """Whether `prefill_attention_cpu` takes this head size (a multiple of 16 up to 128)."""
+    return 0 < head_dim <= 128 and head_dim % 16 == 0
+
+
+def prefill_attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          cu_seqlens: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal attention of fresh prompts: q `[T, Hq, D]`, k and v `[T, Hkv, D]` (one dtype: float32,
+    bfloat16 or float16; D contiguous, `prefill_supported(D)`), sequence s owning rows
+    `cu_seqlens[s]:cu_seqlens[s + 1]` (int32 `[S + 1]`, from 0 to T); returns `[T, Hq, D]`
+    in q's dtype, softmax and sums in float32. Call `available()` first."""
+    out: torch.Tensor = torch.ops.tandem_cpu.prefill_attention(q, k, v, cu_seqlens, scale)
     return out
 
 

@@ -8,8 +8,10 @@ pass and reused by every layer. Paths, on the torch backend (CPU):
   over the paged cache (`engine/kernels/cpu_ops.py`) when it is built and not turned off;
   else `paged_decode_torch` over a `DecodePlan`, or, from the second step of a steady decode
   batch on, the model's `DecodeMirror`;
-- all sequences fresh prompts (`q_len == seq_len`): `prefill_attention` over the step's own
-  K/V, as the cache holds them (rounded to the cache dtype), with causal SDPA and no gather;
+- all sequences fresh prompts (`q_len == seq_len`): attention over the step's own K/V, as the
+  cache holds them (rounded to the cache dtype), with no gather: the C++ kernel
+  `prefill_attention_cpu` when built (and the head size is one it takes), else
+  `prefill_attention` (causal SDPA tiles);
 - anything else (prompts over a cached prefix, mixed batches): `paged_attention`.
 
 On the Triton backend (CUDA) every step is `store_kv` + `paged_attention`.
@@ -44,7 +46,8 @@ class AttentionStep:
                  cpu_kernels: bool = True) -> None:
         """kv_cache: the whole model's cache (`engine.kv_cache`); mirror: the model's;
         cpu_kernels: whether this pass may use the C++ CPU kernels (`engine.kernels.cpu_ops`):
-        `paged_decode_cpu` for decode steps, and `rms_norm_cpu` (the layers read
+        `paged_decode_cpu` for decode steps, `prefill_attention_cpu` for fresh prompts, and
+        `rms_norm_cpu` (the layers read
         `self.cpu_kernels`)."""
         self.batch = batch
         self.triton = select_backend(kv_cache) == "triton"
@@ -98,6 +101,8 @@ class AttentionStep:
             return paged_decode_torch(q, kv_layer, self.decode, scale)
         if self.prompt_lens is not None:
             k, v = k_cache.to(q.dtype), v_cache.to(q.dtype)  # K/V at the cache's precision
+            if self.cpu_kernels and cpu_ops.prefill_supported(q.shape[-1]):
+                return cpu_ops.prefill_attention_cpu(q, k, v, b.query_start_loc, scale)
             return prefill_attention(q, k, v, self.prompt_lens, scale)
         q_in = q.to(kv_layer.dtype) if self.triton else q  # Triton wants one dtype
         out = paged_attention(q_in, kv_layer, b.block_tables, b.query_start_loc, b.seq_lens,
