@@ -23,8 +23,12 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <numeric>
+#include <type_traits>
 #include <vector>
+
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -64,14 +68,148 @@ inline v16f vexp(v16f x) {
 
 inline v16f vmax(v16f a, v16f b) { return a > b ? a : b; }
 
-// The work of one thread: tiles, each over its own keys. CHUNKS = D / 16. In a tile, score rows
-// go 16 to a lane group (one head, 16 consecutive positions; each head's rows padded to a
-// multiple of 16), so scores, the running max and sum and the mask are all lane-wise and the
-// softmax needs no reduction across lanes.
-template <typename T, int64_t CHUNKS>
+// Scores and weighted sums in float32 FMAs on widened values: every dtype, every CPU (vector
+// extensions compile to AVX-512, AVX2 or NEON). Lane group l holds 16 rows' queries transposed,
+// [D][16 rows], pre-scaled; a key block is 16 widened K and V rows.
+template <typename T, int64_t D>
+struct FloatMath {
+  std::vector<v16f> queries;        // [lane group][D]
+  std::vector<float> keys, values;  // [16 keys][D]
+  float scale = 1.f;
+
+  explicit FloatMath(int64_t lane_groups) : queries(lane_groups * D), keys(KEYS * D),
+                                            values(KEYS * D) {}
+
+  // row `lane` of lane group l: src (D values) or, for padding, zeros
+  void load_query(int64_t l, int64_t lane, const T* src, float query_scale) {
+    float* dst = reinterpret_cast<float*>(queries.data() + l * D) + lane;
+    for (int64_t d = 0; d < D; ++d) dst[d * 16] = src ? widen(src[d]) * query_scale : 0.f;
+  }
+
+  void load_key_value(int64_t j, const T* k_row, const T* v_row) {
+    float* kd = keys.data() + j * D;
+    float* vd = values.data() + j * D;
+    for (int64_t d = 0; d < D; ++d) kd[d] = k_row ? widen(k_row[d]) : 0.f;
+    for (int64_t d = 0; d < D; ++d) vd[d] = v_row ? widen(v_row[d]) : 0.f;
+  }
+
+  // s[j] = the 16 rows' scores against key j, 8 keys at a time (independent accumulators)
+  void scores(int64_t l, v16f* s) const {
+    const v16f* ql = queries.data() + l * D;
+    for (int64_t j0 = 0; j0 < KEYS; j0 += 8) {
+      const float* kj = keys.data() + j0 * D;
+      v16f s0{}, s1{}, s2{}, s3{}, s4{}, s5{}, s6{}, s7{};
+      for (int64_t d = 0; d < D; ++d) {
+        const v16f qd = ql[d];
+        s0 += kj[d] * qd;
+        s1 += kj[D + d] * qd;
+        s2 += kj[2 * D + d] * qd;
+        s3 += kj[3 * D + d] * qd;
+        s4 += kj[4 * D + d] * qd;
+        s5 += kj[5 * D + d] * qd;
+        s6 += kj[6 * D + d] * qd;
+        s7 += kj[7 * D + d] * qd;
+      }
+      s[j0] = s0; s[j0 + 1] = s1; s[j0 + 2] = s2; s[j0 + 3] = s3;
+      s[j0 + 4] = s4; s[j0 + 5] = s5; s[j0 + 6] = s6; s[j0 + 7] = s7;
+    }
+  }
+
+  // a[d] = a[d] * rescale + sum_j v_j[d] * p_j, 8 head dims at a time (each p_j loaded once)
+  void accumulate(v16f* a, const v16f* probs, v16f rescale) const {
+    for (int64_t d = 0; d < D; d += 8) {
+      v16f x[8];
+      for (int64_t e = 0; e < 8; ++e) x[e] = a[d + e] * rescale;
+      for (int64_t j = 0; j < KEYS; ++j) {
+        const v16f pj = probs[j];
+        const float* vj = values.data() + j * D + d;
+        for (int64_t e = 0; e < 8; ++e) x[e] += vj[e] * pj;
+      }
+      for (int64_t e = 0; e < 8; ++e) a[d + e] = x[e];
+    }
+  }
+};
+
+#if defined(__AVX512BF16__)
+inline uint32_t bf16_pair(c10::BFloat16 lo, c10::BFloat16 hi) {
+  return static_cast<uint32_t>(lo.x) | (static_cast<uint32_t>(hi.x) << 16);
+}
+
+// bfloat16 on a CPU with AVX512-BF16: VDPBF16PS multiplies bf16 pairs into float32 sums, twice
+// the FMAs' work per instruction. Queries go in unscaled as [D / 2][16 rows] pairs of head dims
+// (the scale multiplies the float32 scores, as torch's SDPA does); the probabilities are rounded
+// to bf16 for the weighted sum (as torch's SDPA does), paired by key with V stored as
+// [8 key pairs][D].
+template <int64_t D>
+struct Bf16Math {
+  std::vector<uint32_t> queries;  // [lane group][D / 2][16 rows]
+  std::vector<uint32_t> keys;     // [16 keys][D / 2]
+  std::vector<uint32_t> values;   // [8 key pairs][D]
+  float scale = 1.f;
+
+  explicit Bf16Math(int64_t lane_groups) : queries(lane_groups * D * 8), keys(KEYS * D / 2),
+                                           values(KEYS / 2 * D) {}
+
+  void load_query(int64_t l, int64_t lane, const c10::BFloat16* src, float query_scale) {
+    scale = query_scale;
+    uint32_t* dst = queries.data() + l * D * 8 + lane;
+    for (int64_t i = 0; i < D / 2; ++i) dst[i * 16] = src ? bf16_pair(src[2 * i], src[2 * i + 1]) : 0;
+  }
+
+  void load_key_value(int64_t j, const c10::BFloat16* k_row, const c10::BFloat16* v_row) {
+    uint32_t* kd = keys.data() + j * D / 2;
+    for (int64_t i = 0; i < D / 2; ++i) kd[i] = k_row ? bf16_pair(k_row[2 * i], k_row[2 * i + 1]) : 0;
+    uint16_t* vd = reinterpret_cast<uint16_t*>(values.data() + (j / 2) * D) + (j % 2);
+    for (int64_t d = 0; d < D; ++d) vd[2 * d] = v_row ? v_row[d].x : 0;
+  }
+
+  void scores(int64_t l, v16f* s) const {
+    const uint32_t* ql = queries.data() + l * D * 8;
+    for (int64_t j0 = 0; j0 < KEYS; j0 += 8) {
+      __m512 acc[8];
+      for (int64_t e = 0; e < 8; ++e) acc[e] = _mm512_setzero_ps();
+      for (int64_t i = 0; i < D / 2; ++i) {
+        const __m512bh qi = (__m512bh)_mm512_loadu_si512(ql + i * 16);
+        for (int64_t e = 0; e < 8; ++e) {
+          const __m512bh kj = (__m512bh)_mm512_set1_epi32(static_cast<int>(keys[(j0 + e) * D / 2 + i]));
+          acc[e] = _mm512_dpbf16_ps(acc[e], qi, kj);
+        }
+      }
+      for (int64_t e = 0; e < 8; ++e) s[j0 + e] = (v16f)acc[e] * scale;
+    }
+  }
+
+  void accumulate(v16f* a, const v16f* probs, v16f rescale) const {
+    __m512bh pairs[KEYS / 2];  // [key pair]: (p_2j, p_2j+1) of the 16 rows, rounded to bf16
+    for (int64_t jp = 0; jp < KEYS / 2; ++jp) {
+      const __m512i lo = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh((__m512)probs[2 * jp]));
+      const __m512i hi =
+          _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh((__m512)probs[2 * jp + 1]));
+      pairs[jp] = (__m512bh)_mm512_or_si512(lo, _mm512_slli_epi32(hi, 16));
+    }
+    for (int64_t d = 0; d < D; d += 8) {
+      __m512 x[8];
+      for (int64_t e = 0; e < 8; ++e) x[e] = (__m512)(a[d + e] * rescale);
+      for (int64_t jp = 0; jp < KEYS / 2; ++jp) {
+        const uint32_t* vj = values.data() + jp * D + d;
+        for (int64_t e = 0; e < 8; ++e) {
+          x[e] = _mm512_dpbf16_ps(x[e], pairs[jp],
+                                  (__m512bh)_mm512_set1_epi32(static_cast<int>(vj[e])));
+        }
+      }
+      for (int64_t e = 0; e < 8; ++e) a[d + e] = (v16f)x[e];
+    }
+  }
+};
+#endif
+
+// The work of one thread: tiles, each over its own keys, with Math's scores and weighted sums.
+// In a tile, score rows go 16 to a lane group (one head, 16 consecutive positions; each head's
+// rows padded to a multiple of 16), so scores, the running max and sum and the mask are all
+// lane-wise and the softmax needs no reduction across lanes.
+template <typename T, int64_t D, typename Math>
 void run_items(const std::vector<Item>& items, const at::Tensor& q, const at::Tensor& k,
                const at::Tensor& v, const int32_t* starts, float scale, at::Tensor& out) {
-  constexpr int64_t D = CHUNKS * 16;
   const int64_t num_heads = q.size(1), group = num_heads / k.size(1);
   const int64_t q_tok = q.stride(0), q_head = q.stride(1);
   const int64_t k_tok = k.stride(0), k_head = k.stride(1);
@@ -81,24 +219,19 @@ void run_items(const std::vector<Item>& items, const at::Tensor& q, const at::Te
   const T* v_data = v.data_ptr<T>();
   T* out_data = out.data_ptr<T>();
   const int64_t max_lanes = group * TILE_ROWS / 16;  // lane groups of a full tile
-  std::vector<v16f> queries_t(max_lanes * D);      // [lane group][D]: 16 rows' q_d, scaled
-  std::vector<float> keys(KEYS * D), values(KEYS * D);  // [16 keys][D], widened
-  std::vector<v16f> probs(KEYS);                   // [key]: 16 rows' probabilities
+  Math math(max_lanes);
+  v16f probs[KEYS];  // [key]: 16 rows' probabilities
   std::vector<v16f> top(max_lanes), total(max_lanes);
-  std::vector<v16f> acc(max_lanes * D);            // [lane group][D]: 16 rows' sums
+  std::vector<v16f> acc(max_lanes * D);  // [lane group][D]: 16 rows' weighted sums
   for (const Item& it : items) {
     const int64_t base = starts[it.seq], rows = it.rows, first = it.first_row;
     const int64_t lanes_per_head = (rows + 15) / 16, lane_groups = group * lanes_per_head;
-    float* qt = reinterpret_cast<float*>(queries_t.data());
     for (int64_t g = 0; g < group; ++g) {
       for (int64_t r = 0; r < lanes_per_head * 16; ++r) {
-        float* dst = qt + (g * lanes_per_head + r / 16) * D * 16 + r % 16;
-        if (r >= rows) {
-          for (int64_t d = 0; d < D; ++d) dst[d * 16] = 0.f;
-          continue;
-        }
-        const T* src = q_data + (base + first + r) * q_tok + (it.kv_head * group + g) * q_head;
-        for (int64_t d = 0; d < D; ++d) dst[d * 16] = widen(src[d]) * scale;
+        const T* src = r < rows ? q_data + (base + first + r) * q_tok +
+                                      (it.kv_head * group + g) * q_head
+                                : nullptr;
+        math.load_query(g * lanes_per_head + r / 16, r % 16, src, scale);
       }
     }
     for (int64_t l = 0; l < lane_groups; ++l) {
@@ -110,41 +243,17 @@ void run_items(const std::vector<Item>& items, const at::Tensor& q, const at::Te
     for (int64_t key0 = 0; key0 < end; key0 += KEYS) {
       const int64_t nk = std::min(KEYS, end - key0);
       for (int64_t j = 0; j < KEYS; ++j) {
-        float* kd = keys.data() + j * D;
-        float* vd = values.data() + j * D;
-        if (j >= nk) {
-          std::fill(kd, kd + D, 0.f);
-          std::fill(vd, vd + D, 0.f);
-          continue;
-        }
-        const T* kr = k_data + (base + key0 + j) * k_tok + it.kv_head * k_head;
-        const T* vr = v_data + (base + key0 + j) * v_tok + it.kv_head * v_head;
-        for (int64_t d = 0; d < D; ++d) kd[d] = widen(kr[d]);
-        for (int64_t d = 0; d < D; ++d) vd[d] = widen(vr[d]);
+        const bool real = j < nk;
+        math.load_key_value(
+            j, real ? k_data + (base + key0 + j) * k_tok + it.kv_head * k_head : nullptr,
+            real ? v_data + (base + key0 + j) * v_tok + it.kv_head * v_head : nullptr);
       }
       for (int64_t l = 0; l < lane_groups; ++l) {
         const int64_t row0 = (l % lanes_per_head) * 16;  // the group's first row in the tile
         const int64_t pos0 = first + row0;               // its lanes' positions: pos0 + lane
         if (key0 > pos0 + 15) continue;                  // all 16 rows above the diagonal
-        const v16f* ql = queries_t.data() + l * D;
         v16f s[KEYS];
-        for (int64_t j0 = 0; j0 < KEYS; j0 += 8) {  // scores: 16 rows x 8 keys at a time
-          const float* kj = keys.data() + j0 * D;
-          v16f s0{}, s1{}, s2{}, s3{}, s4{}, s5{}, s6{}, s7{};
-          for (int64_t d = 0; d < D; ++d) {
-            const v16f qd = ql[d];
-            s0 += kj[d] * qd;
-            s1 += kj[D + d] * qd;
-            s2 += kj[2 * D + d] * qd;
-            s3 += kj[3 * D + d] * qd;
-            s4 += kj[4 * D + d] * qd;
-            s5 += kj[5 * D + d] * qd;
-            s6 += kj[6 * D + d] * qd;
-            s7 += kj[7 * D + d] * qd;
-          }
-          s[j0] = s0; s[j0 + 1] = s1; s[j0 + 2] = s2; s[j0 + 3] = s3;
-          s[j0 + 4] = s4; s[j0 + 5] = s5; s[j0 + 6] = s6; s[j0 + 7] = s7;
-        }
+        math.scores(l, s);
         if (key0 + KEYS - 1 > pos0) {  // the diagonal: key key0 + j is masked above row's pos
           v16f pos = splat(static_cast<float>(pos0));
           for (int64_t lane = 0; lane < 16; ++lane) pos[lane] += static_cast<float>(lane);
@@ -163,18 +272,7 @@ void run_items(const std::vector<Item>& items, const at::Tensor& q, const at::Te
         }
         top[l] = new_top;
         total[l] = total[l] * rescale + sum;
-        // acc[d] += sum_j v_j[d] * p_j: 16 rows a vector, as the scores
-        v16f* a = acc.data() + l * D;
-        for (int64_t d = 0; d < D; d += 8) {  // 8 head dims at a time: each p_j loaded once
-          v16f x[8];
-          for (int64_t e = 0; e < 8; ++e) x[e] = a[d + e] * rescale;
-          for (int64_t j = 0; j < KEYS; ++j) {
-            const v16f pj = probs[j];
-            const float* vj = values.data() + j * D + d;
-            for (int64_t e = 0; e < 8; ++e) x[e] += vj[e] * pj;
-          }
-          for (int64_t e = 0; e < 8; ++e) a[d + e] = x[e];
-        }
+        math.accumulate(acc.data() + l * D, probs, rescale);
       }
     }
     for (int64_t l = 0; l < lane_groups; ++l) {
@@ -188,6 +286,19 @@ void run_items(const std::vector<Item>& items, const at::Tensor& q, const at::Te
       }
     }
   }
+}
+
+// bf16 on AVX512-BF16 takes Bf16Math, everything else FloatMath.
+template <typename T, int64_t CHUNKS>
+void run_head_dim(const std::vector<Item>& items, const at::Tensor& q, const at::Tensor& k,
+                  const at::Tensor& v, const int32_t* starts, float scale, at::Tensor& out) {
+  constexpr int64_t D = CHUNKS * 16;
+#if defined(__AVX512BF16__)
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    return run_items<T, D, Bf16Math<D>>(items, q, k, v, starts, scale, out);
+  }
+#endif
+  run_items<T, D, FloatMath<T, D>>(items, q, k, v, starts, scale, out);
 }
 
 // The tiles of every sequence and KV head, dealt to the threads longest first (a tile's cost
@@ -223,14 +334,14 @@ void run_for_head_dim(const std::vector<std::vector<Item>>& lists, const at::Ten
   at::parallel_for(0, static_cast<int64_t>(lists.size()), 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       switch (q.size(2) / 16) {
-        case 1: run_items<T, 1>(lists[t], q, k, v, starts, scale, out); break;
-        case 2: run_items<T, 2>(lists[t], q, k, v, starts, scale, out); break;
-        case 3: run_items<T, 3>(lists[t], q, k, v, starts, scale, out); break;
-        case 4: run_items<T, 4>(lists[t], q, k, v, starts, scale, out); break;
-        case 5: run_items<T, 5>(lists[t], q, k, v, starts, scale, out); break;
-        case 6: run_items<T, 6>(lists[t], q, k, v, starts, scale, out); break;
-        case 7: run_items<T, 7>(lists[t], q, k, v, starts, scale, out); break;
-        case 8: run_items<T, 8>(lists[t], q, k, v, starts, scale, out); break;
+        case 1: run_head_dim<T, 1>(lists[t], q, k, v, starts, scale, out); break;
+        case 2: run_head_dim<T, 2>(lists[t], q, k, v, starts, scale, out); break;
+        case 3: run_head_dim<T, 3>(lists[t], q, k, v, starts, scale, out); break;
+        case 4: run_head_dim<T, 4>(lists[t], q, k, v, starts, scale, out); break;
+        case 5: run_head_dim<T, 5>(lists[t], q, k, v, starts, scale, out); break;
+        case 6: run_head_dim<T, 6>(lists[t], q, k, v, starts, scale, out); break;
+        case 7: run_head_dim<T, 7>(lists[t], q, k, v, starts, scale, out); break;
+        case 8: run_head_dim<T, 8>(lists[t], q, k, v, starts, scale, out); break;
         default: TORCH_CHECK(false, "prefill_attention: unsupported head_dim");
       }
     }
