@@ -1,17 +1,23 @@
-// Causal attention of fresh prompts for the CPU engine (prefill with no cached prefix).
+// Causal attention of prompts for the CPU engine, in two ops:
 //
-// q [T, Hq, D], k and v [T, Hkv, D] (any token and head strides, D contiguous, one dtype):
-// sequence s owns rows cu_seqlens[s] .. cu_seqlens[s + 1] and its query at position p attends
-// over its keys 0..p. Returns [T, Hq, D] in q's dtype.
+// - prefill_attention: fresh prompts (no cached prefix). q [T, Hq, D], k and v [T, Hkv, D]
+//   (any token and head strides, D contiguous, one dtype): sequence s owns rows
+//   cu_seqlens[s] .. cu_seqlens[s + 1] and its query at position p attends over keys 0..p.
+// - paged_prefill_attention: any batch over one layer's paged cache [N, 2, block_size, Hkv, D]
+//   (the step's own K/V already stored): sequence s has seq_lens[s] tokens, its queries
+//   (rows query_start_loc[s] .. [s + 1]) are the last ones: a prompt over a cached prefix, a
+//   chunk of a long prompt, decodes mixed in.
+// Both return [T, Hq, D] in q's dtype.
 //
 // Flash-attention order: a work item is a tile of TILE_ROWS query positions of one sequence for
-// all the query heads of one KV head (GQA: the K/V tile is read and widened once for the G
+// all the query heads of one KV head (GQA: each K/V block is read and widened once for the G
 // heads); keys go by in blocks of 16 up to the tile's last position, with an online softmax in
 // float32, so no [L, L] score matrix is ever built and blocks above the diagonal are never
-// computed. Scores and the weighted sum are float32 register tiles (GCC vector extensions: one
-// 512-bit register per 16 keys or 16 head dims on AVX-512, two 256-bit ones on AVX2).
-// torch's CPU flash SDPA has no causal block skipping below 512 keys and runs a [G*R, L]
-// masked tile per call: ~65 GFLOP/s at SmolLM2-135M's prefill shape on 2 cores.
+// computed. Scores and weighted sums are float32 register tiles (GCC vector extensions: one
+// 512-bit register per 16 rows on AVX-512, two 256-bit ones on AVX2), their products VDPBF16PS
+// for bf16 on AVX512-BF16. torch's CPU flash SDPA has no causal block skipping below 512 keys
+// and runs a masked [G*R, L] tile per call: ~65-85 GFLOP/s at SmolLM2-135M's prefill shape on
+// 2 cores, this kernel ~140 (fp32) and ~180 (bf16).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -40,8 +46,52 @@ constexpr int64_t KEYS = 16;        // keys per block: the lanes of one score ve
 constexpr int64_t TILE_ROWS = 32;   // query positions per work item (times G heads)
 constexpr float MASKED = -1e30f;    // a masked score (finite: -ffast-math assumes no infinities)
 
+// A work item: query rows first_row .. first_row + rows - 1 of sequence seq, at positions
+// context + first_row + ..., for the query heads of one KV head.
 struct Item {
-  int64_t seq, kv_head, first_row, rows, cost;
+  int64_t seq, kv_head, first_row, rows, context, cost;
+};
+
+// Where a key's K and V rows are: the prompt's own k, v [T, Hkv, D] (fresh prompts) ...
+template <typename T>
+struct StepKeys {
+  const T* k;
+  const T* v;
+  const int32_t* starts;
+  int64_t k_tok, k_head, v_tok, v_head, num_kv_heads;
+
+  StepKeys(const at::Tensor& k_, const at::Tensor& v_, const int32_t* starts_)
+      : k(k_.data_ptr<T>()), v(v_.data_ptr<T>()), starts(starts_), k_tok(k_.stride(0)),
+        k_head(k_.stride(1)), v_tok(v_.stride(0)), v_head(v_.stride(1)),
+        num_kv_heads(k_.size(1)) {}
+  const T* key(int64_t seq, int64_t pos, int64_t head) const {
+    return k + (starts[seq] + pos) * k_tok + head * k_head;
+  }
+  const T* value(int64_t seq, int64_t pos, int64_t head) const {
+    return v + (starts[seq] + pos) * v_tok + head * v_head;
+  }
+};
+
+// ... or one layer's paged cache [N, 2, block_size, Hkv, D] through the block tables (a prompt
+// over a cached prefix, a chunk of a long prompt, a mixed batch's sequences).
+template <typename T>
+struct PagedKeys {
+  const T* kv;
+  const int32_t* tables;
+  int64_t block_stride, v_stride, row_stride, head_stride, block_size, table_stride,
+      num_kv_heads;
+
+  PagedKeys(const at::Tensor& kv_, const at::Tensor& tables_)
+      : kv(kv_.data_ptr<T>()), tables(tables_.data_ptr<int32_t>()), block_stride(kv_.stride(0)),
+        v_stride(kv_.stride(1)), row_stride(kv_.stride(2)), head_stride(kv_.stride(3)),
+        block_size(kv_.size(2)), table_stride(tables_.stride(0)), num_kv_heads(kv_.size(3)) {}
+  const T* key(int64_t seq, int64_t pos, int64_t head) const {
+    return kv + tables[seq * table_stride + pos / block_size] * block_stride +
+           (pos % block_size) * row_stride + head * head_stride;
+  }
+  const T* value(int64_t seq, int64_t pos, int64_t head) const {
+    return key(seq, pos, head) + v_stride;
+  }
 };
 
 typedef int32_t v16i __attribute__((vector_size(64)));
@@ -207,16 +257,12 @@ struct Bf16Math {
 // In a tile, score rows go 16 to a lane group (one head, 16 consecutive positions; each head's
 // rows padded to a multiple of 16), so scores, the running max and sum and the mask are all
 // lane-wise and the softmax needs no reduction across lanes.
-template <typename T, int64_t D, typename Math>
-void run_items(const std::vector<Item>& items, const at::Tensor& q, const at::Tensor& k,
-               const at::Tensor& v, const int32_t* starts, float scale, at::Tensor& out) {
-  const int64_t num_heads = q.size(1), group = num_heads / k.size(1);
+template <typename T, int64_t D, typename Math, typename Keys>
+void run_items(const std::vector<Item>& items, const at::Tensor& q, const Keys& keys,
+               const int32_t* starts, float scale, at::Tensor& out) {
+  const int64_t num_heads = q.size(1), group = num_heads / keys.num_kv_heads;
   const int64_t q_tok = q.stride(0), q_head = q.stride(1);
-  const int64_t k_tok = k.stride(0), k_head = k.stride(1);
-  const int64_t v_tok = v.stride(0), v_head = v.stride(1);
   const T* q_data = q.data_ptr<T>();
-  const T* k_data = k.data_ptr<T>();
-  const T* v_data = v.data_ptr<T>();
   T* out_data = out.data_ptr<T>();
   const int64_t max_lanes = group * TILE_ROWS / 16;  // lane groups of a full tile
   Math math(max_lanes);
@@ -239,18 +285,17 @@ void run_items(const std::vector<Item>& items, const at::Tensor& q, const at::Te
       total[l] = v16f{};
     }
     for (int64_t i = 0; i < lane_groups * D; ++i) acc[i] = v16f{};
-    const int64_t end = first + rows;  // keys 0 .. end - 1 are seen by some row
+    const int64_t end = it.context + first + rows;  // keys 0 .. end - 1 are seen by some row
     for (int64_t key0 = 0; key0 < end; key0 += KEYS) {
       const int64_t nk = std::min(KEYS, end - key0);
       for (int64_t j = 0; j < KEYS; ++j) {
         const bool real = j < nk;
-        math.load_key_value(
-            j, real ? k_data + (base + key0 + j) * k_tok + it.kv_head * k_head : nullptr,
-            real ? v_data + (base + key0 + j) * v_tok + it.kv_head * v_head : nullptr);
+        math.load_key_value(j, real ? keys.key(it.seq, key0 + j, it.kv_head) : nullptr,
+                            real ? keys.value(it.seq, key0 + j, it.kv_head) : nullptr);
       }
       for (int64_t l = 0; l < lane_groups; ++l) {
         const int64_t row0 = (l % lanes_per_head) * 16;  // the group's first row in the tile
-        const int64_t pos0 = first + row0;               // its lanes' positions: pos0 + lane
+        const int64_t pos0 = it.context + first + row0;  // its lanes' positions: pos0 + lane
         if (key0 > pos0 + 15) continue;                  // all 16 rows above the diagonal
         v16f s[KEYS];
         math.scores(l, s);
@@ -289,36 +334,36 @@ void run_items(const std::vector<Item>& items, const at::Tensor& q, const at::Te
 }
 
 // bf16 on AVX512-BF16 takes Bf16Math, everything else FloatMath.
-template <typename T, int64_t CHUNKS>
-void run_head_dim(const std::vector<Item>& items, const at::Tensor& q, const at::Tensor& k,
-                  const at::Tensor& v, const int32_t* starts, float scale, at::Tensor& out) {
+template <typename T, int64_t CHUNKS, typename Keys>
+void run_head_dim(const std::vector<Item>& items, const at::Tensor& q, const Keys& keys,
+                  const int32_t* starts, float scale, at::Tensor& out) {
   constexpr int64_t D = CHUNKS * 16;
 #if defined(__AVX512BF16__)
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    return run_items<T, D, Bf16Math<D>>(items, q, k, v, starts, scale, out);
+    return run_items<T, D, Bf16Math<D>>(items, q, keys, starts, scale, out);
   }
 #endif
-  run_items<T, D, FloatMath<T, D>>(items, q, k, v, starts, scale, out);
+  run_items<T, D, FloatMath<T, D>>(items, q, keys, starts, scale, out);
 }
 
 // The tiles of every sequence and KV head, dealt to the threads longest first (a tile's cost
 // is its rows times the keys they see, so the last tiles of a prompt cost the most).
-std::vector<std::vector<Item>> deal(const int32_t* starts, int64_t num_seqs, int64_t num_kv_heads,
-                                    int64_t threads) {
+std::vector<std::vector<Item>> deal(const int32_t* starts, const std::vector<int64_t>& contexts,
+                                    int64_t num_kv_heads, int64_t threads) {
   std::vector<Item> items;
-  for (int64_t s = 0; s < num_seqs; ++s) {
-    const int64_t len = starts[s + 1] - starts[s];
+  for (int64_t s = 0; s < static_cast<int64_t>(contexts.size()); ++s) {
+    const int64_t len = starts[s + 1] - starts[s], context = contexts[s];
     for (int64_t h = 0; h < num_kv_heads; ++h) {
       for (int64_t first = 0; first < len; first += TILE_ROWS) {
         const int64_t rows = std::min(TILE_ROWS, len - first);
-        items.push_back({s, h, first, rows, rows * (first + rows)});
+        items.push_back({s, h, first, rows, context, rows * (context + first + rows)});
       }
     }
   }
   std::stable_sort(items.begin(), items.end(),
                    [](const Item& a, const Item& b) { return a.cost > b.cost; });
-  std::vector<std::vector<Item>> lists(threads);
-  std::vector<int64_t> load(threads, 0);
+  std::vector<std::vector<Item>> lists(std::max<int64_t>(threads, 1));
+  std::vector<int64_t> load(lists.size(), 0);
   for (const Item& it : items) {
     const int64_t t = std::min_element(load.begin(), load.end()) - load.begin();
     lists[t].push_back(it);
@@ -327,29 +372,60 @@ std::vector<std::vector<Item>> deal(const int32_t* starts, int64_t num_seqs, int
   return lists;
 }
 
-template <typename T>
-void run_for_head_dim(const std::vector<std::vector<Item>>& lists, const at::Tensor& q,
-                      const at::Tensor& k, const at::Tensor& v, const int32_t* starts, float scale,
-                      at::Tensor& out) {
-  at::parallel_for(0, static_cast<int64_t>(lists.size()), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      switch (q.size(2) / 16) {
-        case 1: run_head_dim<T, 1>(lists[t], q, k, v, starts, scale, out); break;
-        case 2: run_head_dim<T, 2>(lists[t], q, k, v, starts, scale, out); break;
-        case 3: run_head_dim<T, 3>(lists[t], q, k, v, starts, scale, out); break;
-        case 4: run_head_dim<T, 4>(lists[t], q, k, v, starts, scale, out); break;
-        case 5: run_head_dim<T, 5>(lists[t], q, k, v, starts, scale, out); break;
-        case 6: run_head_dim<T, 6>(lists[t], q, k, v, starts, scale, out); break;
-        case 7: run_head_dim<T, 7>(lists[t], q, k, v, starts, scale, out); break;
-        case 8: run_head_dim<T, 8>(lists[t], q, k, v, starts, scale, out); break;
-        default: TORCH_CHECK(false, "prefill_attention: unsupported head_dim");
+template <template <typename> class KeysOf, typename... KeyArgs>
+at::Tensor run(const char* op, const at::Tensor& q, const int32_t* starts,
+               const std::vector<int64_t>& contexts, int64_t num_kv_heads, double scale,
+               const KeyArgs&... key_args) {
+  const int64_t head_dim = q.size(2);
+  TORCH_CHECK(head_dim % 16 == 0 && head_dim > 0 && head_dim <= 128, op, ": head_dim ",
+              head_dim, " is not a multiple of 16 up to 128");
+  at::Tensor out = at::empty({q.size(0), q.size(1), head_dim}, q.options());
+  const auto lists = deal(starts, contexts, num_kv_heads, at::get_num_threads());
+  const float scale_f = static_cast<float>(scale);
+  auto for_dtype = [&](auto zero) {
+    using T = decltype(zero);
+    const KeysOf<T> keys(key_args...);
+    at::parallel_for(0, static_cast<int64_t>(lists.size()), 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        switch (head_dim / 16) {
+          case 1: run_head_dim<T, 1>(lists[t], q, keys, starts, scale_f, out); break;
+          case 2: run_head_dim<T, 2>(lists[t], q, keys, starts, scale_f, out); break;
+          case 3: run_head_dim<T, 3>(lists[t], q, keys, starts, scale_f, out); break;
+          case 4: run_head_dim<T, 4>(lists[t], q, keys, starts, scale_f, out); break;
+          case 5: run_head_dim<T, 5>(lists[t], q, keys, starts, scale_f, out); break;
+          case 6: run_head_dim<T, 6>(lists[t], q, keys, starts, scale_f, out); break;
+          case 7: run_head_dim<T, 7>(lists[t], q, keys, starts, scale_f, out); break;
+          default: run_head_dim<T, 8>(lists[t], q, keys, starts, scale_f, out); break;
+        }
       }
-    }
-  });
+    });
+  };
+  switch (q.scalar_type()) {
+    case at::kFloat: for_dtype(float{}); break;
+    case at::kBFloat16: for_dtype(c10::BFloat16{}); break;
+    case at::kHalf: for_dtype(c10::Half{}); break;
+    default: TORCH_CHECK(false, op, ": dtype ", q.scalar_type(), " not supported");
+  }
+  return out;
+}
+
+// cu [S + 1] int32 from 0 to T, not decreasing: the sequences' query rows.
+const int32_t* query_starts(const char* op, const at::Tensor& cu, int64_t num_tokens) {
+  TORCH_CHECK(cu.scalar_type() == at::kInt && cu.dim() == 1 && cu.is_contiguous() &&
+              cu.size(0) >= 1, op, ": cu_seqlens must be int32 [S + 1]");
+  const int32_t* starts = cu.data_ptr<int32_t>();
+  const int64_t num_seqs = cu.size(0) - 1;
+  TORCH_CHECK(starts[0] == 0 && starts[num_seqs] == num_tokens, op,
+              ": cu_seqlens must run from 0 to T = ", num_tokens);
+  for (int64_t s = 0; s < num_seqs; ++s) {
+    TORCH_CHECK(starts[s + 1] >= starts[s], op, ": cu_seqlens must not decrease (at ", s, ")");
+  }
+  return starts;
 }
 
 at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                              const at::Tensor& cu_seqlens, double scale) {
+  const char* op = "prefill_attention";
   TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(),
               "prefill_attention: CPU tensors only");
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3,
@@ -362,30 +438,54 @@ at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k, const at:
               "prefill_attention: Hq must be a multiple of Hkv");
   TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
               "prefill_attention: q, k and v must have one dtype");
-  const int64_t head_dim = q.size(2);
-  TORCH_CHECK(head_dim % 16 == 0 && head_dim > 0 && head_dim <= 128,
-              "prefill_attention: head_dim ", head_dim, " is not a multiple of 16 up to 128");
-  TORCH_CHECK(cu_seqlens.scalar_type() == at::kInt && cu_seqlens.dim() == 1 &&
-              cu_seqlens.is_contiguous() && cu_seqlens.size(0) >= 1,
-              "prefill_attention: cu_seqlens must be int32 [S + 1]");
-  const int32_t* starts = cu_seqlens.data_ptr<int32_t>();
-  const int64_t num_seqs = cu_seqlens.size(0) - 1;
-  TORCH_CHECK(starts[0] == 0 && starts[num_seqs] == q.size(0),
-              "prefill_attention: cu_seqlens must run from 0 to T = ", q.size(0));
+  const int32_t* starts = query_starts(op, cu_seqlens, q.size(0));
+  const std::vector<int64_t> contexts(cu_seqlens.size(0) - 1, 0);  // fresh: nothing before
+  return run<StepKeys>(op, q, starts, contexts, k.size(1), scale, k, v, starts);
+}
+
+at::Tensor paged_prefill_attention(const at::Tensor& q, const at::Tensor& kv_layer,
+                                   const at::Tensor& block_tables,
+                                   const at::Tensor& query_start_loc, const at::Tensor& seq_lens,
+                                   double scale) {
+  const char* op = "paged_prefill_attention";
+  TORCH_CHECK(q.device().is_cpu() && kv_layer.device().is_cpu(),
+              "paged_prefill_attention: CPU tensors only");
+  TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1,
+              "paged_prefill_attention: q must be [T, Hq, D], D contiguous");
+  TORCH_CHECK(kv_layer.dim() == 5 && kv_layer.size(1) == 2 && kv_layer.stride(4) == 1,
+              "paged_prefill_attention: kv_layer must be [N, 2, block_size, Hkv, D], "
+              "D contiguous");
+  TORCH_CHECK(kv_layer.size(4) == q.size(2),
+              "paged_prefill_attention: head_dim of q and kv_layer differ");
+  TORCH_CHECK(q.size(1) % kv_layer.size(3) == 0,
+              "paged_prefill_attention: Hq must be a multiple of Hkv");
+  TORCH_CHECK(q.scalar_type() == kv_layer.scalar_type(),
+              "paged_prefill_attention: q must have the cache's dtype");
+  TORCH_CHECK(block_tables.scalar_type() == at::kInt && seq_lens.scalar_type() == at::kInt &&
+              block_tables.dim() == 2 && block_tables.stride(1) == 1 && seq_lens.dim() == 1 &&
+              seq_lens.is_contiguous() && block_tables.size(0) == seq_lens.size(0) &&
+              query_start_loc.size(0) == seq_lens.size(0) + 1,
+              "paged_prefill_attention: block_tables [S, max_blocks] and seq_lens [S] must be "
+              "int32, with query_start_loc [S + 1]");
+  const int32_t* starts = query_starts(op, query_start_loc, q.size(0));
+  const int64_t num_seqs = seq_lens.size(0), block_size = kv_layer.size(2);
+  const int64_t capacity = block_tables.size(1) * block_size;
+  const int32_t* lens = seq_lens.data_ptr<int32_t>();
+  const int32_t* tables = block_tables.data_ptr<int32_t>();
+  std::vector<int64_t> contexts(num_seqs);
   for (int64_t s = 0; s < num_seqs; ++s) {
-    TORCH_CHECK(starts[s + 1] >= starts[s], "prefill_attention: cu_seqlens must not decrease (at ",
-                s, ")");
+    const int64_t q_len = starts[s + 1] - starts[s];
+    TORCH_CHECK(lens[s] >= q_len && lens[s] <= capacity, "paged_prefill_attention: seq_lens[",
+                s, "] = ", lens[s], " outside ", q_len, "..", capacity);
+    contexts[s] = lens[s] - q_len;
+    for (int64_t b = 0; b * block_size < lens[s]; ++b) {
+      const int32_t id = tables[s * block_tables.stride(0) + b];
+      TORCH_CHECK(id >= 0 && id < kv_layer.size(0), "paged_prefill_attention: block_tables[",
+                  s, ", ", b, "] = ", id, " outside 0..", kv_layer.size(0) - 1);
+    }
   }
-  at::Tensor out = at::empty({q.size(0), q.size(1), head_dim}, q.options());
-  const auto lists = deal(starts, num_seqs, k.size(1), at::get_num_threads());
-  const float scale_f = static_cast<float>(scale);
-  switch (q.scalar_type()) {
-    case at::kFloat: run_for_head_dim<float>(lists, q, k, v, starts, scale_f, out); break;
-    case at::kBFloat16: run_for_head_dim<c10::BFloat16>(lists, q, k, v, starts, scale_f, out); break;
-    case at::kHalf: run_for_head_dim<c10::Half>(lists, q, k, v, starts, scale_f, out); break;
-    default: TORCH_CHECK(false, "prefill_attention: dtype ", q.scalar_type(), " not supported");
-  }
-  return out;
+  return run<PagedKeys>(op, q, starts, contexts, kv_layer.size(3), scale, kv_layer,
+                        block_tables);
 }
 
 }  // namespace
@@ -393,4 +493,7 @@ at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k, const at:
 TORCH_LIBRARY_FRAGMENT(tandem_cpu, m) {
   m.def("prefill_attention(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, float scale) -> Tensor",
         &prefill_attention);
+  m.def("paged_prefill_attention(Tensor q, Tensor kv_layer, Tensor block_tables, "
+        "Tensor query_start_loc, Tensor seq_lens, float scale) -> Tensor",
+        &paged_prefill_attention);
 }

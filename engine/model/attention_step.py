@@ -12,7 +12,9 @@ pass and reused by every layer. Paths, on the torch backend (CPU):
   cache holds them (rounded to the cache dtype), with no gather: the C++ kernel
   `prefill_attention_cpu` when built (and the head size is one it takes), else
   `prefill_attention` (causal SDPA tiles);
-- anything else (prompts over a cached prefix, mixed batches): `paged_attention`.
+- anything else (prompts over a cached prefix, chunks of long prompts, mixed batches): the
+  C++ kernel `paged_prefill_attention_cpu` over the paged cache when built (the head size one
+  it takes, q in the cache's dtype), else `paged_attention`.
 
 On the Triton backend (CUDA) every step is `store_kv` + `paged_attention`.
 
@@ -104,6 +106,10 @@ class AttentionStep:
             if self.cpu_kernels and cpu_ops.prefill_supported(q.shape[-1]):
                 return cpu_ops.prefill_attention_cpu(q, k, v, b.query_start_loc, scale)
             return prefill_attention(q, k, v, self.prompt_lens, scale)
+        if (self.cpu_kernels and q.dtype == kv_layer.dtype
+                and cpu_ops.prefill_supported(q.shape[-1])):
+            return cpu_ops.paged_prefill_attention_cpu(q, kv_layer, b.block_tables,
+                                                       b.query_start_loc, b.seq_lens, scale)
         q_in = q.to(kv_layer.dtype) if self.triton else q  # Triton wants one dtype
         out = paged_attention(q_in, kv_layer, b.block_tables, b.query_start_loc, b.seq_lens,
                               scale, b.max_query_len, b.max_seq_len)  # [T, Hq, D]

@@ -1,7 +1,10 @@
-"""The C++ prefill attention kernel (`engine.kernels.cpu_ops.prefill_attention_cpu`), built
-here with the machine's compiler as a worker builds it: against float64 causal attention of
-each sequence on its own, against the torch path the engine runs without it, on strided views
-of a fused projection, and with every bad argument named."""
+"""The C++ prefill attention kernels (`engine.kernels.cpu_ops.prefill_attention_cpu` and
+`paged_prefill_attention_cpu`), built here with the machine's compiler as a worker builds them:
+against float64 causal attention of each sequence on its own (fresh prompts) and token by token
+over paged caches with shuffled blocks, garbage in unowned slots and padded block tables
+(prompts over a cached prefix, chunks, decodes mixed in), against the torch path the engine
+runs without them, on strided views of a fused projection, and with every bad argument
+named."""
 
 from __future__ import annotations
 
@@ -11,6 +14,8 @@ import torch.nn.functional as F
 
 from engine.kernels import cpu_ops
 from engine.kernels.attention import prefill_attention
+from tests.engine.kernels.test_cpu_paths import _in_layer_group
+from tests.engine.kernels.test_paged_attention import assert_close, make_batch
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -135,3 +140,56 @@ def test_bad_arguments_are_named(bad: str, message: str) -> None:
         offsets = torch.tensor([0, 13, 12], dtype=torch.int32)
     with pytest.raises(RuntimeError, match=message):
         cpu_ops.prefill_attention_cpu(q, k, v, offsets, 0.25)
+
+
+# (q_lens, seq_lens, Hq, Hkv, D, block_size, dtype): prompts over cached prefixes, a whole
+# prompt, decodes (q_len 1) mixed with prompts, a chunk ending mid-block
+PAGED_CASES = {
+    "prefix-hits-bf16": ([40, 17], [72, 17], 9, 3, 64, 16, torch.bfloat16),
+    "mixed-decodes-fp32": ([1, 33, 1, 5], [20, 50, 1, 5], 4, 2, 32, 4, torch.float32),
+    "chunk-mid-block-fp16": ([24], [61], 8, 8, 16, 16, torch.float16),
+    "mqa-long-prefix-fp32": ([70], [300], 8, 1, 128, 16, torch.float32),
+}
+
+
+@pytest.mark.parametrize("case", PAGED_CASES.values(), ids=list(PAGED_CASES))
+def test_paged_matches_attention_token_by_token(
+        case: tuple[list[int], list[int], int, int, int, int, torch.dtype]) -> None:
+    q_lens, seq_lens, hq, hkv, d, bs, dtype = case
+    b = make_batch(q_lens, seq_lens, hq, hkv, d, bs, dtype)
+    out = cpu_ops.paged_prefill_attention_cpu(b.q, b.kv_layer, b.block_tables,
+                                              b.query_start_loc, b.seq_lens, b.scale)
+    assert_close(out, b)
+
+
+def test_paged_reads_a_layer_of_a_layer_group_cache() -> None:
+    """A layer whose blocks are other layers apart (NaN in between) is read through strides."""
+    b = make_batch([9, 30], [25, 30], 8, 4, 64, 4, torch.float32)
+    expected = cpu_ops.paged_prefill_attention_cpu(b.q, b.kv_layer, b.block_tables,
+                                                   b.query_start_loc, b.seq_lens, b.scale)
+    grouped = _in_layer_group(b.kv_layer, 3, 1)
+    assert not grouped.is_contiguous()
+    torch.testing.assert_close(cpu_ops.paged_prefill_attention_cpu(
+        b.q, grouped, b.block_tables, b.query_start_loc, b.seq_lens, b.scale), expected)
+
+
+@pytest.mark.parametrize("bad,message", [
+    ("query longer than its sequence", r"seq_lens\[0\] = 5 outside 9\.\.20"),
+    ("block id out of range", r"block_tables\[1, 0\] = 999 outside 0\.\."),
+    ("dtype", "q must have the cache's dtype"),
+    ("head size", "head_dim 24 is not a multiple of 16 up to 128"),
+])
+def test_paged_bad_arguments_are_named(bad: str, message: str) -> None:
+    d = 24 if bad == "head size" else 16
+    b = make_batch([9, 4], [12, 9], 4, 2, d, 4, torch.float32)
+    lens, tables, q = b.seq_lens, b.block_tables, b.q
+    if bad == "query longer than its sequence":
+        lens = torch.tensor([5, 9], dtype=torch.int32)
+    elif bad == "block id out of range":
+        tables = tables.clone()
+        tables[1, 0] = 999
+    elif bad == "dtype":
+        q = q.bfloat16()
+    with pytest.raises(RuntimeError, match=message):
+        cpu_ops.paged_prefill_attention_cpu(q, b.kv_layer, tables, b.query_start_loc, lens,
+                                            b.scale)
