@@ -10,6 +10,7 @@ import torch
 from engine.block_manager import BlockManager
 from engine.cpu_features import compute_dtype
 from engine.forward_batch import ForwardBatch
+from engine.kernels import cpu_ops
 from engine.model.linear import can_prepack
 from engine.model.llama import LayerCallback, LlamaModel
 from engine.request import Request
@@ -45,9 +46,16 @@ class ModelRunner:
         logits = self.model(forward, self.kv_cache, on_layer_done)  # [S', V] on the device
         samplers = [batch.requests[i] for i in rows]
         if all(r.sampling.greedy for r in samplers):
-            return StepTokens(rows, logits.argmax(dim=-1).tolist())
+            return StepTokens(rows, self.greedy(logits).tolist())
         return StepTokens(rows, sample(logits.cpu(), [r.sampling for r in samplers],
                                        [r.output_position for r in samplers]))
+
+    def greedy(self, logits: torch.Tensor) -> torch.Tensor:
+        """Each row's argmax `[S']`: the C++ kernel on CPU when the model may use them."""
+        if (logits.device.type == "cpu" and logits.dim() == 2 and logits.stride(-1) == 1
+                and self.model.cpu_kernels and cpu_ops.available()):
+            return cpu_ops.argmax_cpu(logits)  # [S']
+        return logits.argmax(dim=-1)  # [S']
 
     def build_batch(self, requests: Sequence[Request], num_new_tokens: Sequence[int],
                     block_manager: BlockManager) -> tuple[ForwardBatch, list[int]]:

@@ -1,4 +1,5 @@
-"""C++ kernels for the CPU engine, built at first use: decode and prefill attention, RMSNorm.
+"""C++ kernels for the CPU engine, built at first use: decode and prefill attention, RMSNorm,
+greedy argmax.
 
 - `paged_decode_cpu` (`paged_decode_cpu.cpp`): one query token per sequence attends straight
   over the paged KV cache: no gather into a dense copy, the query heads of a KV head computed
@@ -14,6 +15,8 @@
   shape, which computes and masks whole tiles below 512 keys.
 - `rms_norm_cpu` (`rms_norm_cpu.cpp`): RMSNorm in one pass per row with HF's rounding; torch's
   is ~9 passes whose float32 temporaries of a long prompt fall out of cache.
+- `argmax_cpu` (`argmax_cpu.cpp`): greedy sampling's argmax over the vocabulary, vectorized
+  (torch's over bf16 logits is a scalar loop: milliseconds a step at a 152k vocab).
 
 `engine/bench/README.md` has the figures. The kernels are compiled with the machine's own
 instruction set (`-march=native`) by `torch.utils.cpp_extension` the first time `available()`
@@ -41,7 +44,7 @@ log = logging.getLogger(__name__)
 
 SOURCES = tuple(Path(__file__).with_name(name)
                 for name in ("paged_decode_cpu.cpp", "prefill_attention_cpu.cpp",
-                             "rms_norm_cpu.cpp"))
+                             "rms_norm_cpu.cpp", "argmax_cpu.cpp"))
 HEADERS = (Path(__file__).with_name("cpu_widen.h"),)  # included by the sources
 CFLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp")
 
@@ -89,11 +92,12 @@ def _build() -> bool:
         torch.ops.tandem_cpu.rms_norm  # noqa: B018
         torch.ops.tandem_cpu.prefill_attention  # noqa: B018
         torch.ops.tandem_cpu.paged_prefill_attention  # noqa: B018
+        torch.ops.tandem_cpu.argmax  # noqa: B018
     except Exception as error:  # no compiler, no ninja, a failed build: torch's ops
         log.warning("the C++ CPU kernels are not available (%s: %s); the engine runs torch's "
                     "ops", type(error).__name__, str(error)[-500:])
         return False
-    log.info("C++ CPU kernels ready (decode and prefill attention, RMSNorm)")
+    log.info("C++ CPU kernels ready (decode and prefill attention, RMSNorm, argmax)")
     return True
 
 
@@ -141,4 +145,11 @@ def rms_norm_cpu(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Ten
     """`engine.model.norm.rms_norm` of x `[T, H]` with a weight `[H]` of x's dtype, in one pass
     per row; `[T, H]`. Call `available()` first."""
     out: torch.Tensor = torch.ops.tandem_cpu.rms_norm(x, weight, eps)
+    return out
+
+
+def argmax_cpu(logits: torch.Tensor) -> torch.Tensor:
+    """`logits.argmax(dim=-1)` of logits `[R, V]` (float32, bfloat16 or float16, V contiguous):
+    int64 `[R]`, the first index of each row's maximum. Call `available()` first."""
+    out: torch.Tensor = torch.ops.tandem_cpu.argmax(logits)
     return out

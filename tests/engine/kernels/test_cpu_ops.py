@@ -149,3 +149,25 @@ def test_the_build_is_named_by_its_sources(tmp_path: Path,
     assert cpu_ops.extension_name() == name  # another path, the same content
     copies[0].write_bytes(copies[0].read_bytes() + b"\n// changed\n")
     assert cpu_ops.extension_name() != name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_argmax_equals_torch_argmax(dtype: torch.dtype) -> None:
+    """Random logits at a 152k vocab, rows with ties (the first index wins, as in torch), a
+    strided view, one-token rows."""
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(9, 151_936, generator=gen).to(dtype)  # [R, V]
+    logits[1] = 0.0  # all equal: index 0
+    logits[2, 5] = logits[2, 90_000] = 100.0  # a tie: the first
+    logits[3, -1] = 100.0  # the last index
+    assert torch.equal(cpu_ops.argmax_cpu(logits), logits.argmax(-1))
+    wide = torch.randn(4, 300, generator=gen).to(dtype)
+    assert torch.equal(cpu_ops.argmax_cpu(wide[:, :257]), wide[:, :257].argmax(-1))
+    assert torch.equal(cpu_ops.argmax_cpu(torch.ones(3, 1, dtype=dtype)), torch.zeros(3).long())
+
+
+def test_argmax_bad_arguments_are_named() -> None:
+    with pytest.raises(RuntimeError, match=r"logits must be \[R, V\], V > 0 and contiguous"):
+        cpu_ops.argmax_cpu(torch.randn(3, 8).t())
+    with pytest.raises(RuntimeError, match="logits dtype Double is not float32"):
+        cpu_ops.argmax_cpu(torch.randn(3, 8, dtype=torch.float64))
