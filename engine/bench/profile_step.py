@@ -29,14 +29,17 @@ from engine.sampling import SamplingParams
 
 MATMULS = ("aten::mm", "aten::addmm", "aten::matmul", "mkldnn::_linear_pointwise",
            "aten::linear", "mkl::_mkl_linear")
-ATTENTION = ("sdpa", "scaled_dot_product", "aten::bmm", "aten::baddbmm", "aten::_softmax",
-             "aten::index", "aten::index_put_", "aten::index_copy_", "aten::index_select",
+ATTENTION = ("sdpa", "scaled_dot_product", "_attention", "paged_decode",  # tandem_cpu's too
+             "aten::bmm", "aten::baddbmm", "aten::_softmax", "aten::index", "aten::index_put_",
+             "aten::index_copy_", "aten::index_select",
              "aten::gather", "aten::masked_fill")
-SAMPLING = ("aten::argmax", "aten::topk", "aten::sort", "aten::multinomial", "aten::cumsum")
+SAMPLING = ("aten::argmax", "tandem_cpu::argmax", "aten::topk", "aten::sort", "aten::multinomial",
+            "aten::cumsum")
 ELEMENTWISE = ("aten::mul", "aten::add", "aten::sub", "aten::pow", "aten::rsqrt",
                "aten::mean", "aten::sum", "aten::silu", "aten::rms_norm", "aten::copy_",
                "aten::_to_copy", "aten::cat", "aten::embedding", "aten::div", "aten::neg",
-               "aten::_fused_rms_norm", "aten::fill_", "aten::zero_", "aten::clone")
+               "aten::_fused_rms_norm", "tandem_cpu::rms_norm", "aten::fill_", "aten::zero_",
+               "aten::clone")
 KINDS = ("matmuls", "lm_head", "attention", "elementwise", "sampling", "other ops", "python")
 
 
