@@ -27,7 +27,6 @@
 #include "cpu_widen.h"
 
 #include <algorithm>
-#include <cmath>
 #include <cstdint>
 #include <type_traits>
 #include <vector>
@@ -42,7 +41,7 @@ using tandem_cpu::widen;
 
 typedef float v16f __attribute__((vector_size(64)));  // 16 float32 lanes
 
-constexpr int64_t KEYS = 16;        // keys per block: the lanes of one score vector
+constexpr int64_t KEYS = 16;        // keys per block: one score vector (16 rows) per key
 constexpr int64_t TILE_ROWS = 32;   // query positions per work item (times G heads)
 constexpr float MASKED = -1e30f;    // a masked score (finite: -ffast-math assumes no infinities)
 
