@@ -48,8 +48,8 @@ class AttentionStep:
                  cpu_kernels: bool = True) -> None:
         """kv_cache: the whole model's cache (`engine.kv_cache`); mirror: the model's;
         cpu_kernels: whether this pass may use the C++ CPU kernels (`engine.kernels.cpu_ops`):
-        `paged_decode_cpu` for decode steps, `prefill_attention_cpu` for fresh prompts, and
-        `rms_norm_cpu` (the layers read
+        `paged_decode_cpu` for decode steps, `prefill_attention_cpu` for fresh prompts,
+        `paged_prefill_attention_cpu` for other batches, and `rms_norm_cpu` (the layers read
         `self.cpu_kernels`)."""
         self.batch = batch
         self.triton = select_backend(kv_cache) == "triton"
@@ -65,6 +65,8 @@ class AttentionStep:
                             and cpu_ops.available())
         # the C++ kernel reads the paged cache itself: no mirror, no gather
         self.native_decode = decoding and self.cpu_kernels
+        # the C++ prefill kernels, for a head size they take
+        self.native_prefill = self.cpu_kernels and cpu_ops.prefill_supported(layer0.shape[-1])
         if mirror is not None and not (decoding and stride is not None and not self.triton
                                        and not self.native_decode):
             mirror.forget()
@@ -103,11 +105,10 @@ class AttentionStep:
             return paged_decode_torch(q, kv_layer, self.decode, scale)
         if self.prompt_lens is not None:
             k, v = k_cache.to(q.dtype), v_cache.to(q.dtype)  # K/V at the cache's precision
-            if self.cpu_kernels and cpu_ops.prefill_supported(q.shape[-1]):
+            if self.native_prefill:
                 return cpu_ops.prefill_attention_cpu(q, k, v, b.query_start_loc, scale)
             return prefill_attention(q, k, v, self.prompt_lens, scale)
-        if (self.cpu_kernels and q.dtype == kv_layer.dtype
-                and cpu_ops.prefill_supported(q.shape[-1])):
+        if self.native_prefill and q.dtype == kv_layer.dtype:
             return cpu_ops.paged_prefill_attention_cpu(q, kv_layer, b.block_tables,
                                                        b.query_start_loc, b.seq_lens, scale)
         q_in = q.to(kv_layer.dtype) if self.triton else q  # Triton wants one dtype
