@@ -1,5 +1,5 @@
-"""C++ kernels for the CPU engine, built at first use: decode and prefill attention, RMSNorm,
-greedy argmax.
+"""C++ kernels for the CPU engine, built at first use: decode and prefill attention, RoPE with
+the KV cache write, RMSNorm, greedy argmax.
 
 - `paged_decode_cpu` (`paged_decode_cpu.cpp`): one query token per sequence attends straight
   over the paged KV cache: no gather into a dense copy, the query heads of a KV head computed
@@ -13,6 +13,9 @@ greedy argmax.
   16 rows to a vector register so no reduction crosses lanes, bf16 products by VDPBF16PS on
   AVX512-BF16. 1.7x (fp32) and 2.5x (bf16) torch's CPU flash SDPA at SmolLM2-135M's prefill
   shape, which computes and masks whole tiles below 512 keys.
+- `rope_store_cpu` (`rope_store_cpu.cpp`): a layer's RoPE on q and k, in place in the fused
+  qkv output, and its K/V written to their cache slots, in one pass over the tokens; torch's
+  path is seven ops (three for the rotation, two casts, two index copies).
 - `rms_norm_cpu` (`rms_norm_cpu.cpp`): RMSNorm in one pass per row with HF's rounding; torch's
   is ~9 passes whose float32 temporaries of a long prompt fall out of cache.
 - `argmax_cpu` (`argmax_cpu.cpp`): greedy sampling's argmax over the vocabulary, vectorized
@@ -44,7 +47,8 @@ log = logging.getLogger(__name__)
 
 SOURCES = tuple(Path(__file__).with_name(name)
                 for name in ("paged_decode_cpu.cpp", "prefill_attention_cpu.cpp",
-                             "rms_norm_cpu.cpp", "argmax_cpu.cpp"))
+                             "rms_norm_cpu.cpp", "argmax_cpu.cpp",
+                             "rope_store_cpu.cpp"))
 HEADERS = (Path(__file__).with_name("cpu_widen.h"),)  # included by the sources
 CFLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp")
 
@@ -93,11 +97,13 @@ def _build() -> bool:
         torch.ops.tandem_cpu.prefill_attention  # noqa: B018
         torch.ops.tandem_cpu.paged_prefill_attention  # noqa: B018
         torch.ops.tandem_cpu.argmax  # noqa: B018
+        torch.ops.tandem_cpu.rope_store  # noqa: B018
     except Exception as error:  # no compiler, no ninja, a failed build: torch's ops
         log.warning("the C++ CPU kernels are not available (%s: %s); the engine runs torch's "
                     "ops", type(error).__name__, str(error)[-500:])
         return False
-    log.info("C++ CPU kernels ready (decode and prefill attention, RMSNorm, argmax)")
+    log.info("C++ CPU kernels ready (decode and prefill attention, RoPE and KV store, "
+             "RMSNorm, argmax)")
     return True
 
 
@@ -139,6 +145,18 @@ def paged_prefill_attention_cpu(q: torch.Tensor, kv_layer: torch.Tensor,
     out: torch.Tensor = torch.ops.tandem_cpu.paged_prefill_attention(
         q, kv_layer, block_tables, query_start_loc, seq_lens, scale)
     return out
+
+
+def rope_store_cpu(qkv: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor,
+                   kv_layer: torch.Tensor, slot_mapping: torch.Tensor, num_heads: int,
+                   num_kv_heads: int) -> None:
+    """Rotates the q and k heads of qkv `[T, (Hq + 2 Hkv) D]` (the fused projection's output,
+    D contiguous) in place by `engine.model.rope.apply_rope`'s rule, with cos and signed_sin
+    `[T, D]` in qkv's dtype, and writes each token's rotated K and its V to slot
+    `slot_mapping[t]` (int64 `[T]`) of one layer's cache `[N, 2, block_size, Hkv, D]`: qkv's
+    dtype, or float32 over a bfloat16/float16 cache. Call `available()` first."""
+    torch.ops.tandem_cpu.rope_store(qkv, cos, signed_sin, kv_layer, slot_mapping, num_heads,
+                                    num_kv_heads)
 
 
 def rms_norm_cpu(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -2,7 +2,9 @@
 
 Everything here that depends only on the batch (which path runs, the cache rows this step
 writes, the rows a decode batch gathers, the prompt lengths) is computed once per forward
-pass and reused by every layer. Paths, on the torch backend (CPU):
+pass and reused by every layer. With the C++ CPU kernels, a layer's RoPE and K/V store are one
+kernel (`rope_store`, then `attend(..., stored=True)`); without them `attend` stores. Paths,
+on the torch backend (CPU):
 
 - all sequences decoding (`max_query_len == 1`): the C++ kernel `paged_decode_cpu` straight
   over the paged cache (`engine/kernels/cpu_ops.py`) when it is built and not turned off;
@@ -72,7 +74,8 @@ class AttentionStep:
             mirror.forget()
         if self.triton or stride is None or batch.num_tokens == 0:
             return
-        self.k_rows = key_rows(batch.slot_mapping, layer0.shape[2], stride)
+        if not self.cpu_kernels:  # else `rope_store` writes the cache
+            self.k_rows = key_rows(batch.slot_mapping, layer0.shape[2], stride)
         if decoding:
             if self.native_decode:
                 return
@@ -86,15 +89,24 @@ class AttentionStep:
         elif int(batch.seq_lens.sum()) == batch.num_tokens:  # every q_len == seq_len
             self.prompt_lens = batch.seq_lens.tolist()
 
+    def rope_store(self, qkv: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor,
+                   kv_layer: torch.Tensor, num_heads: int, num_kv_heads: int) -> None:
+        """With `cpu_kernels`: rotates the q and k heads of qkv `[T, (Hq + 2 Hkv) D]` in place
+        (cos, signed_sin `[T, D]`, `engine.model.rope`) and stores this step's K/V in
+        `kv_layer`, in one C++ pass; then `attend(..., stored=True)`."""
+        cpu_ops.rope_store_cpu(qkv, cos, signed_sin, kv_layer, self.batch.slot_mapping,
+                               num_heads, num_kv_heads)
+
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               kv_layer: torch.Tensor, layer: int, scale: float) -> torch.Tensor:
-        """Stores k, v `[T, Hkv, D]` in `kv_layer` (layer number `layer`), returns q's
-        `[T, Hq, D]` attention output."""
+               kv_layer: torch.Tensor, layer: int, scale: float,
+               stored: bool = False) -> torch.Tensor:
+        """Stores k, v `[T, Hkv, D]` in `kv_layer` (layer number `layer`) unless `stored`
+        (`rope_store` did), returns q's `[T, Hq, D]` attention output."""
         b = self.batch
         k_cache, v_cache = k.to(kv_layer.dtype), v.to(kv_layer.dtype)  # [T, Hkv, D]
-        if self.k_rows is None:
+        if not stored and self.k_rows is None:
             store_kv(k_cache, v_cache, kv_layer, b.slot_mapping)
-        else:
+        elif not stored and self.k_rows is not None:
             store_kv_rows(k_cache, v_cache, kv_layer, self.k_rows)
         if self.native_decode:
             return cpu_ops.paged_decode_cpu(q, kv_layer, b.block_tables, b.seq_lens, scale)

@@ -70,15 +70,20 @@ class DecoderLayer(nn.Module):
         qkv = linear(h, self.qkv_weight, self.qkv_bias)  # [T, (Hq + 2 Hkv) D]
         # q and k rotated in one go: they are adjacent in qkv
         qk = qkv[:, :q_size + kv_size].view(num_tokens, c.num_heads + c.num_kv_heads, c.head_dim)
-        qk = apply_rope(qk, cos, sin)  # [T, Hq + Hkv, D]
+        if step.cpu_kernels:  # rotated in place in qkv and K/V stored, in one C++ pass
+            step.rope_store(qkv, cos[:, 0], sin[:, 0], kv_layer, c.num_heads, c.num_kv_heads)
+        else:
+            qk = apply_rope(qk, cos, sin)  # [T, Hq + Hkv, D]
         q, k = qk[:, :c.num_heads], qk[:, c.num_heads:]  # [T, Hq, D], [T, Hkv, D]
         v = qkv[:, q_size + kv_size:].view(num_tokens, c.num_kv_heads, c.head_dim)  # [T, Hkv, D]
-        attn = step.attend(q, k, v, kv_layer, self.index, self.scale)  # [T, Hq, D]
+        attn = step.attend(q, k, v, kv_layer, self.index, self.scale,
+                           stored=step.cpu_kernels)  # [T, Hq, D]
         x = linear_add(attn.reshape(num_tokens, q_size), self.o_weight, x)  # [T, H]
         if num_tokens <= MLP_CHUNK_TOKENS:
             return self._mlp_residual(x, step.cpu_kernels)
-        return torch.cat([self._mlp_residual(rows, step.cpu_kernels)
-                          for rows in x.split(MLP_CHUNK_TOKENS)])
+        for rows in x.split(MLP_CHUNK_TOKENS):  # x is this layer's own: the chunks go back in
+            rows.copy_(self._mlp_residual(rows, step.cpu_kernels))  # [chunk, H]
+        return x
 
     def _mlp_residual(self, x: torch.Tensor, native_norm: bool) -> torch.Tensor:
         """x + MLP(norm(x)); x: [T, H]; native_norm: the norm by `cpu_ops.rms_norm_cpu`."""
