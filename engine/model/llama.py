@@ -5,7 +5,8 @@ single matmuls; `load_weights` maps Hugging Face parameter names onto them. The 
 run inside the o and down projections' matmuls (`linear_add`); on prepacked (CPU) weights the
 gate/up matmul is split again at `prepack` so that SiLU and the product with up run inside
 the gate and up matmuls too (`linear_silu`, `linear_mul`): a layer's elementwise work is
-then its two RMSNorms and RoPE (issue 14, engine/bench/README.md).
+then its two RMSNorms and RoPE, which with the C++ CPU kernels also writes the layer's K/V to
+the cache (`AttentionStep.rope_store`; issue 14, engine/bench/README.md).
 """
 
 from __future__ import annotations
