@@ -104,10 +104,11 @@ class AttentionStep:
         (`rope_store` did), returns q's `[T, Hq, D]` attention output."""
         b = self.batch
         k_cache, v_cache = k.to(kv_layer.dtype), v.to(kv_layer.dtype)  # [T, Hkv, D]
-        if not stored and self.k_rows is None:
-            store_kv(k_cache, v_cache, kv_layer, b.slot_mapping)
-        elif not stored and self.k_rows is not None:
-            store_kv_rows(k_cache, v_cache, kv_layer, self.k_rows)
+        if not stored:
+            if self.k_rows is None:
+                store_kv(k_cache, v_cache, kv_layer, b.slot_mapping)
+            else:
+                store_kv_rows(k_cache, v_cache, kv_layer, self.k_rows)
         if self.native_decode:
             return cpu_ops.paged_decode_cpu(q, kv_layer, b.block_tables, b.seq_lens, scale)
         if self.mirror_step is not None and self.mirror is not None:
