@@ -30,7 +30,8 @@ def run(batch: object) -> torch.Tensor:
 
 
 # (seq_lens, Hq, Hkv, D, block_size, dtype): D 64 and 128 take the compiled-in head sizes,
-# others the general loop; few sequences split the work by head, many by sequence
+# others the general loop; few sequences split the work by head, many by sequence (and each
+# thread prefetches its next sequence's blocks: longer, shorter or as long as its own)
 CASES = {
     "smollm2-shape-bf16": ([5, 17, 9, 135, 1, 64], 9, 3, 64, 16, torch.bfloat16),
     "mha-fp32": ([5, 17, 9], 4, 4, 16, 4, torch.float32),
@@ -38,6 +39,8 @@ CASES = {
     "mqa-single-long": ([300], 8, 1, 128, 16, torch.float32),
     "many-seqs-bf16": ([3 + 7 * i for i in range(24)], 8, 2, 64, 4, torch.bfloat16),
     "block-multiple": ([16, 32, 48], 4, 2, 128, 16, torch.float32),
+    "many-seqs-falling-fp32": ([170 - 7 * i for i in range(24)] + [16, 16, 1], 9, 3, 64, 16,
+                               torch.float32),
 }
 
 
