@@ -15,9 +15,13 @@
 // float32, so no [L, L] score matrix is ever built and blocks above the diagonal are never
 // computed. Scores and weighted sums are float32 register tiles (GCC vector extensions: one
 // 512-bit register per 16 rows on AVX-512, two 256-bit ones on AVX2), their products VDPBF16PS
-// for bf16 on AVX512-BF16. torch's CPU flash SDPA has no causal block skipping below 512 keys
-// and runs a masked [G*R, L] tile per call: ~65-85 GFLOP/s at SmolLM2-135M's prefill shape on
-// 2 cores, this kernel ~140 (fp32) and ~180 (bf16).
+// for bf16 on AVX512-BF16. Two lane groups (32 rows) that both see a key block take it
+// together: each broadcast key or value feeds both groups' FMAs, which halves the loads per
+// FMA that bound one group alone. The weighted sums leave through 16 x 16 register transposes.
+// torch's CPU flash SDPA has no causal block skipping below 512 keys and runs a masked
+// [G*R, L] tile per call: ~65-85 GFLOP/s at SmolLM2-135M's prefill shape (16 x 512) on 2
+// cores; this kernel ~210-230 (fp32) and ~300-340 (bf16) one group at a time, with pairs and
+// transposes ~245-270 and ~5% more in bf16 (interleaved A/B, a noisy VM).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -117,6 +121,42 @@ inline v16f vexp(v16f x) {
 
 inline v16f vmax(v16f a, v16f b) { return a > b ? a : b; }
 
+// One round of `transpose16`: swaps bit b of the row index with bit b of the lane index
+// (S = 2^b), between rows i and i + S.
+template <int S>
+inline void swap_index_bit(v16f* r) {
+  for (int i = 0; i < 16; ++i) {
+    if (i & S) continue;
+    const v16f a = r[i], b = r[i + S];
+    if constexpr (S == 8) {
+      r[i] = __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23);
+      r[i + S] =
+          __builtin_shufflevector(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+    } else if constexpr (S == 4) {
+      r[i] = __builtin_shufflevector(a, b, 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27);
+      r[i + S] =
+          __builtin_shufflevector(a, b, 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
+    } else if constexpr (S == 2) {
+      r[i] = __builtin_shufflevector(a, b, 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29);
+      r[i + S] =
+          __builtin_shufflevector(a, b, 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
+    } else {
+      r[i] = __builtin_shufflevector(a, b, 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30);
+      r[i + S] =
+          __builtin_shufflevector(a, b, 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
+    }
+  }
+}
+
+// r[i][j] <- r[j][i] for a 16 x 16 float32 tile in 16 vectors: 64 two-source shuffles, where
+// reading it column by column takes 256 lane extractions.
+inline void transpose16(v16f* r) {
+  swap_index_bit<8>(r);
+  swap_index_bit<4>(r);
+  swap_index_bit<2>(r);
+  swap_index_bit<1>(r);
+}
+
 // Scores and weighted sums in float32 FMAs on widened values: every dtype, every CPU (vector
 // extensions compile to AVX-512, AVX2 or NEON). Lane group l holds 16 rows' queries transposed,
 // [D][16 rows], pre-scaled; a key block is 16 widened K and V rows.
@@ -177,6 +217,55 @@ struct FloatMath {
       for (int64_t e = 0; e < 8; ++e) a[d + e] = x[e];
     }
   }
+
+  static constexpr bool PAIRS = true;  // run_items calls scores2 and accumulate2
+
+  // `scores` of lane groups l and l + 1 at once: each key value, broadcast once, feeds both
+  // groups' FMAs (16 FMAs to 10 loads, where one group alone has 8 to 9)
+  void scores2(int64_t l, v16f* sa, v16f* sb) const {
+    const v16f* qa = queries.data() + l * D;
+    const v16f* qb = qa + D;
+    for (int64_t j0 = 0; j0 < KEYS; j0 += 8) {
+      const float* kj = keys.data() + j0 * D;
+      v16f a[8] = {}, b[8] = {};
+      for (int64_t d = 0; d < D; ++d) {
+        const v16f x = qa[d], y = qb[d];
+        for (int64_t e = 0; e < 8; ++e) {
+          const v16f k = splat(kj[e * D + d]);
+          a[e] += k * x;
+          b[e] += k * y;
+        }
+      }
+      for (int64_t e = 0; e < 8; ++e) {
+        sa[j0 + e] = a[e];
+        sb[j0 + e] = b[e];
+      }
+    }
+  }
+
+  // `accumulate` of two lane groups, each V value broadcast once for both
+  void accumulate2(v16f* a, v16f* b, const v16f* pa, const v16f* pb, v16f ra, v16f rb) const {
+    for (int64_t d = 0; d < D; d += 8) {
+      v16f x[8], y[8];
+      for (int64_t e = 0; e < 8; ++e) {
+        x[e] = a[d + e] * ra;
+        y[e] = b[d + e] * rb;
+      }
+      for (int64_t j = 0; j < KEYS; ++j) {
+        const v16f pj = pa[j], qj = pb[j];
+        const float* vj = values.data() + j * D + d;
+        for (int64_t e = 0; e < 8; ++e) {
+          const v16f v = splat(vj[e]);
+          x[e] += v * pj;
+          y[e] += v * qj;
+        }
+      }
+      for (int64_t e = 0; e < 8; ++e) {
+        a[d + e] = x[e];
+        b[d + e] = y[e];
+      }
+    }
+  }
 };
 
 #if defined(__AVX512BF16__)
@@ -228,14 +317,19 @@ struct Bf16Math {
     }
   }
 
-  void accumulate(v16f* a, const v16f* probs, v16f rescale) const {
-    __m512bh pairs[KEYS / 2];  // [key pair]: (p_2j, p_2j+1) of the 16 rows, rounded to bf16
+  // pairs[jp] = (p_2jp, p_2jp+1) of the 16 rows, rounded to bf16
+  static void to_pairs(const v16f* probs, __m512bh* pairs) {
     for (int64_t jp = 0; jp < KEYS / 2; ++jp) {
       const __m512i lo = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh((__m512)probs[2 * jp]));
       const __m512i hi =
           _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh((__m512)probs[2 * jp + 1]));
       pairs[jp] = (__m512bh)_mm512_or_si512(lo, _mm512_slli_epi32(hi, 16));
     }
+  }
+
+  void accumulate(v16f* a, const v16f* probs, v16f rescale) const {
+    __m512bh pairs[KEYS / 2];  // [key pair]: (p_2j, p_2j+1) of the 16 rows, rounded to bf16
+    to_pairs(probs, pairs);
     for (int64_t d = 0; d < D; d += 8) {
       __m512 x[8];
       for (int64_t e = 0; e < 8; ++e) x[e] = (__m512)(a[d + e] * rescale);
@@ -247,6 +341,58 @@ struct Bf16Math {
         }
       }
       for (int64_t e = 0; e < 8; ++e) a[d + e] = (v16f)x[e];
+    }
+  }
+
+  static constexpr bool PAIRS = true;  // run_items calls scores2 and accumulate2
+
+  // `scores` of lane groups l and l + 1: each key pair broadcast once for both groups
+  void scores2(int64_t l, v16f* sa, v16f* sb) const {
+    const uint32_t* qa = queries.data() + l * D * 8;
+    const uint32_t* qb = qa + D * 8;
+    for (int64_t j0 = 0; j0 < KEYS; j0 += 8) {
+      __m512 a[8], b[8];
+      for (int64_t e = 0; e < 8; ++e) a[e] = b[e] = _mm512_setzero_ps();
+      for (int64_t i = 0; i < D / 2; ++i) {
+        const __m512bh x = (__m512bh)_mm512_loadu_si512(qa + i * 16);
+        const __m512bh y = (__m512bh)_mm512_loadu_si512(qb + i * 16);
+        for (int64_t e = 0; e < 8; ++e) {
+          const __m512bh k =
+              (__m512bh)_mm512_set1_epi32(static_cast<int>(keys[(j0 + e) * D / 2 + i]));
+          a[e] = _mm512_dpbf16_ps(a[e], x, k);
+          b[e] = _mm512_dpbf16_ps(b[e], y, k);
+        }
+      }
+      for (int64_t e = 0; e < 8; ++e) {
+        sa[j0 + e] = (v16f)a[e] * scale;
+        sb[j0 + e] = (v16f)b[e] * scale;
+      }
+    }
+  }
+
+  // `accumulate` of two lane groups, each V pair broadcast once for both
+  void accumulate2(v16f* a, v16f* b, const v16f* pa, const v16f* pb, v16f ra, v16f rb) const {
+    __m512bh pairs_a[KEYS / 2], pairs_b[KEYS / 2];
+    to_pairs(pa, pairs_a);
+    to_pairs(pb, pairs_b);
+    for (int64_t d = 0; d < D; d += 8) {
+      __m512 x[8], y[8];
+      for (int64_t e = 0; e < 8; ++e) {
+        x[e] = (__m512)(a[d + e] * ra);
+        y[e] = (__m512)(b[d + e] * rb);
+      }
+      for (int64_t jp = 0; jp < KEYS / 2; ++jp) {
+        const uint32_t* vj = values.data() + jp * D + d;
+        for (int64_t e = 0; e < 8; ++e) {
+          const __m512bh v = (__m512bh)_mm512_set1_epi32(static_cast<int>(vj[e]));
+          x[e] = _mm512_dpbf16_ps(x[e], pairs_a[jp], v);
+          y[e] = _mm512_dpbf16_ps(y[e], pairs_b[jp], v);
+        }
+      }
+      for (int64_t e = 0; e < 8; ++e) {
+        a[d + e] = (v16f)x[e];
+        b[d + e] = (v16f)y[e];
+      }
     }
   }
 };
@@ -265,7 +411,7 @@ void run_items(const std::vector<Item>& items, const at::Tensor& q, const Keys& 
   T* out_data = out.data_ptr<T>();
   const int64_t max_lanes = group * TILE_ROWS / 16;  // lane groups of a full tile
   Math math(max_lanes);
-  v16f probs[KEYS];  // [key]: 16 rows' probabilities
+  v16f probs[KEYS], probs2[KEYS];  // [key]: 16 rows' probabilities (of two lane groups)
   std::vector<v16f> top(max_lanes), total(max_lanes);
   std::vector<v16f> acc(max_lanes * D);  // [lane group][D]: 16 rows' weighted sums
   for (const Item& it : items) {
@@ -292,12 +438,14 @@ void run_items(const std::vector<Item>& items, const at::Tensor& q, const Keys& 
         math.load_key_value(j, real ? keys.key(it.seq, key0 + j, it.kv_head) : nullptr,
                             real ? keys.value(it.seq, key0 + j, it.kv_head) : nullptr);
       }
-      for (int64_t l = 0; l < lane_groups; ++l) {
-        const int64_t row0 = (l % lanes_per_head) * 16;  // the group's first row in the tile
-        const int64_t pos0 = it.context + first + row0;  // its lanes' positions: pos0 + lane
-        if (key0 > pos0 + 15) continue;                  // all 16 rows above the diagonal
-        v16f s[KEYS];
-        math.scores(l, s);
+      // lane group l sees this key block unless its 16 rows all sit above the diagonal
+      auto sees_block = [&](int64_t l) {
+        return key0 <= it.context + first + (l % lanes_per_head) * 16 + 15;
+      };
+      // masks l's scores s on the diagonal, and turns them into probabilities with the online
+      // softmax (top and total updated); returns the factor l's sums are rescaled by
+      auto softmax = [&](int64_t l, v16f* s, v16f* p) {
+        const int64_t pos0 = it.context + first + (l % lanes_per_head) * 16;  // lane 0's position
         if (key0 + KEYS - 1 > pos0) {  // the diagonal: key key0 + j is masked above row's pos
           v16f pos = splat(static_cast<float>(pos0));
           for (int64_t lane = 0; lane < 16; ++lane) pos[lane] += static_cast<float>(lane);
@@ -311,22 +459,45 @@ void run_items(const std::vector<Item>& items, const at::Tensor& q, const Keys& 
         const v16f rescale = vexp(top[l] - new_top);
         v16f sum{};
         for (int64_t j = 0; j < KEYS; ++j) {
-          probs[j] = vexp(s[j] - new_top);
-          sum += probs[j];
+          p[j] = vexp(s[j] - new_top);
+          sum += p[j];
         }
         top[l] = new_top;
         total[l] = total[l] * rescale + sum;
+        return rescale;
+      };
+      for (int64_t l = 0; l < lane_groups;) {
+        if (!sees_block(l)) {
+          ++l;
+          continue;
+        }
+        if (Math::PAIRS && l + 1 < lane_groups && sees_block(l + 1)) {  // sharing key reads
+          v16f sa[KEYS], sb[KEYS];
+          math.scores2(l, sa, sb);
+          const v16f ra = softmax(l, sa, probs), rb = softmax(l + 1, sb, probs2);
+          math.accumulate2(acc.data() + l * D, acc.data() + (l + 1) * D, probs, probs2, ra, rb);
+          l += 2;
+          continue;
+        }
+        v16f s[KEYS];
+        math.scores(l, s);
+        const v16f rescale = softmax(l, s, probs);
         math.accumulate(acc.data() + l * D, probs, rescale);
+        ++l;
       }
     }
     for (int64_t l = 0; l < lane_groups; ++l) {
       const int64_t g = l / lanes_per_head, row0 = (l % lanes_per_head) * 16;
-      for (int64_t lane = 0; lane < 16 && row0 + lane < rows; ++lane) {
-        T* dst = out_data +
-                 ((base + first + row0 + lane) * num_heads + it.kv_head * group + g) * D;
-        const v16f* a = acc.data() + l * D;
-        const float inv = 1.f / total[l][lane];
-        for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(a[d][lane] * inv);
+      const v16f inv = 1.f / total[l];
+      for (int64_t c = 0; c < D; c += 16) {  // 16 head dims of the 16 rows: [dim][row] -> [row][dim]
+        v16f t[16];
+        for (int64_t d = 0; d < 16; ++d) t[d] = acc[l * D + c + d] * inv;
+        transpose16(t);
+        for (int64_t lane = 0; lane < 16 && row0 + lane < rows; ++lane) {
+          T* dst = out_data +
+                   ((base + first + row0 + lane) * num_heads + it.kv_head * group + g) * D + c;
+          for (int64_t d = 0; d < 16; ++d) dst[d] = static_cast<T>(t[lane][d]);
+        }
       }
     }
   }

@@ -65,6 +65,7 @@ CASES = {
     "d48-and-an-empty-prompt": ([45, 0, 12], 6, 2, 48, torch.float32),
     "qwen2-shape-d64-g7": ([65], 14, 2, 64, torch.float32),
     "d80-d96-class": ([20, 3], 2, 1, 80, torch.float32),
+    "llama-8b-class-bf16-d128": ([50, 33], 8, 2, 128, torch.bfloat16),
 }
 
 
