@@ -17,11 +17,13 @@
 // 512-bit register per 16 rows on AVX-512, two 256-bit ones on AVX2), their products VDPBF16PS
 // for bf16 on AVX512-BF16. Two lane groups (32 rows) that both see a key block take it
 // together: each broadcast key or value feeds both groups' FMAs, which halves the loads per
-// FMA that bound one group alone. The weighted sums leave through 16 x 16 register transposes.
+// FMA that bound one group alone. Queries come in and weighted sums go out through 16 x 16
+// register transposes, and float32 K/V rows are read where they lie (no copy per key block):
+// before that, the scalar transposing loads and the copies took about as long as the FMAs.
 // torch's CPU flash SDPA has no causal block skipping below 512 keys and runs a masked
 // [G*R, L] tile per call: ~65-85 GFLOP/s at SmolLM2-135M's prefill shape (16 x 512) on 2
-// cores; this kernel ~210-230 (fp32) and ~300-340 (bf16) one group at a time, with pairs and
-// transposes ~245-270 and ~5% more in bf16 (interleaved A/B, a noisy VM).
+// cores; this kernel ~220 (fp32) and ~290 (bf16) one group at a time with scalar transposes,
+// ~260 and ~330 now (interleaved A/B medians on a noisy VM).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -32,6 +34,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -157,50 +160,80 @@ inline void transpose16(v16f* r) {
   swap_index_bit<1>(r);
 }
 
+// 16 values widened to float32 lanes
+template <typename T>
+inline v16f load16(const T* p) {
+  v16f v;
+  for (int64_t i = 0; i < 16; ++i) v[i] = widen(p[i]);
+  return v;
+}
+inline v16f load16(const float* p) {
+  v16f v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
 // Scores and weighted sums in float32 FMAs on widened values: every dtype, every CPU (vector
 // extensions compile to AVX-512, AVX2 or NEON). Lane group l holds 16 rows' queries transposed,
-// [D][16 rows], pre-scaled; a key block is 16 widened K and V rows.
+// [D][16 rows], pre-scaled; a key block is 16 K and V rows: float32 ones read where they lie,
+// others widened into a buffer first.
 template <typename T, int64_t D>
 struct FloatMath {
   std::vector<v16f> queries;        // [lane group][D]
-  std::vector<float> keys, values;  // [16 keys][D]
+  std::vector<float> keys, values;  // [16 keys][D]: widened K and V rows (T not float32)
+  std::vector<float> zeros;         // [D]: a padding key's K and V
+  const float* key_rows[KEYS] = {};    // key j's K row (D values)
+  const float* value_rows[KEYS] = {};  // and its V row
   float scale = 1.f;
 
   explicit FloatMath(int64_t lane_groups) : queries(lane_groups * D), keys(KEYS * D),
-                                            values(KEYS * D) {}
+                                            values(KEYS * D), zeros(D, 0.f) {}
 
-  // row `lane` of lane group l: src (D values) or, for padding, zeros
-  void load_query(int64_t l, int64_t lane, const T* src, float query_scale) {
-    float* dst = reinterpret_cast<float*>(queries.data() + l * D) + lane;
-    for (int64_t d = 0; d < D; ++d) dst[d * 16] = src ? widen(src[d]) * query_scale : 0.f;
+  // lane group l's 16 rows: rows[r] (D values) or, for padding, zeros; scaled, and transposed
+  // 16 head dims at a time in registers
+  void load_queries(int64_t l, const T* const* rows, float query_scale) {
+    v16f* dst = queries.data() + l * D;
+    for (int64_t c = 0; c < D; c += 16) {
+      v16f t[16];
+      for (int64_t r = 0; r < 16; ++r) t[r] = rows[r] ? load16(rows[r] + c) * query_scale : v16f{};
+      transpose16(t);
+      for (int64_t d = 0; d < 16; ++d) dst[c + d] = t[d];
+    }
   }
 
   void load_key_value(int64_t j, const T* k_row, const T* v_row) {
-    float* kd = keys.data() + j * D;
-    float* vd = values.data() + j * D;
-    for (int64_t d = 0; d < D; ++d) kd[d] = k_row ? widen(k_row[d]) : 0.f;
-    for (int64_t d = 0; d < D; ++d) vd[d] = v_row ? widen(v_row[d]) : 0.f;
+    if constexpr (std::is_same_v<T, float>) {
+      key_rows[j] = k_row ? k_row : zeros.data();
+      value_rows[j] = v_row ? v_row : zeros.data();
+    } else {
+      float* kd = keys.data() + j * D;
+      float* vd = values.data() + j * D;
+      if (k_row) {
+        for (int64_t d = 0; d < D; ++d) kd[d] = widen(k_row[d]);
+      } else {
+        std::fill(kd, kd + D, 0.f);
+      }
+      if (v_row) {
+        for (int64_t d = 0; d < D; ++d) vd[d] = widen(v_row[d]);
+      } else {
+        std::fill(vd, vd + D, 0.f);
+      }
+      key_rows[j] = kd;
+      value_rows[j] = vd;
+    }
   }
 
   // s[j] = the 16 rows' scores against key j, 8 keys at a time (independent accumulators)
   void scores(int64_t l, v16f* s) const {
     const v16f* ql = queries.data() + l * D;
     for (int64_t j0 = 0; j0 < KEYS; j0 += 8) {
-      const float* kj = keys.data() + j0 * D;
-      v16f s0{}, s1{}, s2{}, s3{}, s4{}, s5{}, s6{}, s7{};
+      const float* const* k = key_rows + j0;
+      v16f a[8] = {};
       for (int64_t d = 0; d < D; ++d) {
         const v16f qd = ql[d];
-        s0 += kj[d] * qd;
-        s1 += kj[D + d] * qd;
-        s2 += kj[2 * D + d] * qd;
-        s3 += kj[3 * D + d] * qd;
-        s4 += kj[4 * D + d] * qd;
-        s5 += kj[5 * D + d] * qd;
-        s6 += kj[6 * D + d] * qd;
-        s7 += kj[7 * D + d] * qd;
+        for (int64_t e = 0; e < 8; ++e) a[e] += k[e][d] * qd;
       }
-      s[j0] = s0; s[j0 + 1] = s1; s[j0 + 2] = s2; s[j0 + 3] = s3;
-      s[j0 + 4] = s4; s[j0 + 5] = s5; s[j0 + 6] = s6; s[j0 + 7] = s7;
+      for (int64_t e = 0; e < 8; ++e) s[j0 + e] = a[e];
     }
   }
 
@@ -211,7 +244,7 @@ struct FloatMath {
       for (int64_t e = 0; e < 8; ++e) x[e] = a[d + e] * rescale;
       for (int64_t j = 0; j < KEYS; ++j) {
         const v16f pj = probs[j];
-        const float* vj = values.data() + j * D + d;
+        const float* vj = value_rows[j] + d;
         for (int64_t e = 0; e < 8; ++e) x[e] += vj[e] * pj;
       }
       for (int64_t e = 0; e < 8; ++e) a[d + e] = x[e];
@@ -226,12 +259,12 @@ struct FloatMath {
     const v16f* qa = queries.data() + l * D;
     const v16f* qb = qa + D;
     for (int64_t j0 = 0; j0 < KEYS; j0 += 8) {
-      const float* kj = keys.data() + j0 * D;
+      const float* const* kj = key_rows + j0;
       v16f a[8] = {}, b[8] = {};
       for (int64_t d = 0; d < D; ++d) {
         const v16f x = qa[d], y = qb[d];
         for (int64_t e = 0; e < 8; ++e) {
-          const v16f k = splat(kj[e * D + d]);
+          const v16f k = splat(kj[e][d]);
           a[e] += k * x;
           b[e] += k * y;
         }
@@ -253,7 +286,7 @@ struct FloatMath {
       }
       for (int64_t j = 0; j < KEYS; ++j) {
         const v16f pj = pa[j], qj = pb[j];
-        const float* vj = values.data() + j * D + d;
+        const float* vj = value_rows[j] + d;
         for (int64_t e = 0; e < 8; ++e) {
           const v16f v = splat(vj[e]);
           x[e] += v * pj;
@@ -292,6 +325,10 @@ struct Bf16Math {
     scale = query_scale;
     uint32_t* dst = queries.data() + l * D * 8 + lane;
     for (int64_t i = 0; i < D / 2; ++i) dst[i * 16] = src ? bf16_pair(src[2 * i], src[2 * i + 1]) : 0;
+  }
+
+  void load_queries(int64_t l, const c10::BFloat16* const* rows, float query_scale) {
+    for (int64_t lane = 0; lane < 16; ++lane) load_query(l, lane, rows[lane], query_scale);
   }
 
   void load_key_value(int64_t j, const c10::BFloat16* k_row, const c10::BFloat16* v_row) {
@@ -418,11 +455,14 @@ void run_items(const std::vector<Item>& items, const at::Tensor& q, const Keys& 
     const int64_t base = starts[it.seq], rows = it.rows, first = it.first_row;
     const int64_t lanes_per_head = (rows + 15) / 16, lane_groups = group * lanes_per_head;
     for (int64_t g = 0; g < group; ++g) {
-      for (int64_t r = 0; r < lanes_per_head * 16; ++r) {
-        const T* src = r < rows ? q_data + (base + first + r) * q_tok +
-                                      (it.kv_head * group + g) * q_head
-                                : nullptr;
-        math.load_query(g * lanes_per_head + r / 16, r % 16, src, scale);
+      for (int64_t r0 = 0; r0 < lanes_per_head * 16; r0 += 16) {
+        const T* lane_rows[16];  // the lane group's query rows; nullptr: padding
+        for (int64_t r = 0; r < 16; ++r) {
+          lane_rows[r] = r0 + r < rows ? q_data + (base + first + r0 + r) * q_tok +
+                                             (it.kv_head * group + g) * q_head
+                                       : nullptr;
+        }
+        math.load_queries(g * lanes_per_head + r0 / 16, lane_rows, scale);
       }
     }
     for (int64_t l = 0; l < lane_groups; ++l) {
