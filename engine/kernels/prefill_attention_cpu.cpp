@@ -251,8 +251,6 @@ struct FloatMath {
     }
   }
 
-  static constexpr bool PAIRS = true;  // run_items calls scores2 and accumulate2
-
   // `scores` of lane groups l and l + 1 at once: each key value, broadcast once, feeds both
   // groups' FMAs (16 FMAs to 10 loads, where one group alone has 8 to 9)
   void scores2(int64_t l, v16f* sa, v16f* sb) const {
@@ -380,8 +378,6 @@ struct Bf16Math {
       for (int64_t e = 0; e < 8; ++e) a[d + e] = (v16f)x[e];
     }
   }
-
-  static constexpr bool PAIRS = true;  // run_items calls scores2 and accumulate2
 
   // `scores` of lane groups l and l + 1: each key pair broadcast once for both groups
   void scores2(int64_t l, v16f* sa, v16f* sb) const {
@@ -511,7 +507,7 @@ void run_items(const std::vector<Item>& items, const at::Tensor& q, const Keys& 
           ++l;
           continue;
         }
-        if (Math::PAIRS && l + 1 < lane_groups && sees_block(l + 1)) {  // sharing key reads
+        if (l + 1 < lane_groups && sees_block(l + 1)) {  // two lane groups share the key reads
           v16f sa[KEYS], sb[KEYS];
           math.scores2(l, sa, sb);
           const v16f ra = softmax(l, sa, probs), rb = softmax(l + 1, sb, probs2);
